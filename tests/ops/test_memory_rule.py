@@ -1,0 +1,285 @@
+"""The memory rule against DESIGN.md §1: chunk path == reference loop, streaming == one call."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from titans.ops import MemoryState, memory_rule
+
+F64 = torch.float64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of a against the reference b (norm of difference over norm of b)."""
+    a, b = a.double(), b.double()
+    d = (a - b).norm().item()
+    n = b.norm().item()
+    return d / n if n > 0 else d
+
+
+def make_inputs(B=2, T=37, H=2, Dk=8, Dv=8, depth=2, expansion=2, dtype=F64, seed=0,
+                theta_max=0.1, gates=None):
+    """Inputs in a stable regime: unit-norm keys, small steps (larger ones make the ref diverge)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)
+    u = lambda *s: torch.rand(*s, generator=gen, dtype=dtype)
+    q = r(B, T, H, Dk)
+    k = torch.nn.functional.normalize(r(B, T, H, Dk), dim=-1)
+    v = r(B, T, H, Dv)
+    theta, eta, alpha = u(B, T, H) * theta_max, u(B, T, H), u(B, T, H) * 0.3
+    if gates is not None:
+        theta, eta, alpha = gates(theta, eta, alpha)
+    dims = [Dk] + [Dk * expansion] * (depth - 1) + [Dv]
+    weights = [r(H, dims[i + 1], dims[i]) / dims[i] ** 0.5 for i in range(depth)]
+    return [q, k, v, theta, eta, alpha], weights
+
+
+def run_with_grads(impl, tensors, weights, seed=1, **kw):
+    """Run the op; return y, state, and grads of a scalar loss of y and the final state wrt every input."""
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    weights = [w.detach().clone().requires_grad_() for w in weights]
+    y, state = memory_rule(*tensors, weights, impl=impl, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    # the probes are drawn in float64 so a float32 run and its float64 reference see the same loss
+    probe = lambda x: torch.randn(x.shape, generator=gen, dtype=F64).to(x.dtype)
+    loss = (y * probe(y)).sum()
+    for w, s in zip(state.weights, state.momentum):
+        loss = loss + (w * probe(w)).sum() + (s * probe(s)).sum()
+    grads = torch.autograd.grad(loss, tensors + weights)
+    return y.detach(), state.detach(), grads
+
+
+NAMES = ["q", "k", "v", "theta", "eta", "alpha"]
+
+
+def assert_match(impl_a, impl_b, tensors, weights, tol, **kw):
+    ya, sa, ga = run_with_grads(impl_a, tensors, weights, **kw)
+    tb = [t.double() for t in tensors]
+    wb = [w.double() for w in weights]
+    yb, sb, gb = run_with_grads(impl_b, tb, wb, **kw)
+    assert torch.isfinite(ya).all()
+    assert rel(ya, yb) <= tol, f"y: {rel(ya, yb)}"
+    assert sa.position == sb.position
+    for field in ("weights", "momentum", "chunk_start"):
+        for l, (a, b) in enumerate(zip(getattr(sa, field), getattr(sb, field))):
+            assert rel(a, b) <= tol, f"state.{field}[{l}]: {rel(a, b)}"
+    names = NAMES + [f"weights[{l}]" for l in range(len(weights))]
+    for name, a, b in zip(names, ga, gb):
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) <= tol, f"grad {name}: {rel(a, b)}"
+
+
+@pytest.mark.parametrize("chunk_size,T", [(1, 23), (16, 53), (64, 150)])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("residual", [False, True])
+def test_chunk_equals_reference_float64(chunk_size, T, depth, residual):
+    tensors, weights = make_inputs(T=T, depth=depth, seed=depth * 10 + chunk_size)
+    assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=chunk_size, residual=residual)
+
+
+@pytest.mark.parametrize("chunk_size,T", [(16, 53), (64, 150)])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_chunk_float32_against_float64_reference(chunk_size, T, depth):
+    tensors, weights = make_inputs(T=T, depth=depth, seed=3)
+    tensors = [t.float() for t in tensors]
+    weights = [w.float() for w in weights]
+    assert_match("chunk", "ref", tensors, weights, 1e-4, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "tanh"])
+def test_other_activations(activation):
+    tensors, weights = make_inputs(T=29, depth=2, seed=5)
+    assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=8, activation=activation)
+
+
+def test_value_dim_differs_from_key_dim():
+    tensors, weights = make_inputs(T=21, Dk=8, Dv=5, depth=2, seed=6)
+    assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=4)
+
+
+EXTREMES = {
+    "alpha=0": lambda th, et, al: (th, et, torch.zeros_like(al)),
+    "alpha=1": lambda th, et, al: (th, et, torch.ones_like(al)),
+    "eta=0": lambda th, et, al: (th, torch.zeros_like(et), al),
+    "eta=1": lambda th, et, al: (th * 0.2, torch.ones_like(et), al),
+    "theta=0": lambda th, et, al: (torch.zeros_like(th), et, al),
+    # every gate jumps between its two ends, token by token
+    "mixed": lambda th, et, al: (th * (th > 0.05), (et > 0.5).to(et.dtype), (al > 0.15).to(al.dtype)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXTREMES))
+@pytest.mark.parametrize("depth", [1, 2])
+def test_gates_at_their_extremes(case, depth):
+    tensors, weights = make_inputs(T=45, depth=depth, seed=7, gates=EXTREMES[case])
+    assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_gate_products_underflow_without_nan(dtype):
+    # eta and 1 - alpha ~ 1e-30 (fp64) or 1e-6 (fp32): products over a chunk fall below the
+    # smallest normal number, which log-ratio forms turn into 0/0.
+    tiny = 1e-30 if dtype == F64 else 1e-6
+    gates = lambda th, et, al: (th, et * tiny, 1 - torch.rand_like(al) * tiny)
+    tensors, weights = make_inputs(T=700, B=1, depth=2, seed=8, dtype=dtype, gates=gates)
+    y, state, grads = run_with_grads("chunk", tensors, weights, chunk_size=64)
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(t).all() for t in state.weights + state.momentum)
+    assert all(torch.isfinite(g).all() for g in grads)
+    ref_inputs = [t.double() for t in tensors]
+    y_ref, _ = memory_rule(*ref_inputs[:6], [w.double() for w in weights], chunk_size=64, impl="ref")
+    assert rel(y, y_ref) <= (1e-9 if dtype == F64 else 1e-4)
+
+
+def stream(tensors, weights, lengths, impl="chunk", state=None, **kw):
+    ys, pos = [], 0
+    for n in lengths:
+        y, state = memory_rule(*(t[:, pos:pos + n] for t in tensors), weights, state=state, impl=impl, **kw)
+        ys.append(y)
+        pos += n
+    return torch.cat(ys, dim=1), state
+
+
+def split_randomly(T, rng, max_piece):
+    lengths = []
+    while sum(lengths) < T:
+        lengths.append(min(rng.randint(1, max_piece), T - sum(lengths)))
+    return lengths
+
+
+@pytest.mark.parametrize("impl", ["chunk", "ref"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streaming_in_random_pieces_equals_one_call(impl, seed):
+    T = 90 if impl == "chunk" else 40
+    tensors, weights = make_inputs(T=T, depth=2, seed=seed)
+    y_full, s_full = memory_rule(*tensors, weights, chunk_size=16, impl=impl)
+    lengths = split_randomly(T, random.Random(seed), 37)
+    y, s = stream(tensors, weights, lengths, impl=impl, chunk_size=16)
+    assert rel(y, y_full) <= 1e-12
+    assert s.position == s_full.position == T
+    for a, b in zip(s.weights + s.momentum + s.chunk_start, s_full.weights + s_full.momentum + s_full.chunk_start):
+        assert rel(a, b) <= 1e-12
+
+
+def test_token_by_token_equals_one_call():
+    tensors, weights = make_inputs(T=40, depth=3, seed=4)
+    y_full, s_full = memory_rule(*tensors, weights, chunk_size=8)
+    y, s = stream(tensors, weights, [1] * 40, chunk_size=8)
+    assert rel(y, y_full) <= 1e-12
+    for a, b in zip(s.weights + s.momentum, s_full.weights + s_full.momentum):
+        assert rel(a, b) <= 1e-12
+
+
+def test_streaming_gradients_equal_one_call():
+    tensors, weights = make_inputs(T=50, depth=2, seed=9)
+    a = [t.clone().requires_grad_() for t in tensors + weights]
+    y_full, _ = memory_rule(*a[:6], a[6:], chunk_size=16)
+    g_full = torch.autograd.grad(y_full.square().sum(), a)
+    b = [t.clone().requires_grad_() for t in tensors + weights]
+    y, _ = stream(b[:6], b[6:], [5, 20, 1, 24], chunk_size=16)
+    g = torch.autograd.grad(y.square().sum(), b)
+    for x, ref in zip(g, g_full):
+        assert rel(x, ref) <= 1e-12
+
+
+def test_chunk_stream_matches_reference_stream():
+    # the chunk path resumes mid-chunk with the gradient point the reference kept
+    tensors, weights = make_inputs(T=30, depth=2, seed=11)
+    y_ref, s_ref = stream(tensors, weights, [7, 13, 10], impl="ref", chunk_size=8)
+    y, s = stream(tensors, weights, [3, 11, 16], impl="chunk", chunk_size=8)
+    assert rel(y, y_ref) <= 1e-12
+    for a, b in zip(s.chunk_start + s.weights, s_ref.chunk_start + s_ref.weights):
+        assert rel(a, b) <= 1e-12
+
+
+def test_gradcheck_tiny():
+    tensors, weights = make_inputs(B=1, T=7, H=2, Dk=3, Dv=3, depth=2, expansion=1, seed=12)
+    inputs = [t.requires_grad_() for t in tensors + weights]
+
+    def fn(*xs):
+        y, state = memory_rule(*xs[:6], list(xs[6:]), chunk_size=3)
+        return y, state.weights[0], state.momentum[1]
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_no_grad_matches_grad_mode():
+    tensors, weights = make_inputs(T=33, depth=2, seed=13)
+    with torch.no_grad():
+        y0, _ = memory_rule(*tensors, weights, chunk_size=8)
+        y1, _ = memory_rule(*tensors, weights, chunk_size=8, impl="ref")
+    assert not y0.requires_grad and not y1.requires_grad
+    assert rel(y0, y1) <= 1e-12
+
+
+def test_bf16_autocast_close_to_fp32_and_state_stays_fp32():
+    tensors, weights = make_inputs(T=128, Dk=32, Dv=32, depth=2, seed=14, dtype=torch.float32)
+    y32, _ = memory_rule(*tensors, weights, chunk_size=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, s16 = memory_rule(*tensors, weights, chunk_size=64)
+    assert all(t.dtype == torch.float32 for t in s16.weights + s16.momentum)
+    assert rel(y16, y32) <= 3e-2  # documented bf16 tolerance (docs/memory_rule.md)
+
+
+def test_empty_sequence_returns_state_unchanged():
+    tensors, weights = make_inputs(T=10, depth=2, seed=15)
+    _, state = memory_rule(*tensors, weights, chunk_size=4)
+    y, s = memory_rule(*(t[:, :0] for t in tensors), weights, chunk_size=4, state=state)
+    assert y.shape == (2, 0, 2, 8)
+    assert s.position == 10 and all(torch.equal(a, b) for a, b in zip(s.weights, state.weights))
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+def _bad(**changes):
+    tensors, weights = make_inputs(T=6, depth=2, seed=0)
+    args = dict(zip(NAMES, tensors), weights=weights, chunk_size=4)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: {"k": a["k"][..., :4]}, "k must have the shape of q"),
+    (lambda a: {"q": a["q"][0]}, "q must be a 4-d"),
+    (lambda a: {"v": a["v"][:, :3]}, "v must be"),
+    (lambda a: {"theta": a["theta"][..., 0]}, "theta must be"),
+    (lambda a: {"theta": -a["theta"]}, "theta must be finite and >= 0"),
+    (lambda a: {"eta": a["eta"] + 1.5}, "eta must lie in"),
+    (lambda a: {"alpha": a["alpha"] * float("nan")}, "alpha must lie in"),
+    (lambda a: {"chunk_size": 0}, "chunk_size"),
+    (lambda a: {"chunk_size": 2.0}, "chunk_size"),
+    (lambda a: {"weights": []}, "weights must be"),
+    (lambda a: {"weights": [a["weights"][0][:, :, :3], a["weights"][1]]}, r"weights\[0\]"),
+    (lambda a: {"weights": [a["weights"][0], a["weights"][1][:, :3]]}, "last memory layer"),
+    (lambda a: {"activation": "swish2"}, "activation"),
+    (lambda a: {"impl": "fast"}, "impl"),
+])
+def test_bad_input_raises_value_error_naming_the_argument(change, match):
+    args = _bad()
+    args.update(change(args))
+    tensors = [args.pop(n) for n in NAMES]
+    with pytest.raises(ValueError, match=match):
+        memory_rule(*tensors, **args)
+
+
+def test_residual_needs_equal_dims():
+    tensors, weights = make_inputs(T=6, Dk=8, Dv=5, depth=2)
+    with pytest.raises(ValueError, match="residual"):
+        memory_rule(*tensors, weights, residual=True)
+
+
+def test_bad_state_raises():
+    tensors, weights = make_inputs(T=6, depth=2)
+    _, state = memory_rule(*tensors, weights, chunk_size=4)
+    with pytest.raises(ValueError, match="position"):
+        memory_rule(*tensors, weights, state=MemoryState(state.weights, state.momentum, state.chunk_start, -1))
+    with pytest.raises(ValueError, match=r"state.momentum\[1\]"):
+        memory_rule(*tensors, weights, state=MemoryState(state.weights, [state.momentum[0], state.momentum[1][:1]],
+                                                          state.chunk_start, 6))
+    with pytest.raises(ValueError, match="layers"):
+        memory_rule(*tensors, weights, state=MemoryState(state.weights[:1], state.momentum, state.chunk_start, 6))
+    with pytest.raises(ValueError, match="MemoryState"):
+        memory_rule(*tensors, weights, state=(state.weights, state.momentum))

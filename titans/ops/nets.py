@@ -1,0 +1,90 @@
+"""Memory networks f(x; W): forward, and the analytic backward the chunk path needs.
+
+Shape legend
+    B batch, H heads, N tokens (a chunk or a whole sequence), L memory depth
+    W^l   layer l weights, [..., d_out, d_in] (leading dims broadcast: [H, ...] or [B, H, ...])
+    x     inputs, [..., N, d_in]
+
+A memory of depth L is  z^l = h^{l-1} W^l^T,  h^l = act(z^l) for l < L,  f(x) = z^L
+(+ x when residual). Depth 1 is the linear (matrix) memory f(x) = W x.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ACTIVATIONS", "memory_forward", "memory_key_backward"]
+
+
+def _silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _gelu_grad(z: Tensor) -> Tensor:
+    # exact (erf) GELU: d/dz [z Phi(z)] = Phi(z) + z phi(z)
+    cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+    pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+    return cdf + z * pdf
+
+
+def _tanh_grad(z: Tensor) -> Tensor:
+    t = torch.tanh(z)
+    return 1 - t * t
+
+
+# name -> (activation, its derivative). The derivatives are written as differentiable torch
+# ops so the outer (training) backward can run through them.
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "silu": (torch.nn.functional.silu, _silu_grad),
+    "gelu": (torch.nn.functional.gelu, _gelu_grad),
+    "tanh": (torch.tanh, _tanh_grad),
+}
+
+
+def memory_forward(x: Tensor, weights: Sequence[Tensor], activation: str = "silu",
+                   residual: bool = False) -> Tensor:
+    """f(x; W). x: [..., N, d_in]; weights[l]: [..., d_out_l, d_in_l]. Returns [..., N, d_out_L]."""
+    act = ACTIVATIONS[activation][0]
+    h = x
+    for l, w in enumerate(weights):
+        h = h @ w.transpose(-1, -2)
+        if l < len(weights) - 1:
+            h = act(h)
+    return h + x if residual else h
+
+
+def memory_key_backward(k: Tensor, v: Tensor, weights: Sequence[Tensor], activation: str = "silu",
+                        residual: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-token gradients of l(W) = ||f(k; W) - v||^2, in factored form.
+
+    The gradient of token m's loss with respect to layer l is the outer product
+    delta^l_m (h^{l-1}_m)^T, so it is returned as two factors and never materialised.
+
+    k: [..., N, d_in]; v: [..., N, d_out_L].
+    Returns (inputs, deltas): inputs[l] = h^{l} on the key path ([..., N, d_in_{l+1}], with
+    inputs[0] = k) and deltas[l] = dl/dz^{l+1} ([..., N, d_out_{l+1}]), one of each per layer.
+    """
+    act, act_grad = ACTIVATIONS[activation]
+    inputs, pre = [k], []
+    h = k
+    for l, w in enumerate(weights):
+        z = h @ w.transpose(-1, -2)
+        if l < len(weights) - 1:
+            pre.append(z)
+            h = act(z)
+            inputs.append(h)
+        else:
+            h = z
+    out = h + k if residual else h
+    delta = 2 * (out - v)
+    deltas = [delta]
+    for l in range(len(weights) - 1, 0, -1):
+        delta = (delta @ weights[l]) * act_grad(pre[l - 1])
+        deltas.append(delta)
+    deltas.reverse()
+    return inputs, deltas
