@@ -1,0 +1,1 @@
+"""Evaluation: metrics and benchmark harnesses (import the submodules, e.g. titans.eval.metrics)."""
