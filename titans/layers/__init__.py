@@ -1,0 +1,7 @@
+"""nn.Modules: the layers the Titans blocks are built from."""
+
+from .attention import Attention, AttentionState
+from .common import RMSNorm, SwiGLU
+from .persistent import PersistentMemory
+
+__all__ = ["Attention", "AttentionState", "PersistentMemory", "RMSNorm", "SwiGLU"]
