@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from titans.data.corpus import Document, split_documents
-from titans.data.tokenizer import ByteTokenizer, load_tokenizer
+from titans.data.tokenizer import ByteTokenizer
 from titans.data.tokens import EvalWindows, TokenBatches, TokenFile, prepare, token_dtype
 
 DOCS = [Document(f"wiki/article {i}", f"Article {i}: the cat sat on the mat, ünï {i}. " * (1 + i % 3))
@@ -33,6 +33,9 @@ def test_prepare_bytes(tmp_path):
     assert meta["separator"] == [10] and meta["tokenizer_file"] is None
     assert meta["sources"] == ["wiki", "shakespeare"]
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+    prepare(tmp_path / "bpe", DOCS, tokenizer="bpe", vocab_size=280)
+    prepare(tmp_path / "bpe", DOCS)  # re-prepared with bytes: the old tokenizer.json goes
+    assert not (tmp_path / "bpe" / "tokenizer.json").exists()
     for split, docs in (("train", train), ("val", val)):
         want = expected(docs, enc, [10])
         tf = TokenFile(tmp_path / "out", split=split)

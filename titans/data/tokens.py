@@ -89,6 +89,8 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
                          "characters": sum(len(d.text) for d in docs),
                          "names": [d.name for d in docs]}
     tok_file = tok.save(out)
+    if tok_file is None:  # a tokenizer.json left by an earlier run would contradict meta.json
+        (out / TOKENIZER_FILE).unlink(missing_ok=True)
     meta = {
         "format": FORMAT,
         "tokenizer": tok.name,
