@@ -12,6 +12,7 @@ import titans.data.dna as dna
 from titans.data.dna import (DNAClassificationSet, DNALMWindows, DNATokenizer, FastaSource,
                              build_window_task, fetch_genomes, find_labeled_files,
                              load_labeled_dir, load_labeled_fasta, read_fasta, split_sources)
+from titans.eval.metrics import accuracy
 
 
 def test_tokenizer_ids_round_trip_and_normalisation():
@@ -186,3 +187,29 @@ def test_fetch_genomes_lists_cached_tree_and_needs_apt(tmp_path, monkeypatch):
     monkeypatch.setattr(dna.shutil, "which", lambda tool: None)
     with pytest.raises(RuntimeError, match="needs `apt-get`"):
         fetch_genomes(tmp_path / "empty")
+
+
+def test_tiny_end_to_end_species_classification(tmp_path):
+    # Two "species" with different GC content, two strains each: a pooled-embedding linear
+    # classifier trained on one strain per species must classify the held-out strains.
+    rng = np.random.default_rng(0)
+    sources = []
+    for label, p_gc in (("at_rich", 0.3), ("gc_rich", 0.7)):
+        (tmp_path / label).mkdir()
+        for k in range(2):
+            probs = [(1 - p_gc) / 2, p_gc / 2, p_gc / 2, (1 - p_gc) / 2]
+            seq = "".join(rng.choice(list("ACGT"), size=3000, p=probs))
+            (tmp_path / label / f"s{k}.fa").write_text(f">{label}{k}\n{seq}\n")
+    sources = find_labeled_files(tmp_path)
+    task = build_window_task(sources, window=64, n_train=64, n_val=8, n_test=32, seed=0)
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(5, 8), torch.nn.Linear(8, 2)
+    opt = torch.optim.Adam([*emb.parameters(), *head.parameters()], lr=0.05)
+    for _ in range(40):
+        opt.zero_grad()
+        logits = head(emb(task.train.tokens).mean(dim=1))
+        torch.nn.functional.cross_entropy(logits, task.train.labels).backward()
+        opt.step()
+    with torch.no_grad():
+        test_logits = head(emb(task.test.tokens).mean(dim=1))
+    assert accuracy(test_logits, task.test.labels) >= 0.9

@@ -386,13 +386,14 @@ def _sample_windows(regions: list, window: int, count: int, max_n_fraction: floa
     if not spans:
         raise ValueError(f"window={window}: no sequence of {what} is long enough")
     weights = np.array([hi - lo for _, lo, hi in spans], dtype=np.float64)
+    weights /= weights.sum()
     out = np.empty((count, window), dtype=np.uint8)
     got, tries, n_id = 0, 0, BASES.index("N")
     while got < count:
         tries += 1
         if tries > 100 * count + 1000:
             raise ValueError(f"max_n_fraction={max_n_fraction}: too few windows of {what} pass the N filter")
-        ids, lo, hi = spans[rng.choice(len(spans), p=weights / weights.sum())]
+        ids, lo, hi = spans[rng.choice(len(spans), p=weights)]
         s = int(rng.integers(lo, hi))
         w = ids[s:s + window]
         if np.count_nonzero(w == n_id) <= max_n_fraction * window:
