@@ -46,8 +46,8 @@ def run_with_grads(impl, tensors, weights, seed=1, **kw):
     # the probes are drawn in float64 so a float32 run and its float64 reference see the same loss
     probe = lambda x: torch.randn(x.shape, generator=gen, dtype=F64).to(x.dtype)
     loss = (y * probe(y)).sum()
-    for w, s in zip(state.weights, state.momentum):
-        loss = loss + (w * probe(w)).sum() + (s * probe(s)).sum()
+    for w, s, c in zip(state.weights, state.momentum, state.chunk_start):
+        loss = loss + (w * probe(w)).sum() + (s * probe(s)).sum() + (c * probe(c)).sum()
     grads = torch.autograd.grad(loss, tensors + weights)
     return y.detach(), state.detach(), grads
 

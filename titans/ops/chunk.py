@@ -2,32 +2,39 @@
 
 Shape legend
     B batch, T tokens, H heads, Dk key/query dim, Dv value dim, L memory depth
-    n tokens in one chunk (n <= b, the chunk size), NC number of full chunks
-    q, k: [B, T, H, Dk]   v: [B, T, H, Dv]   theta, eta, alpha: [B, T, H]
-    inside: [B, H, n, D] for tokens, [B, H, n] for gates, [B, H, n, n] for gate matrices
-    weights: L tensors [H, d_out, d_in]; state tensors: [B, H, d_out, d_in]
+    BH = B * H, the batch dim of every matmul here; n tokens in one piece (n <= b, the chunk size)
+    q, k: [BH, T, Dk]   v: [BH, T, Dv]   theta, eta, alpha: [BH, T]
+    per layer l: W, S [BH, do, di]; the state is kept as WS = [W; S], [BH, 2 do, di], so that
+    reading and updating both are one matmul
+    a[l]: input of layer l on the key path (a[0] = k), [BH, n, di]
+    delta[l]: d loss / d (output of layer l) on the key path, [BH, n, do]
 
-Inside a chunk every gradient u_m is taken at the chunk-start weights W^0, so all of them come
-from one forward and one analytic backward of the memory on the chunk's keys, in factored
-form u^l_m = delta^l_m (hk^{l-1}_m)^T. Each token's own weights
+Inside a chunk every gradient u_m is taken at the chunk-start weights, so all of them come
+from one forward and one analytic backward of the memory on the chunk's keys, in factored form
+u^l_m = delta^l_m a^l_m^T. Each token's own weights
     W_i = beta_i W + g_i S - sum_{m<=i} G_{i,m} u_m
-are never built: reading them is a masked matmul, (G * (Hq Hk^T)) @ Delta. See README.md
-beside this file for the derivation. Only the loop over chunks is sequential. The outer
-(training) gradients come from torch.autograd through these ops, second-order terms
-included, so they are exact.
+are never built: reading them is a masked matmul, (G * (Hq A^T)) @ Delta. The derivation is in
+README.md beside this file. Only the loop over chunks is sequential.
+
+The outer (training) backward is hand-written (chunk_backward.py): it recomputes each chunk's
+internals from the chunk-start state instead of keeping them, and keeps only every K-th chunk
+state (K ~ sqrt(number of chunks)), rebuilding the others one segment at a time. Memory is
+O(T + sqrt(T/b) * |W|) instead of O(T/b * |W|).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from .nets import ACTIVATIONS, memory_key_backward
+from .nets import ACTIVATIONS, Activation
 from .state import MemoryState
 
-__all__ = ["memory_rule_chunk"]
+__all__ = ["memory_rule_chunk", "chunk_gates", "ChunkGates"]
 
 
 class ChunkGates(NamedTuple):
@@ -63,34 +70,132 @@ def chunk_gates(theta: Tensor, eta: Tensor, alpha: Tensor) -> ChunkGates:
                       s_last=p_eta[..., -1, :] * theta)
 
 
-def chunk_step(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, W: Sequence[Tensor],
-               S: Sequence[Tensor], W_grad: Sequence[Tensor], activation: str, residual: bool
-               ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """One chunk. q, k: [B, H, n, Dk]; v: [B, H, n, Dv]; W, S, W_grad: per layer [B, H, d_out, d_in].
+@dataclass
+class Setup:
+    """What every piece of one call shares."""
+    act: Activation
+    residual: bool
+    mm_dtype: torch.dtype   # matmul operands (bf16 under autocast); everything else in the state dtype
 
-    W, S are the running weights and momentum at the chunk start; W_grad is where this chunk's
-    gradients are taken (W itself, except when a stream resumes in the middle of a chunk).
-    Returns y [B, H, n, Dv] and the weights and momentum after the chunk's last token.
+    def mm(self, x: Tensor, y: Tensor) -> Tensor:
+        """Batched matmul in mm_dtype, result back in x's (the state) dtype."""
+        out = torch.bmm(x.to(self.mm_dtype), y.to(self.mm_dtype))
+        return out.to(x.dtype)
+
+
+@dataclass
+class PieceCache:
+    """A piece's internals, kept by the backward (chunk_backward.py)."""
+    a: list[Tensor]       # key-path inputs per layer, a[0] = k            [BH, n, di]
+    zk: list[Tensor]      # key-path pre-activations of layers 0..L-2      [BH, n, do]
+    t: list[Tensor]       # delta[l+1] @ Wg[l+1], for layers 0..L-2       [BH, n, do]
+    delta: list[Tensor]   # d loss / d output of layer l                  [BH, n, do]
+    hq: list[Tensor]      # query-path inputs per layer, hq[0] = q         [BH, n, di]
+    zq: list[Tensor]      # query-path pre-activations per layer           [BH, n, do]
+    m: list[Tensor]       # hq[l] @ [W; S]^T                               [BH, n, 2 do]
+    P: list[Tensor]       # hq[l] @ a[l]^T                                 [BH, n, n]
+
+
+def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
+    """Forward of the memory on the keys at Wg, then the analytic backward of ||f(k) - v||^2.
+
+    Returns (a, zk, t, delta): the gradient of token m for layer l is delta[l]_m a[l]_m^T.
     """
-    act = ACTIVATIONS[activation][0]
-    hk, delta = memory_key_backward(k, v, W_grad, activation, residual)  # [B, H, n, d] per layer
+    L = len(Wg)
+    a, zk = [k], []
+    for l in range(L - 1):
+        z = s.mm(a[l], Wg[l].mT)
+        zk.append(z)
+        a.append(s.act.fn(z))
+    out = s.mm(a[L - 1], Wg[L - 1].mT)
+    delta = [2 * (out + k - v if s.residual else out - v)]
+    t = []
+    for l in range(L - 2, -1, -1):
+        t.insert(0, s.mm(delta[0], Wg[l + 1]))
+        delta.insert(0, t[0] * s.act.grad(zk[l]))
+    return a, zk, t, delta
+
+
+def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequence[Tensor],
+                  Wg: Sequence[Tensor] | None, s: Setup, read: bool = True, keep: bool = False):
+    """One piece of n <= b tokens that lies inside one chunk.
+
+    WS: per layer [BH, 2 do, di], the running weights and momentum at the piece start.
+    Wg: where the piece's gradients are taken; None means W itself (the piece starts a chunk).
+    Returns (y [BH, n, Dv] or None, WS after the piece, PieceCache or None).
+    """
+    L = len(WS)
+    dos = [ws.shape[1] // 2 for ws in WS]
+    if Wg is None:
+        Wg = [ws[:, :do] for ws, do in zip(WS, dos)]
+    a, zk, t, delta = key_path(k, v, Wg, s)
     beta, g, G = gates.beta.unsqueeze(-1), gates.g.unsqueeze(-1), gates.G
-    L = len(W)
-    h = q
-    for l in range(L):
-        # z_i = beta_i W h_i + g_i S h_i - sum_{m<=i} G_{i,m} (hk_m . h_i) delta_m
-        z = beta * (h @ W[l].mT) + g * (h @ S[l].mT) - (G * (h @ hk[l].mT)) @ delta[l]
-        h = act(z) if l < L - 1 else z
-    y = h + q if residual else h
+
+    y, hq, zq, ms, Ps = None, [q], [], [], []
+    if read:
+        for l in range(L):
+            # z_i = beta_i W h_i + g_i S h_i - sum_{m<=i} G_{i,m} (a_m . h_i) delta_m
+            m = s.mm(hq[l], WS[l].mT)                        # [BH, n, 2 do]: W h and S h at once
+            P = s.mm(hq[l], a[l].mT)                         # [BH, n, n]
+            z = beta * m[..., :dos[l]] + g * m[..., dos[l]:] - s.mm(G * P, delta[l])
+            zq.append(z)
+            ms.append(m)
+            Ps.append(P)
+            if l < L - 1:
+                hq.append(s.act.fn(z))
+        y = zq[-1] + q if s.residual else zq[-1]
 
     # chunk end (i = n): W_n = beta_n W + g_n S - sum_m G_{n,m} u_m,  S_n = e_n S - sum_m (e_n/e_m) theta_m u_m
-    b_n, g_n, e_n = (x[..., -1, None, None] for x in (gates.beta, gates.g, gates.e_last.unsqueeze(-1)))
-    G_n, s_n = gates.G[..., -1, :].unsqueeze(-1), gates.s_last.unsqueeze(-1)  # [B, H, n, 1]
-    W_new, S_new = [], []
+    b_n, g_n, e_n = (x[..., None, None] for x in (gates.beta[..., -1], gates.g[..., -1], gates.e_last))
+    G_n, s_n = gates.G[..., -1, :].unsqueeze(-1), gates.s_last.unsqueeze(-1)  # [BH, n, 1]
+    WS_new = []
     for l in range(L):
-        W_new.append(b_n * W[l] + g_n * S[l] - (delta[l] * G_n).mT @ hk[l])
-        S_new.append(e_n * S[l] - (delta[l] * s_n).mT @ hk[l])
-    return y, W_new, S_new
+        do = dos[l]
+        W, S = WS[l][:, :do], WS[l][:, do:]
+        new = torch.cat([b_n * W + g_n * S, e_n * S], dim=1)
+        # [delta G_n, delta s_n]^T @ a: both factored updates in one matmul
+        coef = torch.cat([delta[l] * G_n, delta[l] * s_n], dim=-1)  # [BH, n, 2 do]
+        WS_new.append(new.sub_(s.mm(coef.mT, a[l])))
+    cache = PieceCache(a, zk, t, delta, hq, zq, ms, Ps) if keep else None
+    return y, WS_new, cache
+
+
+class Plan(NamedTuple):
+    """How [0, T) splits into pieces aligned to absolute chunk boundaries."""
+    head: int      # tokens that finish the chunk a previous call left open (0 if aligned)
+    n_full: int    # full chunks after the head
+    b: int         # chunk size
+
+    def pieces(self, T: int) -> list[tuple[int, int]]:
+        out = [(0, self.head)] if self.head else []
+        out += [(self.head + c * self.b, self.head + (c + 1) * self.b) for c in range(self.n_full)]
+        if self.head + self.n_full * self.b < T:
+            out.append((self.head + self.n_full * self.b, T))
+        return out
+
+    def full_index(self, p: int) -> int | None:
+        """Which full chunk piece p is, or None for the head and the tail."""
+        c = p - (1 if self.head else 0)
+        return c if 0 <= c < self.n_full else None
+
+
+def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan
+              ) -> tuple[list[ChunkGates], ChunkGates | None]:
+    """Gate products of every piece, and those of the full chunks batched (fields [BH, NC, ...])."""
+    T = theta.shape[1]
+    full_lo, full_hi = plan.head, plan.head + plan.n_full * plan.b
+    batched = None
+    if plan.n_full:
+        split = [x[:, full_lo:full_hi].unflatten(-1, (plan.n_full, plan.b)) for x in (theta, eta, alpha)]
+        batched = chunk_gates(*split)
+    out = []
+    for p, (lo, hi) in enumerate(plan.pieces(T)):
+        c = plan.full_index(p)
+        if c is not None:
+            out.append(ChunkGates(*(x[:, c] for x in batched)))
+        else:
+            out.append(chunk_gates(theta[:, lo:hi], eta[:, lo:hi], alpha[:, lo:hi]))
+    return out, batched
 
 
 def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
@@ -98,44 +203,50 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
                       residual: bool = False, state: MemoryState | None = None
                       ) -> tuple[Tensor, MemoryState]:
     """Same contract as `titans.ops.memory_rule` (inputs are assumed valid)."""
-    B, T, H = q.shape[:3]
-    b = chunk_size
+    from .chunk_backward import ChunkScan  # the autograd wrapper of this file's forward
+
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    L = len(weights)
     if state is None:
         state = MemoryState.initial(weights, B)
-    W, S, W_grad, pos = list(state.weights), list(state.momentum), list(state.chunk_start), state.position
-    # [B, T, H, D] -> [B, H, T, D] and [B, T, H] -> [B, H, T]: heads become a batch dim of the matmuls
-    q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-    theta, eta, alpha = (x.transpose(1, 2).contiguous() for x in (theta, eta, alpha))
-
-    # Pieces of [0, T) aligned to absolute chunk boundaries: the rest of a chunk a previous call
-    # left open, then full chunks, then an open tail.
+    if T == 0:
+        return v.new_zeros(B, 0, H, Dv), state
+    pos, b = state.position, chunk_size
     head = min(T, (-pos) % b)
-    n_full = (T - head) // b
-    ys = []
+    plan = Plan(head=head, n_full=(T - head) // b, b=b)
 
-    def run(lo: int, hi: int, gates: ChunkGates, W_grad: list[Tensor]) -> None:
-        nonlocal W, S
-        y, W, S = chunk_step(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], gates, W, S, W_grad,
-                             activation, residual)
-        ys.append(y)
+    # [B, T, H, D] -> [BH, T, D]: heads become part of the matmul batch
+    flat = lambda x: x.transpose(1, 2).reshape(B * H, T, *x.shape[3:])
+    state_flat = lambda x: x.reshape(B * H, *x.shape[2:])
+    WS0 = [torch.cat([state_flat(w), state_flat(s)], dim=1) for w, s in zip(state.weights, state.momentum)]
+    resumes = head > 0  # this call starts inside a chunk: its first piece takes gradients at chunk_start
+    Wg0 = [state_flat(c) for c in state.chunk_start] if resumes else []
 
-    if head:
-        run(0, head, chunk_gates(theta[..., :head], eta[..., :head], alpha[..., :head]), W_grad)
-    if n_full:
-        # gate products of all full chunks at once: [B, H, NC, b] -> fields [B, H, NC, ...]
-        hi = head + n_full * b
-        split = [x[..., head:hi].unflatten(-1, (n_full, b)) for x in (theta, eta, alpha)]
-        all_gates = chunk_gates(*split)
-        for c in range(n_full):
-            lo = head + c * b
-            run(lo, lo + b, ChunkGates(*(x[:, :, c] for x in all_gates)), W)
-    if head + n_full * b < T:
-        lo = head + n_full * b
-        W_grad = W
-        run(lo, T, chunk_gates(theta[..., lo:], eta[..., lo:], alpha[..., lo:]), W_grad)
+    mm_dtype = WS0[0].dtype
+    if torch.is_autocast_enabled(q.device.type):
+        mm_dtype = torch.get_autocast_dtype(q.device.type)
+    setup = Setup(ACTIVATIONS[activation], residual, mm_dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        y, *outs = ChunkScan.apply(setup, plan, L, flat(q), flat(k), flat(v), flat(theta), flat(eta),
+                                   flat(alpha), *WS0, *Wg0)
+    WS_end, WS_last_start = outs[:L], outs[L:]
 
-    pos += T
-    if pos % b == 0:
-        W_grad = W
-    y = torch.cat(ys, dim=2) if ys else q.new_zeros(B, H, 0, v.shape[-1])
-    return y.transpose(1, 2), MemoryState(weights=W, momentum=S, chunk_start=W_grad, position=pos)
+    unflat = lambda x: x.reshape(B, H, *x.shape[1:])
+    dos = [w.shape[1] for w in weights]
+    W_end = [unflat(ws[:, :do]) for ws, do in zip(WS_end, dos)]
+    S_end = [unflat(ws[:, do:]) for ws, do in zip(WS_end, dos)]
+    end = pos + T
+    if end % b == 0:
+        chunk_start = W_end
+    elif end - (end % b) >= pos:  # the last piece started at a chunk boundary inside this call
+        chunk_start = [unflat(ws[:, :do]) for ws, do in zip(WS_last_start, dos)]
+    else:
+        chunk_start = list(state.chunk_start)
+    y = y.reshape(B, H, T, Dv).transpose(1, 2)
+    return y, MemoryState(weights=W_end, momentum=S_end, chunk_start=chunk_start, position=end)
+
+
+def checkpoint_interval(n_pieces: int) -> int:
+    """Keep every K-th piece state in the forward: K ~ sqrt(pieces) balances kept vs rebuilt states."""
+    return max(1, math.isqrt(max(n_pieces - 1, 0)) + 1) if n_pieces > 4 else 1

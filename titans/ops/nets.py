@@ -12,12 +12,12 @@ A memory of depth L is  z^l = h^{l-1} W^l^T,  h^l = act(z^l) for l < L,  f(x) = 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "memory_forward", "memory_key_backward"]
+__all__ = ["ACTIVATIONS", "Activation", "memory_forward", "memory_key_backward"]
 
 
 def _silu_grad(z: Tensor) -> Tensor:
@@ -25,11 +25,22 @@ def _silu_grad(z: Tensor) -> Tensor:
     return s * (1 + z * (1 - s))
 
 
+def _silu_grad2(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+def _gelu_pdf(z: Tensor) -> Tensor:
+    return torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+
+
 def _gelu_grad(z: Tensor) -> Tensor:
     # exact (erf) GELU: d/dz [z Phi(z)] = Phi(z) + z phi(z)
-    cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
-    pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-    return cdf + z * pdf
+    return 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2)))) + z * _gelu_pdf(z)
+
+
+def _gelu_grad2(z: Tensor) -> Tensor:
+    return _gelu_pdf(z) * (2 - z * z)
 
 
 def _tanh_grad(z: Tensor) -> Tensor:
@@ -37,19 +48,28 @@ def _tanh_grad(z: Tensor) -> Tensor:
     return 1 - t * t
 
 
-# name -> (activation, its derivative). The derivatives are written as differentiable torch
-# ops so the outer (training) backward can run through them.
-ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "silu": (torch.nn.functional.silu, _silu_grad),
-    "gelu": (torch.nn.functional.gelu, _gelu_grad),
-    "tanh": (torch.tanh, _tanh_grad),
+def _tanh_grad2(z: Tensor) -> Tensor:
+    t = torch.tanh(z)
+    return -2 * t * (1 - t * t)
+
+
+class Activation(NamedTuple):
+    fn: Callable[[Tensor], Tensor]
+    grad: Callable[[Tensor], Tensor]   # f'(z): the inner (memory) backward
+    grad2: Callable[[Tensor], Tensor]  # f''(z): the outer backward of the chunk path runs through f'
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "silu": Activation(torch.nn.functional.silu, _silu_grad, _silu_grad2),
+    "gelu": Activation(torch.nn.functional.gelu, _gelu_grad, _gelu_grad2),
+    "tanh": Activation(torch.tanh, _tanh_grad, _tanh_grad2),
 }
 
 
 def memory_forward(x: Tensor, weights: Sequence[Tensor], activation: str = "silu",
                    residual: bool = False) -> Tensor:
     """f(x; W). x: [..., N, d_in]; weights[l]: [..., d_out_l, d_in_l]. Returns [..., N, d_out_L]."""
-    act = ACTIVATIONS[activation][0]
+    act = ACTIVATIONS[activation].fn
     h = x
     for l, w in enumerate(weights):
         h = h @ w.transpose(-1, -2)
@@ -69,7 +89,7 @@ def memory_key_backward(k: Tensor, v: Tensor, weights: Sequence[Tensor], activat
     Returns (inputs, deltas): inputs[l] = h^{l} on the key path ([..., N, d_in_{l+1}], with
     inputs[0] = k) and deltas[l] = dl/dz^{l+1} ([..., N, d_out_{l+1}]), one of each per layer.
     """
-    act, act_grad = ACTIVATIONS[activation]
+    act, act_grad = ACTIVATIONS[activation][:2]
     inputs, pre = [k], []
     h = k
     for l, w in enumerate(weights):

@@ -1,0 +1,194 @@
+"""The hand-written outer backward of the chunk path, and the autograd.Function around it.
+
+Shape legend: as in chunk.py (BH = B * H; n tokens in a piece; per layer WS = [W; S],
+[BH, 2 do, di]). A leading `d` names the gradient of the outer loss with respect to a tensor.
+
+The forward of a piece (chunk.py, piece_forward) is, per layer l and with R = G * P:
+    key path at Wg:   zk = a Wg^T, a' = act(zk); out = a_L; delta_L = 2 (out - v);
+                      t = delta_{l+1} Wg_{l+1}, delta_l = t * act'(zk_l)
+    query path:       m = h [W; S]^T, P = h a^T, z = beta * m_W + g * m_S - (G * P) delta, h' = act(z)
+    chunk end:        WS' = [b_n W + g_n S; e_n S] - [delta G_n, delta s_n]^T a
+piece_backward applies the chain rule to exactly these lines, bottom to top. The test suite
+checks it against torch.autograd through the literal token loop (naive.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .chunk import ChunkGates, PieceCache, Plan, Setup, all_gates, checkpoint_interval, piece_forward
+
+__all__ = ["ChunkScan", "piece_backward"]
+
+
+def _vdot(x: Tensor, y: Tensor) -> Tensor:
+    """Per-batch inner product of two [BH, r, c] tensors -> [BH]."""
+    return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
+
+
+def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given: list[Tensor] | None,
+                   dy: Tensor, dWS_end: list[Tensor], s: Setup):
+    """Gradients of one piece. dy: [BH, n, Dv]; dWS_end: per layer [BH, 2 do, di].
+
+    Returns (dq, dk, dv, dgates: ChunkGates, dWS_start per layer, dWg per layer or None).
+    """
+    L = len(WS)
+    dos = [ws.shape[1] // 2 for ws in WS]
+    Wg = [ws[:, :do] for ws, do in zip(WS, dos)] if Wg_given is None else Wg_given
+    beta, g, G = gates.beta.unsqueeze(-1), gates.g.unsqueeze(-1), gates.G
+    b_n, g_n, e_n = (x[..., None, None] for x in (gates.beta[..., -1], gates.g[..., -1], gates.e_last))
+    G_n, s_n = G[..., -1, :].unsqueeze(-1), gates.s_last.unsqueeze(-1)  # [BH, n, 1]
+    dgate = {name: torch.zeros_like(x) for name, x in gates._asdict().items()}
+
+    # chunk end: WS' = [b_n W + g_n S; e_n S] - coef^T a with coef = [delta G_n, delta s_n]
+    ddelta, da, dWS = [], [], []
+    for l in range(L):
+        do, dE = dos[l], dWS_end[l]
+        W, S = WS[l][:, :do], WS[l][:, do:]
+        dWe, dSe = dE[:, :do], dE[:, do:]
+        dgate["beta"][..., -1] += _vdot(dWe, W)
+        dgate["g"][..., -1] += _vdot(dWe, S)
+        dgate["e_last"] += _vdot(dSe, S)
+        dWS.append(torch.cat([b_n * dWe, g_n * dWe + e_n * dSe], dim=1))
+        X = s.mm(c.a[l], dE.mT)                  # [BH, n, 2 do] = -(d coef)
+        XW, XS = X[..., :do], X[..., do:]
+        ddelta.append(-(G_n * XW + s_n * XS))
+        dgate["G"][..., -1, :] -= (c.delta[l] * XW).sum(-1)
+        dgate["s_last"] -= (c.delta[l] * XS).sum(-1)
+        coef = torch.cat([c.delta[l] * G_n, c.delta[l] * s_n], dim=-1)
+        da.append(-s.mm(coef, dE))               # [BH, n, di]
+
+    # query path, top layer down: z = beta * m_W + g * m_S - R delta, R = G * P, P = h a^T
+    dq = dy.clone() if s.residual else torch.zeros_like(c.hq[0])
+    dz = dy
+    for l in range(L - 1, -1, -1):
+        do = dos[l]
+        if l < L - 1:
+            dz = dh * s.act.grad(c.zq[l])
+        m = c.m[l]
+        dgate["beta"] += (dz * m[..., :do]).sum(-1)
+        dgate["g"] += (dz * m[..., do:]).sum(-1)
+        dzc = torch.cat([beta * dz, g * dz], dim=-1)          # d m, [BH, n, 2 do]
+        dWS[l] += s.mm(dzc.mT, c.hq[l])
+        dR = -s.mm(dz, c.delta[l].mT)                          # [BH, n, n]
+        ddelta[l] -= s.mm((G * c.P[l]).mT, dz)
+        dgate["G"] += dR * c.P[l]
+        dP = dR * G
+        dh = s.mm(dzc, WS[l]) + s.mm(dP, c.a[l])
+        da[l] += s.mm(dP.mT, c.hq[l])
+    dq += dh
+
+    # key path: first the analytic inner backward (delta_l = t_l * act'(zk_l), t_l = delta_{l+1} Wg_{l+1})
+    dWg: list[Tensor | None] = [None] * L
+    dzk = []
+    for l in range(L - 1):
+        dt = ddelta[l] * s.act.grad(c.zk[l])
+        dzk.append(ddelta[l] * c.t[l] * s.act.grad2(c.zk[l]))
+        ddelta[l + 1] += s.mm(dt, Wg[l + 1].mT)
+        dWg[l + 1] = s.mm(c.delta[l + 1].mT, dt)
+    # then delta_L = 2 (out - v) and the memory's forward on the keys
+    dout = 2 * ddelta[L - 1]
+    dv = -dout
+    dk = dout.clone() if s.residual else torch.zeros_like(c.a[0])
+    dzl = dout
+    for l in range(L - 1, -1, -1):
+        w_grad = s.mm(dzl.mT, c.a[l])
+        dWg[l] = w_grad if dWg[l] is None else dWg[l] + w_grad
+        da[l] += s.mm(dzl, Wg[l])
+        if l > 0:
+            dzl = da[l] * s.act.grad(c.zk[l - 1]) + dzk[l - 1]
+    dk += da[0]
+
+    if Wg_given is None:  # gradients were taken at W itself
+        for l in range(L):
+            dWS[l][:, :dos[l]] += dWg[l]
+        dWg = None
+    dgate["G"] = dgate["G"].tril()
+    return dq, dk, dv, ChunkGates(**dgate), dWS, dWg
+
+
+class ChunkScan(torch.autograd.Function):
+    """The loop over pieces, forward and backward. Inputs are in the flat [BH, ...] layout.
+
+    apply(setup, plan, L, q, k, v, theta, eta, alpha, *WS0, *Wg0) -> (y, *WS_end, *WS_last_start)
+    WS_last_start is the state at the start of the last piece (the chunk_start of the result
+    when that piece began at a chunk boundary). Wg0 is given only when the call resumes inside
+    a chunk. Double backward is not supported.
+    """
+
+    @staticmethod
+    def forward(ctx, setup: Setup, plan: Plan, L: int, q, k, v, theta, eta, alpha, *states):
+        WS0, Wg0 = list(states[:L]), list(states[L:]) or None
+        pieces = plan.pieces(q.shape[1])
+        gates, _ = all_gates(theta, eta, alpha, plan)
+        keep_every = checkpoint_interval(len(pieces))
+        kept, ys = {}, []
+        WS = WS_last_start = WS0
+        for p, (lo, hi) in enumerate(pieces):
+            if p % keep_every == 0:
+                kept[p] = WS
+            WS_last_start = WS
+            y, WS, _ = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], gates[p], WS,
+                                     Wg0 if p == 0 else None, setup)
+            ys.append(y)
+        ctx.setup, ctx.plan, ctx.L, ctx.keep_every = setup, plan, L, keep_every
+        ctx.kept = {p: ws for p, ws in kept.items() if p > 0}  # piece 0 starts from the inputs
+        ctx.save_for_backward(q, k, v, theta, eta, alpha, *states)
+        return (torch.cat(ys, dim=1), *WS, *WS_last_start)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, *dstates):
+        s, plan, L = ctx.setup, ctx.plan, ctx.L
+        q, k, v, theta, eta, alpha, *states = ctx.saved_tensors
+        WS0, Wg0 = list(states[:L]), list(states[L:]) or None
+        pieces = plan.pieces(q.shape[1])
+        with torch.enable_grad():  # the gate products are small: autograd takes them back to theta, eta, alpha
+            tea = [x.detach().requires_grad_() for x in (theta, eta, alpha)]
+            gates, batched = all_gates(*tea, plan)
+        plain = [ChunkGates(*(x.detach() for x in gp)) for gp in gates]
+        dWS = [d if d is not None else torch.zeros_like(w) for d, w in zip(dstates[:L], WS0)]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dgates: list[ChunkGates | None] = [None] * len(pieces)
+        dWg0 = None
+        kept = {**ctx.kept, 0: WS0}
+        starts = sorted(kept)
+        for i in range(len(starts) - 1, -1, -1):
+            p0 = starts[i]
+            p1 = starts[i + 1] if i + 1 < len(starts) else len(pieces)
+            # rebuild the segment's piece states and internals from its kept start
+            WS, seg = kept[p0], []
+            for p in range(p0, p1):
+                lo, hi = pieces[p]
+                Wg = Wg0 if p == 0 else None
+                _, WS_next, cache = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], plain[p], WS, Wg,
+                                                  s, keep=True)
+                seg.append((WS, cache))
+                WS = WS_next
+            for p in range(p1 - 1, p0 - 1, -1):
+                lo, hi = pieces[p]
+                WS, cache = seg[p - p0]
+                gq, gk, gv, dgates[p], dWS, dWg = piece_backward(cache, plain[p], WS, Wg0 if p == 0 else None,
+                                                                  dy[:, lo:hi], dWS, s)
+                if p == len(pieces) - 1:  # the state at the last piece's start is an output too
+                    dWS = [d if e is None else d + e for d, e in zip(dWS, dstates[L:])]
+                dq[:, lo:hi], dk[:, lo:hi], dv[:, lo:hi] = gq, gk, gv
+                if p == 0:
+                    dWg0 = dWg
+            del seg
+        # gate gradients: the full chunks batched, the head and tail pieces on their own
+        outs, grads = [], []
+        for p, gp in enumerate(gates):
+            if plan.full_index(p) is None:
+                outs += list(gp)
+                grads += list(dgates[p])
+        if batched is not None:
+            outs += list(batched)
+            full = [dgates[p] for p in range(len(pieces)) if plan.full_index(p) is not None]
+            grads += [torch.stack(field, dim=1) for field in zip(*full)]
+        with torch.enable_grad():
+            dtea = torch.autograd.grad(outs, tea, grads, allow_unused=True)
+        dtea = [torch.zeros_like(x) if d is None else d for x, d in zip((theta, eta, alpha), dtea)]
+        return (None, None, None, dq, dk, dv, *dtea, *dWS, *(dWg0 or []))
