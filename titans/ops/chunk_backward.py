@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .chunk import ChunkGates, PieceCache, Plan, Setup, all_gates, checkpoint_interval, piece_forward
+from .chunk import (ChunkGates, PieceCache, Plan, Setup, all_gates, checkpoint_interval, gate_columns, mix,
+                    piece_forward)
 
 __all__ = ["ChunkScan", "piece_backward"]
 
@@ -36,10 +37,10 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
     """
     L = len(WS)
     dos = [ws.shape[1] // 2 for ws in WS]
-    Wg = [ws[:, :do] for ws, do in zip(WS, dos)] if Wg_given is None else Wg_given
-    beta, g, G = gates.beta.unsqueeze(-1), gates.g.unsqueeze(-1), gates.G
-    b_n, g_n, e_n = (x[..., None, None] for x in (gates.beta[..., -1], gates.g[..., -1], gates.e_last))
-    G_n, s_n = G[..., -1, :].unsqueeze(-1), gates.s_last.unsqueeze(-1)  # [BH, n, 1]
+    WSc = [s.cast(ws) for ws in WS]
+    Wgc = [ws[:, :do] for ws, do in zip(WSc, dos)] if Wg_given is None else [s.cast(w) for w in Wg_given]
+    beta, g, b_n, g_n, e_n, G_n, s_n = gate_columns(gates)
+    G = gates.G
     dgate = {name: torch.zeros_like(x) for name, x in gates._asdict().items()}
 
     # chunk end: WS' = [b_n W + g_n S; e_n S] - coef^T a with coef = [delta G_n, delta s_n]
@@ -51,14 +52,15 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
         dgate["beta"][..., -1] += _vdot(dWe, W)
         dgate["g"][..., -1] += _vdot(dWe, S)
         dgate["e_last"] += _vdot(dSe, S)
-        dWS.append(torch.cat([b_n * dWe, g_n * dWe + e_n * dSe], dim=1))
-        X = s.mm(c.a[l], dE.mT)                  # [BH, n, 2 do] = -(d coef)
+        dWS.append(mix(dWe, dSe, b_n, None, g_n, e_n))     # the carry, transposed
+        dEc = s.cast(dE)
+        X = s.mm(c.a[l], dEc.mT)                           # [BH, n, 2 do] = -(d coef)
         XW, XS = X[..., :do], X[..., do:]
         ddelta.append(-(G_n * XW + s_n * XS))
         dgate["G"][..., -1, :] -= (c.delta[l] * XW).sum(-1)
         dgate["s_last"] -= (c.delta[l] * XS).sum(-1)
         coef = torch.cat([c.delta[l] * G_n, c.delta[l] * s_n], dim=-1)
-        da.append(-s.mm(coef, dE))               # [BH, n, di]
+        da.append(-s.mm(coef, dEc))                        # [BH, n, di]
 
     # query path, top layer down: z = beta * m_W + g * m_S - R delta, R = G * P, P = h a^T
     dq = dy.clone() if s.residual else torch.zeros_like(c.hq[0])
@@ -71,42 +73,41 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
         dgate["beta"] += (dz * m[..., :do]).sum(-1)
         dgate["g"] += (dz * m[..., do:]).sum(-1)
         dzc = torch.cat([beta * dz, g * dz], dim=-1)          # d m, [BH, n, 2 do]
-        dWS[l] += s.mm(dzc.mT, c.hq[l])
+        s.outer_into(dWS[l], dzc.mT, c.hq[l])
         dR = -s.mm(dz, c.delta[l].mT)                          # [BH, n, n]
         ddelta[l] -= s.mm((G * c.P[l]).mT, dz)
         dgate["G"] += dR * c.P[l]
         dP = dR * G
-        dh = s.mm(dzc, WS[l]) + s.mm(dP, c.a[l])
+        dh = s.mm(dzc, WSc[l]) + s.mm(dP, c.a[l])
         da[l] += s.mm(dP.mT, c.hq[l])
     dq += dh
 
-    # key path: first the analytic inner backward (delta_l = t_l * act'(zk_l), t_l = delta_{l+1} Wg_{l+1})
-    dWg: list[Tensor | None] = [None] * L
+    # key path: gradients wrt Wg go straight into dWS when the piece took them at W itself
+    if Wg_given is None:
+        dWg = [dws[:, :do] for dws, do in zip(dWS, dos)]
+    else:
+        dWg = [torch.zeros_like(w) for w in Wg_given]
+    # first the analytic inner backward (delta_l = t_l * act'(zk_l), t_l = delta_{l+1} Wg_{l+1})
     dzk = []
     for l in range(L - 1):
         dt = ddelta[l] * s.act.grad(c.zk[l])
         dzk.append(ddelta[l] * c.t[l] * s.act.grad2(c.zk[l]))
-        ddelta[l + 1] += s.mm(dt, Wg[l + 1].mT)
-        dWg[l + 1] = s.mm(c.delta[l + 1].mT, dt)
+        ddelta[l + 1] += s.mm(dt, Wgc[l + 1].mT)
+        s.outer_into(dWg[l + 1], c.delta[l + 1].mT, dt)
     # then delta_L = 2 (out - v) and the memory's forward on the keys
     dout = 2 * ddelta[L - 1]
     dv = -dout
     dk = dout.clone() if s.residual else torch.zeros_like(c.a[0])
     dzl = dout
     for l in range(L - 1, -1, -1):
-        w_grad = s.mm(dzl.mT, c.a[l])
-        dWg[l] = w_grad if dWg[l] is None else dWg[l] + w_grad
-        da[l] += s.mm(dzl, Wg[l])
+        s.outer_into(dWg[l], dzl.mT, c.a[l])
+        da[l] += s.mm(dzl, Wgc[l])
         if l > 0:
             dzl = da[l] * s.act.grad(c.zk[l - 1]) + dzk[l - 1]
     dk += da[0]
 
-    if Wg_given is None:  # gradients were taken at W itself
-        for l in range(L):
-            dWS[l][:, :dos[l]] += dWg[l]
-        dWg = None
     dgate["G"] = dgate["G"].tril()
-    return dq, dk, dv, ChunkGates(**dgate), dWS, dWg
+    return dq, dk, dv, ChunkGates(**dgate), dWS, (dWg if Wg_given is not None else None)
 
 
 class ChunkScan(torch.autograd.Function):
