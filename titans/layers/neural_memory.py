@@ -1,0 +1,202 @@
+"""The neural long-term memory layer (paper section 3 and 4.4; DESIGN.md §2).
+
+Shape legend
+    B batch, T tokens in this call, dim model width, H memory heads, Dh head dim
+    x, y: [B, T, dim]   q, k, v: [B, T, H, Dh]   theta, eta, alpha: [B, T, H]
+    conv state: [B, 3 H Dh, K - 1] (the last K - 1 projected inputs; K the conv kernel)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import ACTIVATIONS, MemoryState, memory_rule
+
+__all__ = ["NeuralMemory", "NeuralMemoryState"]
+
+
+@dataclass
+class NeuralMemoryState:
+    """Streaming state of a NeuralMemory layer.
+
+    memory: the memory rule's state (None: the learned W_0, nothing seen yet).
+    conv: the last K - 1 inputs of the causal convolution, [B, 3 H Dh, K - 1] (None without conv).
+    chunk_gates: with per-chunk gates, the gates of the chunk in progress, [B, 3, H]
+        (theta, eta, alpha), taken at its first token; None otherwise.
+    position: tokens seen.
+    """
+
+    memory: MemoryState | None
+    conv: Tensor | None
+    chunk_gates: Tensor | None
+    position: int
+
+    def detach(self) -> "NeuralMemoryState":
+        return NeuralMemoryState(self.memory.detach() if self.memory is not None else None,
+                                 None if self.conv is None else self.conv.detach(),
+                                 None if self.chunk_gates is None else self.chunk_gates.detach(), self.position)
+
+
+def _inv_sigmoid(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class NeuralMemory(nn.Module):
+    """Neural memory as a sequence mixer: y, state = layer(x, state).
+
+    q, k, v = SiLU(causal depthwise Conv1d(x W_{q,k,v})), q and k L2-normalised per head; per
+    token and head the step size theta = max_lr * sigmoid(.), momentum eta = sigmoid(.) and
+    forget rate alpha = sigmoid(.) are linear maps of x. Each head has its own memory, an MLP
+    (depth >= 2) or a matrix (depth 1) with learned initial weights W_0, written and read by
+    `titans.ops.memory_rule`. The read is RMS-normalised per head, gated by SiLU(x W_g) and
+    projected back to dim.
+
+    Args:
+        dim: model width.  heads: memory heads H.  head_dim: Dh (default dim // heads).
+        memory_depth: layers of the memory MLP (1 = linear memory).  expansion: hidden width
+            of the memory MLP as a multiple of Dh.  chunk_size: b of the memory rule.
+        activation: the memory MLP's activation ("silu", "gelu", "tanh").
+        residual: memory f(x) = x + MLP(x).
+        conv: use the causal depthwise convolution (kernel conv_kernel) on q, k, v.
+        momentum: False fixes eta = 0 (no momentum: the ablation of paper Table 5).
+        forgetting: False fixes alpha = 0 (no weight decay).
+        gate_mode: "token" (a gate per token) or "chunk" (each chunk uses the gates computed
+            at its first token, so the gates stay causal).
+        max_lr: the largest step size theta.
+
+    Initialisation (all here, see reset_parameters): the gate maps start at zero weight, so
+    every token starts with the same gates, set by the biases: theta = 0.01 (a tenth of
+    max_lr: small steps while the outer loop learns what to store), eta = 0.9 (the usual
+    momentum) and alpha = 0.01 (slow forgetting: the paper's memory must keep long context).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 2,
+                 expansion: int = 4, chunk_size: int = 64, activation: str = "silu", residual: bool = False,
+                 conv: bool = True, conv_kernel: int = 4, momentum: bool = True, forgetting: bool = True,
+                 gate_mode: str = "token", max_lr: float = 0.1) -> None:
+        super().__init__()
+        for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
+                                ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
+                                ("conv_kernel", conv_kernel, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim={dim} must be divisible by heads={heads} when head_dim is None")
+            head_dim = dim // heads
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if gate_mode not in ("token", "chunk"):
+            raise ValueError(f"gate_mode must be 'token' or 'chunk', got {gate_mode!r}")
+        if not max_lr > 0:
+            raise ValueError(f"max_lr must be > 0, got {max_lr!r}")
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+        self.chunk_size, self.activation, self.residual = chunk_size, activation, residual
+        self.momentum, self.forgetting, self.gate_mode, self.max_lr = momentum, forgetting, gate_mode, max_lr
+        inner = heads * head_dim
+        self.wqkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.conv_kernel = conv_kernel if conv else 0
+        if conv:
+            self.conv_weight = nn.Parameter(torch.empty(3 * inner, 1, conv_kernel))
+            self.conv_bias = nn.Parameter(torch.empty(3 * inner))
+        self.wgates = nn.Linear(dim, 3 * heads)  # theta, eta, alpha logits per head
+        dims = [head_dim] + [head_dim * expansion] * (memory_depth - 1) + [head_dim]
+        self.memory = nn.ParameterList(nn.Parameter(torch.empty(heads, dims[l + 1], dims[l]))
+                                       for l in range(memory_depth))
+        self.out_norm = nn.Parameter(torch.empty(heads, head_dim))
+        self.wgate_out = nn.Linear(dim, inner, bias=False)
+        self.wo = nn.Linear(inner, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Stand-alone initialisation: fan-in scaled projections, then reset_memory_parameters.
+
+        Inside TitansLM the model re-initialises the projections (TitansLM.init_weights)."""
+        for lin in (self.wqkv, self.wgate_out, self.wo):
+            nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self) -> None:
+        """The memory's own parameters: conv, gates, W_0 and the output norm (see the class doc)."""
+        if self.conv_kernel:
+            # start as the identity on the current token (weight 1 on the newest tap)
+            nn.init.zeros_(self.conv_weight)
+            with torch.no_grad():
+                self.conv_weight[..., -1] = 1.0
+            nn.init.zeros_(self.conv_bias)
+        nn.init.zeros_(self.wgates.weight)
+        with torch.no_grad():
+            bias = self.wgates.bias.view(3, self.heads)
+            bias[0] = _inv_sigmoid(0.01 / self.max_lr) if self.max_lr > 0.01 else 0.0
+            bias[1] = _inv_sigmoid(0.9)
+            bias[2] = _inv_sigmoid(0.01)
+        for w in self.memory:  # fan-in scaling keeps the memory's output O(1) for unit-norm keys
+            nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+        nn.init.ones_(self.out_norm)
+
+    def init_state(self, batch_size: int) -> NeuralMemoryState:
+        """The state before the first token: W_0, zero momentum, an empty (zero) conv window."""
+        conv = None
+        if self.conv_kernel:
+            conv = self.wqkv.weight.new_zeros(batch_size, self.wqkv.out_features, self.conv_kernel - 1)
+        return NeuralMemoryState(memory=None, conv=conv, chunk_gates=None, position=0)
+
+    def _gates(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """theta, eta, alpha [B, T, H] in fp32 (gate products are sensitive to rounding)."""
+        B, T, _ = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.wgates.weight.float(), self.wgates.bias.float())
+        g = torch.sigmoid(logits.view(B, T, 3, self.heads))  # [B, T, 3, H]
+        carry = None
+        if self.gate_mode == "chunk":
+            # every token takes the gates of its chunk's first token (absolute chunk positions)
+            pos = state.position + torch.arange(T, device=x.device)
+            first = pos - pos % self.chunk_size - state.position   # index of the chunk start in this call
+            prev = state.chunk_gates if state.chunk_gates is not None else g[:, 0]
+            g = torch.where((first >= 0).view(1, T, 1, 1), g[:, first.clamp(min=0)], prev.unsqueeze(1))
+            carry = g[:, -1] if T else state.chunk_gates
+        theta = self.max_lr * g[:, :, 0]
+        eta = g[:, :, 1] if self.momentum else torch.zeros_like(g[:, :, 1])
+        alpha = g[:, :, 2] if self.forgetting else torch.zeros_like(g[:, :, 2])
+        return theta, eta, alpha, carry
+
+    def _conv(self, u: Tensor, state: NeuralMemoryState) -> tuple[Tensor, Tensor | None]:
+        """Causal depthwise conv over time. u: [B, T, C] -> [B, T, C], new conv state."""
+        if not self.conv_kernel:
+            return u, None
+        B, T, C = u.shape
+        past = state.conv if state.conv is not None else u.new_zeros(B, C, self.conv_kernel - 1)
+        xp = torch.cat([past.to(u.dtype), u.transpose(1, 2)], dim=2)   # [B, C, K - 1 + T]
+        out = F.conv1d(xp, self.conv_weight.to(u.dtype), self.conv_bias.to(u.dtype), groups=C)
+        return out.transpose(1, 2), xp[:, :, xp.shape[2] - (self.conv_kernel - 1):]
+
+    def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
+        """x: [B, T, dim] -> y: [B, T, dim], and the state after the last token."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, T, dim={self.dim}], got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B)
+        elif not isinstance(state, NeuralMemoryState):
+            raise ValueError(f"state must be a NeuralMemoryState or None, got {type(state).__name__}")
+        H, Dh = self.heads, self.head_dim
+        u, conv = self._conv(self.wqkv(x), state)
+        q, k, v = F.silu(u).view(B, T, 3, H, Dh).unbind(2)               # each [B, T, H, Dh]
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        theta, eta, alpha, chunk_gates = self._gates(x, state)
+        y, memory = memory_rule(q, k, v, theta, eta, alpha, list(self.memory), chunk_size=self.chunk_size,
+                                activation=self.activation, residual=self.residual, state=state.memory)
+        return self.read_out(y, x), NeuralMemoryState(memory, conv, chunk_gates, state.position + T)
+
+    def read_out(self, r: Tensor, x: Tensor) -> Tensor:
+        """The output path of a memory read r [B, T, H, Dh]: per-head RMSNorm, SiLU gate from
+        x [B, T, dim], output projection -> [B, T, dim]."""
+        B, T = r.shape[:2]
+        r = r if r.dtype == torch.float64 else r.float()
+        r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm
+        return self.wo(r.reshape(B, T, -1) * F.silu(self.wgate_out(x)))

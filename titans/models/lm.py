@@ -1,0 +1,166 @@
+"""TitansLM: token embedding, a stack of blocks, final norm, LM head; streaming and generation.
+
+Shape legend
+    B batch, T tokens in this call, V vocabulary, dim model width
+    input_ids, labels: [B, T]   logits: [B, T, V]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import NeuralMemory, RMSNorm
+from .blocks import Block
+from .config import TitansConfig
+
+__all__ = ["TitansLM", "LMOutput", "ModelState"]
+
+
+@dataclass
+class ModelState:
+    """The streaming state of a whole model: one entry per block, keyed by the block's name."""
+    layers: dict[str, Any]
+    position: int
+
+    def detach(self) -> "ModelState":
+        return ModelState({k: (v.detach() if v is not None else None) for k, v in self.layers.items()},
+                          self.position)
+
+
+@dataclass
+class LMOutput:
+    """What TitansLM.forward returns, always: logits [B, T, V], loss (None without labels), state."""
+    logits: Tensor
+    loss: Tensor | None
+    state: ModelState
+
+
+class TitansLM(nn.Module):
+    """A causal language model built from TitansConfig.
+
+    out = model(input_ids, state=None, labels=None): labels are the targets of each position
+    (already shifted: labels[:, t] is the token that follows input_ids[:, t]; -100 is ignored),
+    and loss is their mean cross-entropy. Passing out.state to the next call continues the
+    sequence exactly as one longer call would.
+    """
+
+    def __init__(self, config: TitansConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(kind, config) for kind in config.layer_kinds)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """All initialisation in one place (docs/models.md).
+
+        Linear and embedding weights ~ N(0, init_std^2); the projections that write into the
+        residual stream (each mixer's and MLP's last linear) are scaled down by sqrt(2 n_layers)
+        so the stream's variance does not grow with depth (GPT-2); norms start at 1. The neural
+        memory's own parameters (initial memory W_0, gate biases, convolution) keep the
+        documented initialisation of NeuralMemory.reset_memory_parameters.
+        """
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "mlp.w_out.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            if isinstance(module, NeuralMemory):
+                module.reset_memory_parameters()
+
+    def init_state(self, batch_size: int) -> ModelState:
+        return ModelState({f"blocks.{i}": b.init_state(batch_size) for i, b in enumerate(self.blocks)}, 0)
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, labels: Tensor | None = None) -> LMOutput:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"input_ids must be an integer tensor [B, T], got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        B, T = input_ids.shape
+        if state is None:
+            state = self.init_state(B)
+        elif not isinstance(state, ModelState) or set(state.layers) != {f"blocks.{i}" for i in range(len(self.blocks))}:
+            raise ValueError("state must be a ModelState from this model (one entry per block)")
+        x = self.embed(input_ids)
+        new_layers = {}
+        for i, block in enumerate(self.blocks):
+            key = f"blocks.{i}"
+            x, new_layers[key] = block(x, state.layers[key])
+        logits = self.head(self.norm(x)).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(B * T, -1), labels.reshape(B * T).long(), ignore_index=-100)
+        return LMOutput(logits=logits, loss=loss, state=ModelState(new_layers, state.position + T))
+
+    @torch.no_grad()
+    def generate_stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, state: ModelState | None = None,
+                        generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """Yield the next token ids [B], one at a time: a parallel prefill, then one token per step.
+
+        Memory does not grow with the tokens seen (for every block kind but full attention,
+        whose key/value cache is the point of it). temperature 0 is greedy decoding.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("generate needs at least one prompt token")
+        out = self(input_ids, state=state)
+        logits, state = out.logits[:, -1], out.state
+        for _ in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)
+            yield token
+            out = self(token[:, None], state=state)
+            logits, state = out.logits[:, -1], out.state
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, state: ModelState | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """The prompt followed by max_new_tokens sampled tokens, [B, T + max_new_tokens]."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator))
+        return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
+
+
+def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already cover top_p
+        drop = probs.cumsum(-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
