@@ -1,0 +1,445 @@
+"""One training loop for any causal LM: AdamW, warmup + cosine, clipping, accumulation, bf16,
+checkpoints with exact resume, DDP / FSDP2 under torchrun, CSV / TensorBoard logs.
+
+Shape legend
+    B global batch rows per micro-step (cfg.batch_size), T sequence length (cfg.seq_len),
+    W world size; each rank computes on its B / W rows (`distributed.shard_rows`).
+    One optimizer step reads cfg.grad_accum micro-batches: B * T * grad_accum tokens.
+
+The model contract (nothing else about the model is known here):
+
+    out = model(inputs, labels=targets)   inputs, targets: LongTensor [b, T], targets already
+                                          shifted (targets[:, t] is the token after inputs[:, t])
+    out.loss                              mean cross-entropy over the b * T targets (scalar)
+
+`train_batches` yields (inputs, targets) [B, T] forever (a `titans.data.TokenBatches`); its
+`state_dict()` / `load_state_dict()` give the data position for exact resume.
+`val_windows` is an iterable of (inputs, targets) (a `titans.data.EvalWindows`), or None.
+
+Files under cfg.out_dir: log.csv (one row per logged step), tensorboard/ (when tensorboard is
+installed), loss.png (when matplotlib is installed), checkpoints/ (see `checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..eval.metrics import perplexity
+from . import checkpoint as ckpt
+from .distributed import (MODES, DistEnv, all_reduce_sum, barrier, full_state_dicts,
+                          load_full_state_dicts, setup, shard_rows, teardown, unwrap, wrap_model)
+from .optim import build_optimizer, lr_at
+
+__all__ = ["TrainConfig", "Trainer", "seed_everything", "LOG_COLUMNS"]
+
+LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl")
+# Fields that may change between a run and its resume without a warning.
+_FREE_ON_RESUME = {"resume", "out_dir", "progress", "compile", "compile_backend", "log_every",
+                   "eval_every", "eval_batches", "ckpt_every", "keep_last", "device",
+                   "distributed"}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Defaults follow the paper's recipe (AdamW 4e-4, cosine, wd 0.1).
+
+    steps: optimizer updates.  batch_size: GLOBAL rows per micro-batch (divisible by the world
+    size).  seq_len: T.  grad_accum: micro-batches per update.  lr, min_lr_ratio, warmup: the
+    schedule (`optim.lr_at`).  weight_decay, betas: AdamW (`optim.param_groups` for the
+    no-decay rule).  grad_clip: max global grad norm, 0 disables.  bf16: autocast to bfloat16
+    (CPU or CUDA).  compile: torch.compile the model (compile_backend).  seed: seeds torch /
+    numpy / python (plus the rank).  eval_every / ckpt_every: every this many steps and at the
+    end (0: only at the end).  eval_batches: validation batches per evaluation (None: all).
+    log_every: CSV / TensorBoard row interval.  keep_last: checkpoints kept (None: all).
+    out_dir: run directory.  resume: False; True continues from the newest good checkpoint in
+    out_dir (starts fresh if there is none); a path resumes from that checkpoint directory.
+    distributed: "none" | "ddp" | "fsdp".  device: "auto" | "cpu" | "cuda".  progress: tqdm
+    bar (only on a terminal, rank 0) or a line per evaluation otherwise.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 4e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    bf16: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int | None = 20
+    log_every: int = 1
+    ckpt_every: int = 100
+    keep_last: int | None = 3
+    out_dir: str = "runs/default"
+    resume: bool | str = False
+    distributed: str = "none"
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # a list when read back from JSON
+        self.out_dir = str(self.out_dir)
+        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("grad_accum", 1),
+                          ("warmup", 0), ("seed", 0), ("eval_every", 0), ("log_every", 1),
+                          ("ckpt_every", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
+        for name in ("eval_batches", "keep_last"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"TrainConfig.{name} must be None or an integer >= 1, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"TrainConfig.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.distributed not in MODES:
+            raise ValueError(f"TrainConfig.distributed must be one of {MODES}, got "
+                             f"{self.distributed!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**d)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's global generator and python's `random`."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class Trainer:
+    """Train `model` on `train_batches` with `cfg`; `fit()` runs the loop.
+
+    Args:
+        model: an nn.Module with the contract in the module docstring (moved to the device
+            and wrapped for DDP / FSDP here).
+        train_batches: iterator of (inputs, targets) [B, T], with state_dict/load_state_dict.
+        val_windows: iterable of (inputs, targets) for validation, or None.
+        cfg: the TrainConfig.
+        config_dict: the model config, saved as config.json in every checkpoint.
+        tokenizer: saved beside the checkpoints (`.save(dir)`, `.name`), or None.
+    """
+
+    def __init__(self, model: nn.Module, train_batches: Iterator[tuple[Tensor, Tensor]],
+                 val_windows: Iterable[tuple[Tensor, Tensor]] | None, cfg: TrainConfig,
+                 config_dict: dict | None = None, tokenizer: Any = None) -> None:
+        if not isinstance(cfg, TrainConfig):
+            raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.cfg, self.config_dict, self.tokenizer = cfg, config_dict, tokenizer
+        self.train_batches, self.val_windows = train_batches, val_windows
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        if not cfg.resume and ckpt.list_checkpoints(self.ckpt_dir):
+            raise ValueError(f"out_dir {cfg.out_dir!r} already holds checkpoints: pass "
+                             f"resume=True to continue that run, or choose another out_dir")
+        self.env: DistEnv = setup(cfg.distributed, cfg.device)
+        if cfg.batch_size % self.env.world_size:
+            raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the "
+                             f"world size {self.env.world_size}")
+        seed_everything(cfg.seed + self.env.rank)  # distinct dropout streams per rank
+        self.model = wrap_model(model, self.env)
+        self.optimizer = build_optimizer(unwrap(self.model), cfg.lr, cfg.weight_decay, cfg.betas)
+        self.forward = (torch.compile(self.model, backend=cfg.compile_backend) if cfg.compile
+                        else self.model)
+        self.step = 0
+        self.history: list[dict] = []
+        if cfg.resume:
+            self._resume()
+        if self.env.is_main:
+            ckpt.clean_temp(self.ckpt_dir)
+        self.log = _RunLog(self.out_dir, self.step, enabled=self.env.is_main)
+
+    # ------------------------------------------------------------------------ the loop
+    def fit(self) -> list[dict]:
+        """Train from `self.step` to cfg.steps; returns this call's log rows (one per step).
+
+        Each row: step, loss (mean over the global batch), lr, grad_norm (before clipping),
+        tokens_per_s, and val_loss / val_ppl at evaluation steps (else None). Closes the
+        logs and the process group (if this trainer opened it) at the end.
+        """
+        cfg = self.cfg
+        bar = self._progress_bar()
+        try:
+            while self.step < cfg.steps:
+                row = self.train_step()
+                last = self.step == cfg.steps
+                if self.val_windows is not None and (last or (
+                        cfg.eval_every and self.step % cfg.eval_every == 0)):
+                    row.update(self.evaluate())
+                    self._say(bar, row)
+                self.history.append(row)
+                if last or self.step % cfg.log_every == 0 or row["val_loss"] is not None:
+                    self.log.write(row)
+                if last or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}")
+        finally:
+            if bar is not None:
+                bar.close()
+            self.close()
+        return self.history
+
+    def train_step(self) -> dict:
+        """One optimizer update over cfg.grad_accum micro-batches; its log row."""
+        cfg, env = self.cfg, self.env
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, lr=cfg.lr, steps=cfg.steps, warmup=cfg.warmup,
+                   min_lr_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=env.device)
+        for micro in range(cfg.grad_accum):
+            inputs, targets = next(self.train_batches)
+            if tuple(inputs.shape) != (cfg.batch_size, cfg.seq_len) or targets.shape != inputs.shape:
+                raise ValueError(f"train_batches yielded inputs {tuple(inputs.shape)} and targets "
+                                 f"{tuple(targets.shape)}, expected [batch_size, seq_len] = "
+                                 f"[{cfg.batch_size}, {cfg.seq_len}] for both")
+            inputs = shard_rows(inputs, env).to(env.device)
+            targets = shard_rows(targets, env).to(env.device)
+            with self._grad_sync(micro == cfg.grad_accum - 1), self._autocast():
+                loss = self.forward(inputs, labels=targets).loss
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(),
+                                             cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = all_reduce_sum(loss_sum, env).item() / (cfg.grad_accum * env.world_size)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        seconds = time.perf_counter() - t0
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": cfg.batch_size * cfg.seq_len * cfg.grad_accum / seconds,
+                "val_loss": None, "val_ppl": None}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation NLL per target token over cfg.eval_batches batches, and perplexity.
+
+        Under DDP the batches are dealt round-robin over the ranks and the sums all-reduced;
+        under FSDP every rank runs every batch (each forward is a collective).
+        """
+        env, model = self.env, unwrap(self.model)
+        model.eval()
+        nll = torch.zeros((), dtype=torch.float64, device=env.device)
+        count = torch.zeros((), dtype=torch.float64, device=env.device)
+        for i, (inputs, targets) in enumerate(self.val_windows):
+            if self.cfg.eval_batches is not None and i >= self.cfg.eval_batches:
+                break
+            if env.mode == "ddp" and i % env.world_size != env.rank:
+                continue
+            with self._autocast():
+                loss = model(inputs.to(env.device), labels=targets.to(env.device)).loss
+            nll += loss.double() * targets.numel()
+            count += targets.numel()
+        model.train()
+        if env.mode == "ddp":
+            nll, count = all_reduce_sum(nll, env), all_reduce_sum(count, env)
+        mean = (nll / count).item()
+        return {"val_loss": mean, "val_ppl": perplexity(mean)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (every rank calls; rank 0 writes)."""
+        model_state, optim_state = full_state_dicts(self.model, self.optimizer)
+        rngs: list = [ckpt.rng_state()]
+        if self.env.active:
+            rngs = [None] * self.env.world_size
+            dist.all_gather_object(rngs, ckpt.rng_state())
+        path = None
+        if self.env.is_main:
+            data = getattr(self.train_batches, "state_dict", None)
+            state = {"data": data() if data else None, "rng": rngs,
+                     "world_size": self.env.world_size, "train_config": self.cfg.to_dict()}
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state=model_state,
+                                        optim_state=optim_state, state=state,
+                                        config=self.config_dict, tokenizer=self.tokenizer,
+                                        keep_last=self.cfg.keep_last)
+        barrier(self.env)
+        return path
+
+    def _resume(self) -> None:
+        r = self.cfg.resume
+        found = (ckpt.load_checkpoint(r) if isinstance(r, (str, Path))
+                 else ckpt.load_latest(self.ckpt_dir))
+        if found is None:
+            self._notice(f"resume: no checkpoint under {str(self.ckpt_dir)!r}, starting at step 0")
+            return
+        load_full_state_dicts(self.model, self.optimizer, found.model_state, found.optim_state)
+        self.step = found.step
+        data = found.state.get("data")
+        if data is not None and hasattr(self.train_batches, "load_state_dict"):
+            self.train_batches.load_state_dict(data)
+        else:
+            warnings.warn("resume: no data position restored; batches restart from the "
+                          "sampler's current position", stacklevel=3)
+        rngs = found.state.get("rng") or []
+        if len(rngs) == self.env.world_size:
+            ckpt.set_rng_state(rngs[self.env.rank])
+        else:
+            warnings.warn(f"resume: checkpoint has RNG states of {len(rngs)} ranks, this run has "
+                          f"{self.env.world_size}; RNG streams are re-seeded", stacklevel=3)
+        saved = found.state.get("train_config", {})
+        changed = sorted(k for k, v in self.cfg.to_dict().items()
+                         if k not in _FREE_ON_RESUME and k in saved
+                         and saved[k] != (list(v) if isinstance(v, tuple) else v))
+        if changed:
+            warnings.warn(f"resume: TrainConfig fields differ from the checkpoint's: {changed}; "
+                          f"the run will not match an uninterrupted one", stacklevel=3)
+        if self.config_dict is not None and found.config not in (None, self.config_dict):
+            warnings.warn("resume: config_dict differs from the checkpoint's config.json",
+                          stacklevel=3)
+        self._notice(f"resumed from {str(found.path)!r} at step {self.step}")
+
+    # -------------------------------------------------------------------- helpers
+    def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch of an update."""
+        if self.env.mode == "ddp" and not sync:
+            return self.model.no_sync()
+        if self.env.mode == "fsdp":
+            self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def _progress_bar(self) -> Any:
+        if not (self.cfg.progress and self.env.is_main and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg.steps, initial=self.step, unit="step", dynamic_ncols=True)
+
+    def _say(self, bar: Any, row: dict) -> None:
+        if not (self.cfg.progress and self.env.is_main):
+            return
+        msg = (f"step {row['step']}/{self.cfg.steps} loss {row['loss']:.4f} val_loss "
+               f"{row['val_loss']:.4f} val_ppl {row['val_ppl']:.2f} tok/s {row['tokens_per_s']:.0f}")
+        bar.write(msg) if bar is not None else print(msg, flush=True)
+
+    def _notice(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Finish the logs (loss.png) and close the process group if this trainer opened it."""
+        self.log.close()
+        teardown(self.env)
+
+
+class _RunLog:
+    """log.csv (+ TensorBoard, + loss.png at the end) on rank 0; nothing on other ranks.
+
+    On resume at step s, rows after s (written by the killed run after its checkpoint) are
+    dropped so the CSV reads as one uninterrupted run.
+    """
+
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool) -> None:
+        self.enabled, self.out_dir, self.tb = enabled, out_dir, None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = out_dir / "log.csv"
+        kept = [r for r in _read_csv(self.csv_path) if int(r["step"]) <= start_step]
+        self.file = open(self.csv_path, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOG_COLUMNS)
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        self.file.flush()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:
+            print("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)",
+                  file=sys.stderr)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.writer.writerow({k: ("" if row[k] is None else repr(row[k])) for k in LOG_COLUMNS})
+        self.file.flush()
+        if self.tb is not None:
+            for k in LOG_COLUMNS[1:]:
+                if row[k] is not None:
+                    self.tb.add_scalar(f"train/{k}" if not k.startswith("val") else f"val/{k}",
+                                       row[k], row["step"])
+
+    def close(self) -> None:
+        if not self.enabled or self.file.closed:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        _plot(self.csv_path, self.out_dir / "loss.png")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [r for r in csv.DictReader(f) if r.get("step")]
+
+
+def _plot(csv_path: Path, png: Path) -> None:
+    """Train (and validation) loss against step, from log.csv."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no loss.png (pip install matplotlib)", file=sys.stderr)
+        return
+    rows = _read_csv(csv_path)
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], label="train")
+    val = [r for r in rows if r["val_loss"]]
+    if val:
+        ax.plot([int(r["step"]) for r in val], [float(r["val_loss"]) for r in val], "o-",
+                label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
