@@ -69,16 +69,22 @@ class NeuralMemory(nn.Module):
             at its first token, so the gates stay causal).
         max_lr: the largest step size theta.
 
-    Initialisation (all here, see reset_parameters): the gate maps start at zero weight, so
-    every token starts with the same gates, set by the biases: theta = 0.01 (a tenth of
-    max_lr: small steps while the outer loop learns what to store), eta = 0.9 (the usual
-    momentum) and alpha = 0.01 (slow forgetting: the paper's memory must keep long context).
+    Initialisation (all here, see reset_memory_parameters): the gate maps start at zero weight,
+    so every token starts with the same gates, set by the biases: theta = max_lr / 10 (small
+    steps while the outer loop learns what to store), eta = 0.9 (the usual momentum) and
+    alpha = 0.01 (slow forgetting: the memory must keep long context). W_0 ~ N(0, 1/d_in).
+
+    Stability: inside a chunk every gradient is taken at the chunk-start weights, so a chunk
+    moves W by about theta * n / (1 - eta) gradient steps from one point (n tokens). Large
+    max_lr, eta near 1 and long chunks together make the inner loop diverge even where the
+    token-by-token (b = 1) rule is stable; the default max_lr = 0.01 keeps the chunk sizes of
+    the presets (16-64) stable (docs/models.md).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 2,
                  expansion: int = 4, chunk_size: int = 64, activation: str = "silu", residual: bool = False,
                  conv: bool = True, conv_kernel: int = 4, momentum: bool = True, forgetting: bool = True,
-                 gate_mode: str = "token", max_lr: float = 0.1) -> None:
+                 gate_mode: str = "token", max_lr: float = 0.01) -> None:
         super().__init__()
         for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
                                 ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
@@ -132,7 +138,7 @@ class NeuralMemory(nn.Module):
         nn.init.zeros_(self.wgates.weight)
         with torch.no_grad():
             bias = self.wgates.bias.view(3, self.heads)
-            bias[0] = _inv_sigmoid(0.01 / self.max_lr) if self.max_lr > 0.01 else 0.0
+            bias[0] = _inv_sigmoid(0.1)
             bias[1] = _inv_sigmoid(0.9)
             bias[2] = _inv_sigmoid(0.01)
         for w in self.memory:  # fan-in scaling keeps the memory's output O(1) for unit-norm keys
@@ -149,8 +155,9 @@ class NeuralMemory(nn.Module):
     def _gates(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """theta, eta, alpha [B, T, H] in fp32 (gate products are sensitive to rounding)."""
         B, T, _ = x.shape
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.wgates.weight.float(), self.wgates.bias.float())
+            logits = F.linear(x.to(dtype), self.wgates.weight.to(dtype), self.wgates.bias.to(dtype))
         g = torch.sigmoid(logits.view(B, T, 3, self.heads))  # [B, T, 3, H]
         carry = None
         if self.gate_mode == "chunk":

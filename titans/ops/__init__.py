@@ -14,7 +14,7 @@ if _os.environ.get("TITANS_KEEP_DENORMALS", "") in ("", "0"):
     _torch.set_flush_denormal(True)
 
 from .memory_rule import IMPLS, memory_rule
-from .nets import ACTIVATIONS, memory_forward, memory_key_backward
+from .nets import ACTIVATIONS, memory_forward
 from .state import MemoryState
 
-__all__ = ["memory_rule", "MemoryState", "IMPLS", "ACTIVATIONS", "memory_forward", "memory_key_backward"]
+__all__ = ["memory_rule", "MemoryState", "IMPLS", "ACTIVATIONS", "memory_forward"]

@@ -1,4 +1,4 @@
-"""Memory networks f(x; W): forward, and the analytic backward the chunk path needs.
+"""Memory networks f(x; W) and the activations with the derivatives the chunk path needs.
 
 Shape legend
     B batch, H heads, N tokens (a chunk or a whole sequence), L memory depth
@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "Activation", "memory_forward", "memory_key_backward"]
+__all__ = ["ACTIVATIONS", "Activation", "memory_forward"]
 
 
 def _silu_grad(z: Tensor) -> Tensor:
@@ -76,35 +76,3 @@ def memory_forward(x: Tensor, weights: Sequence[Tensor], activation: str = "silu
         if l < len(weights) - 1:
             h = act(h)
     return h + x if residual else h
-
-
-def memory_key_backward(k: Tensor, v: Tensor, weights: Sequence[Tensor], activation: str = "silu",
-                        residual: bool = False) -> tuple[list[Tensor], list[Tensor]]:
-    """Per-token gradients of l(W) = ||f(k; W) - v||^2, in factored form.
-
-    The gradient of token m's loss with respect to layer l is the outer product
-    delta^l_m (h^{l-1}_m)^T, so it is returned as two factors and never materialised.
-
-    k: [..., N, d_in]; v: [..., N, d_out_L].
-    Returns (inputs, deltas): inputs[l] = h^{l} on the key path ([..., N, d_in_{l+1}], with
-    inputs[0] = k) and deltas[l] = dl/dz^{l+1} ([..., N, d_out_{l+1}]), one of each per layer.
-    """
-    act, act_grad = ACTIVATIONS[activation][:2]
-    inputs, pre = [k], []
-    h = k
-    for l, w in enumerate(weights):
-        z = h @ w.transpose(-1, -2)
-        if l < len(weights) - 1:
-            pre.append(z)
-            h = act(z)
-            inputs.append(h)
-        else:
-            h = z
-    out = h + k if residual else h
-    delta = 2 * (out - v)
-    deltas = [delta]
-    for l in range(len(weights) - 1, 0, -1):
-        delta = (delta @ weights[l]) * act_grad(pre[l - 1])
-        deltas.append(delta)
-    deltas.reverse()
-    return inputs, deltas

@@ -21,6 +21,7 @@ checkpoint loads under none / ddp / fsdp and any world size.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -93,8 +94,11 @@ def setup(mode: str, device: str = "auto") -> DistEnv:
 
 
 def teardown(env: DistEnv) -> None:
-    """Close the process group if `setup` opened it."""
+    """Close the process group if `setup` opened it (after a barrier, so no rank closes its
+    connections while another still talks)."""
     if env.owns_group and dist.is_initialized():
+        gc.collect()  # drop unreachable FSDP meshes / DDP reducers that hold the group
+        dist.barrier()
         dist.destroy_process_group()
         env.owns_group = False
 

@@ -181,7 +181,7 @@ class Trainer:
             self._resume()
         if self.env.is_main:
             ckpt.clean_temp(self.ckpt_dir)
-        self.log = _RunLog(self.out_dir, self.step, enabled=self.env.is_main)
+        self.log: _RunLog | None = None  # opened by fit()
 
     # ------------------------------------------------------------------------ the loop
     def fit(self) -> list[dict]:
@@ -192,6 +192,7 @@ class Trainer:
         logs and the process group (if this trainer opened it) at the end.
         """
         cfg = self.cfg
+        self.log = _RunLog(self.out_dir, self.step, enabled=self.env.is_main)
         bar = self._progress_bar()
         try:
             while self.step < cfg.steps:
@@ -361,7 +362,8 @@ class Trainer:
 
     def close(self) -> None:
         """Finish the logs (loss.png) and close the process group if this trainer opened it."""
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
         teardown(self.env)
 
 
