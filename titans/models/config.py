@@ -185,11 +185,27 @@ class TitansConfig:
 
 
 # Presets. The paper (section 5.1) gives only parameter counts; the shapes below are our choice
-# (docs/models.md). tiny runs in CPU seconds, small in CPU minutes.
+# (docs/models.md). tiny runs in CPU seconds, small in CPU minutes. The paper sizes use the
+# LLaMA-2 32K vocabulary; each variant gets the depth that lands its parameter count nearest the
+# name (tests/models/test_presets.py holds them within 5%).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, dim=64, n_layers=2, heads=2, chunk_size=16, window=32, segment_len=32,
                  n_persistent=4),
     "small": dict(vocab_size=256, dim=256, n_layers=4, heads=4, chunk_size=32, window=128, segment_len=128,
                   n_persistent=8),
 }
+_PAPER = dict(vocab_size=32000, chunk_size=64, segment_len=512, window=1024, n_persistent=16)
+_PAPER_SHAPES = {"170M": dict(dim=768, heads=12), "340M": dict(dim=1024, heads=16),
+                 "400M": dict(dim=1024, heads=16), "760M": dict(dim=1536, heads=16)}
+# layers per (size, variant): mac, mag and mal blocks hold attention and memory, so they are fewer
+_PAPER_LAYERS = {
+    "170M": dict(lmm=18, mac=14, mag=14, mal=14, transformer=21, swa=21),
+    "340M": dict(lmm=22, mac=17, mag=17, mal=17, transformer=24, swa=24),
+    "400M": dict(lmm=26, mac=20, mag=20, mal=20, transformer=29, swa=29),
+    "760M": dict(lmm=22, mac=17, mag=17, mal=17, transformer=25, swa=25),
+}
 PRESET_VARIANT_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {}
+for _size, _shape in _PAPER_SHAPES.items():
+    PRESETS[_size] = dict(_PAPER, **_shape, n_layers=_PAPER_LAYERS[_size]["lmm"])
+    for _variant, _layers in _PAPER_LAYERS[_size].items():
+        PRESET_VARIANT_OVERRIDES[(_size, _variant)] = dict(n_layers=_layers)
