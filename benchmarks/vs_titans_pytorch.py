@@ -12,8 +12,11 @@ Configs (model dim 384, depth-2 MLP memory, expansion 4, chunk 64 on both sides)
 Grid: T in {1024, 4096, 16384} x B in {1, 4} x {fp32, bf16 autocast}. Measured per case and
 side: forward tokens/s (under no_grad), forward+backward tokens/s (loss mean(y^2), gradients
 for x and every parameter), peak RSS (ru_maxrss) after the forward and after forward+backward,
-and the RSS before the first call (imports + layer + input). Timing: one warm-up, then the best
-of up to 3 runs within --budget seconds. Ratios in the table: speed ours/theirs, memory
+and the RSS before the first call (imports + layer + input). Timing: one warm-up (the peer's
+first call also pays its einx / torch.func tracing), then the best of up to 3 runs within
+--budget seconds. The JSON also has the 1-minute load average at each case's start and the
+CPU utilisation of each best run: the machine is shared, so read a case with load1 above the
+core count or cpu_util well below 1 as disturbed, and rerun it (--configs/--T/--B/--dtypes). Ratios in the table: speed ours/theirs, memory
 theirs/ours (both > 1 means we are better).
 
 Fairness:
@@ -78,15 +81,19 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed(fn: Callable[[], None], budget: float, max_reps: int = 3) -> float:
-    """Best of up to max_reps runs after one warm-up, within a time budget (at least one run)."""
+def _timed(fn: Callable[[], None], budget: float, max_reps: int = 3) -> tuple[float, float]:
+    """Best of up to max_reps runs after one warm-up, within a time budget (at least one run).
+
+    Returns (wall seconds, process CPU seconds) of the best run; CPU / (wall * threads) well
+    below 1 means the machine was busy with something else.
+    """
     fn()
-    times: list[float] = []
-    while len(times) < max_reps and sum(times) < budget:
-        t0 = time.perf_counter()
+    runs: list[tuple[float, float]] = []
+    while len(runs) < max_reps and sum(w for w, _ in runs) < budget:
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        runs.append((time.perf_counter() - t0, time.process_time() - c0))
+    return min(runs)
 
 
 def _build(case: dict[str, Any]) -> Any:
@@ -145,14 +152,14 @@ def run_case(case: dict[str, Any]) -> None:
 
     for phase, fn, rss_key in (("fwd", fwd, "fwd_peak_rss_mb"), ("fwd_bwd", fwd_bwd, "peak_rss_mb")):
         try:
-            seconds = _timed(fn, case["budget"])
+            seconds, cpu = _timed(fn, case["budget"])
         except Exception as e:  # noqa: BLE001
             out.update({f"{phase}_status": "OOM" if _is_oom(e) else "failed", "error": repr(e)[-500:],
                         rss_key: _rss_mb()})
             emit()
             return
         out.update({f"{phase}_status": "ok", f"{phase}_s": seconds, f"{phase}_tok_s": B * T / seconds,
-                    rss_key: _rss_mb()})
+                    f"{phase}_cpu_util": cpu / (seconds * out["threads"]), rss_key: _rss_mb()})
         emit()
 
 
@@ -304,7 +311,7 @@ def main() -> None:
             limit = max(1.0, min(args.mem_limit_gb, _mem_available_gb() - 1.0))
             case = dict(config=config, dtype=dtype, B=B, T=T, side=side, **CONFIGS[config],
                         peer_batch_size=peer_bs, ours_class=args.ours_class, budget=args.budget,
-                        mem_limit_gb=round(limit, 2))
+                        mem_limit_gb=round(limit, 2), load1=round(os.getloadavg()[0], 2))
             r = spawn(case, args.timeout)
             row[side] = r
             print(f"  {config} {dtype} B={B} T={T} {side:6s}: fwd {_cell(r, 'fwd_tok_s', 'fwd', ',.0f')} tok/s, "
