@@ -10,6 +10,7 @@ Used in-process by the tests (loaded by path) and as a script in subprocesses:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--modes", default="")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     a = p.parse_args(argv)
+    if a.threads:  # the last bits of a reduction can depend on the thread count
+        torch.set_num_threads(a.threads)
     if not a.modes:  # one process, one run (killed from outside in the resume test)
         cfg = base_cfg(a.out, steps=a.steps, ckpt_every=a.ckpt_every, grad_accum=a.grad_accum)
         make(cfg, TinyConfig(dropout=a.dropout), sleep=a.sleep).fit()
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     if dist.get_rank() == 0:
         with open(f"{a.out}/losses.json", "w") as f:
             json.dump(result, f)
+    gc.collect()  # the FSDP models' device meshes hold the group: release them first
+    dist.barrier()
     dist.destroy_process_group()
 
 
