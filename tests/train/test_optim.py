@@ -1,5 +1,6 @@
 """Weight-decay groups, the warmup + cosine schedule, TrainConfig validation."""
 
+import json
 import math
 
 import pytest
@@ -75,5 +76,7 @@ def test_train_config_rejects(field, value, match):
 
 def test_train_config_dict_roundtrip():
     cfg = TrainConfig(steps=5, betas=(0.8, 0.9), resume="x")
-    back = TrainConfig.from_dict(cfg.to_dict())
+    back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))  # betas: list in JSON
     assert back == cfg and back.betas == (0.8, 0.9)
+    with pytest.raises(ValueError, match=r"unknown fields \['stepz'\]"):
+        TrainConfig.from_dict({"stepz": 3})
