@@ -1,0 +1,172 @@
+"""Synthetic recall tasks for fast checks: MQAR, copy and selective copy.
+
+Every generator returns (inputs, targets), LongTensors [B, T]: targets[:, t] is the token that
+follows inputs[:, t] (already shifted, the Trainer's contract) and -100 wherever the position
+is not scored, so `model(inputs, labels=targets).loss` trains on the recalled tokens only and
+`masked_accuracy` scores them. Each batch is a function of (seed, step) alone.
+
+Token layout (ids below `vocab_size`):
+
+    MQAR (Arora et al. 2023, "Zoology"): 0 is the filler. Keys come from [1, V/2), values from
+        [V/2, V). A sequence is N key-value pairs  k1 v1 ... kN vN, then a query region of
+        (key, value) slots, mostly filler; n_queries of the keys (each at most once) are asked
+        again in slots drawn with probability ~ i^(power_a - 1) (slot i >= 1, so early slots
+        are likelier, Zoology's power law). Scored: the value after each queried key.
+    copy: 0 filler, 1 separator, data from [2, V). n data tokens, `delay` fillers, the
+        separator, then the n data tokens again. Scored: the copy.
+    selective copy (Mamba, Gu & Dao 2023): 0 filler, 1 separator, data from [2, V). A stretch
+        of `region` tokens, filler except for n data tokens at random positions, then the
+        separator, then the n data tokens in their order. Scored: the copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .common import TaskBatches, check_int, derive_seed
+
+__all__ = ["RECALL_TASKS", "mqar_batch", "copy_batch", "selective_copy_batch", "masked_accuracy",
+           "recall_batches", "evaluate_recall"]
+
+RECALL_TASKS = ("mqar", "copy", "selective_copy")
+FILLER, SEPARATOR = 0, 1
+
+
+def _gen(task: str, seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(task, check_int("seed", seed, 0),
+                                                     check_int("step", step, 0)))
+
+
+def _shift(seq: Tensor, scored: Tensor) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) from sequences [B, T + 1] and a mask of the scored tokens [B, T + 1]."""
+    targets = seq[:, 1:].masked_fill(~scored[:, 1:], -100)
+    return seq[:, :-1].contiguous(), targets.contiguous()
+
+
+def mqar_batch(batch_size: int, seq_len: int, n_pairs: int, vocab_size: int, *, seed: int = 0,
+               step: int = 0, n_queries: int | None = None, power_a: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Multi-query associative recall, inputs and targets [batch_size, seq_len].
+
+    Needs n_queries <= n_pairs (default all of them), n_pairs < vocab_size / 2 distinct keys, and
+    (seq_len + 1 - 2 n_pairs) // 2 >= n_queries query slots.
+    """
+    B, T = check_int("batch_size", batch_size, 1), check_int("seq_len", seq_len, 2)
+    n, V = check_int("n_pairs", n_pairs, 1), check_int("vocab_size", vocab_size, 4)
+    q = n if n_queries is None else check_int("n_queries", n_queries, 1)
+    if q > n:
+        raise ValueError(f"n_queries={q} must be <= n_pairs={n}")
+    if n > V // 2 - 1:
+        raise ValueError(f"n_pairs={n} needs vocab_size >= {2 * n + 2} (distinct keys in [1, V/2))")
+    slots = (T + 1 - 2 * n) // 2
+    if slots < q:
+        raise ValueError(f"seq_len={T} is too short for {n} pairs and {q} queries "
+                         f"(needs seq_len >= {2 * n + 2 * q - 1})")
+    if not power_a > 0:
+        raise ValueError(f"power_a must be > 0, got {power_a!r}")
+    g = _gen("mqar", seed, step)
+    keys = torch.stack([torch.randperm(V // 2 - 1, generator=g)[:n] + 1 for _ in range(B)])  # [B, n]
+    values = torch.randint(V // 2, V, (B, n), generator=g)
+    seq = torch.full((B, T + 1), FILLER, dtype=torch.long)
+    seq[:, 0:2 * n:2], seq[:, 1:2 * n:2] = keys, values
+    weights = torch.arange(1, slots + 1, dtype=torch.float64) ** (power_a - 1)
+    which = torch.stack([torch.randperm(n, generator=g)[:q] for _ in range(B)])  # queried pairs
+    where = torch.stack([torch.multinomial(weights, q, replacement=False, generator=g)
+                         for _ in range(B)])  # [B, q] query slots
+    rows = torch.arange(B)[:, None]
+    kpos = 2 * n + 2 * where
+    seq[rows, kpos] = keys.gather(1, which)
+    seq[rows, kpos + 1] = values.gather(1, which)
+    scored = torch.zeros_like(seq, dtype=torch.bool)
+    scored[rows, kpos + 1] = True
+    return _shift(seq, scored)
+
+
+def copy_batch(batch_size: int, n_tokens: int, vocab_size: int, *, seed: int = 0, step: int = 0,
+               delay: int = 0) -> tuple[Tensor, Tensor]:
+    """Copy: inputs and targets [batch_size, 2 n_tokens + delay] (data, fillers, sep, data)."""
+    B, n = check_int("batch_size", batch_size, 1), check_int("n_tokens", n_tokens, 1)
+    V, delay = check_int("vocab_size", vocab_size, 3), check_int("delay", delay, 0)
+    g = _gen("copy", seed, step)
+    data = torch.randint(2, V, (B, n), generator=g)
+    sep = torch.full((B, 1), SEPARATOR, dtype=torch.long)
+    seq = torch.cat([data, torch.full((B, delay), FILLER, dtype=torch.long), sep, data], 1)
+    scored = torch.zeros_like(seq, dtype=torch.bool)
+    scored[:, -n:] = True
+    return _shift(seq, scored)
+
+
+def selective_copy_batch(batch_size: int, n_tokens: int, region: int, vocab_size: int, *,
+                         seed: int = 0, step: int = 0) -> tuple[Tensor, Tensor]:
+    """Selective copy: inputs and targets [batch_size, region + n_tokens]. The n data tokens sit
+    at random positions of a `region`-token filler stretch; after the separator they are
+    to be written out in order."""
+    B, n = check_int("batch_size", batch_size, 1), check_int("n_tokens", n_tokens, 1)
+    V, R = check_int("vocab_size", vocab_size, 3), check_int("region", region, 1)
+    if R < n:
+        raise ValueError(f"region={R} must be >= n_tokens={n}")
+    g = _gen("selective_copy", seed, step)
+    data = torch.randint(2, V, (B, n), generator=g)
+    pos = torch.stack([torch.randperm(R, generator=g)[:n].sort().values for _ in range(B)])
+    body = torch.full((B, R), FILLER, dtype=torch.long).scatter(1, pos, data)
+    seq = torch.cat([body, torch.full((B, 1), SEPARATOR, dtype=torch.long), data], 1)
+    scored = torch.zeros_like(seq, dtype=torch.bool)
+    scored[:, -n:] = True
+    return _shift(seq, scored)
+
+
+def masked_accuracy(logits_or_pred: Tensor, targets: Tensor) -> float:
+    """Accuracy on the scored positions (targets != -100): logits [B, T, V] (argmax taken) or
+    predicted ids [B, T]."""
+    pred = logits_or_pred
+    if pred.shape != targets.shape:
+        if pred.shape[:-1] != targets.shape:
+            raise ValueError(f"logits_or_pred {tuple(pred.shape)} must be targets' shape "
+                             f"{tuple(targets.shape)} or that plus a vocabulary axis")
+        pred = pred.argmax(-1)
+    scored = targets != -100
+    if not scored.any():
+        raise ValueError("targets has no scored position (all -100)")
+    return (pred[scored] == targets[scored]).double().mean().item()
+
+
+def _maker(task: str, batch_size: int, vocab_size: int, seed: int, kw: dict[str, Any]
+           ) -> Callable[[int], tuple[Tensor, Tensor]]:
+    fns = {"mqar": mqar_batch, "copy": copy_batch, "selective_copy": selective_copy_batch}
+    if task not in fns:
+        raise ValueError(f"task must be one of {RECALL_TASKS}, got {task!r}")
+    fn = fns[task]
+    return lambda step: fn(batch_size, vocab_size=vocab_size, seed=seed, step=step, **kw)
+
+
+def recall_batches(task: str, batch_size: int, vocab_size: int, *, seed: int = 0,
+                   **kwargs: Any) -> TaskBatches:
+    """Endless resumable batches of a recall task for the Trainer. kwargs are the task's own
+    arguments: mqar seq_len, n_pairs (n_queries, power_a); copy n_tokens (delay);
+    selective_copy n_tokens, region."""
+    make = _maker(task, batch_size, vocab_size, seed, kwargs)
+    try:
+        make(0)  # bad arguments fail here, not at the first training step
+    except TypeError as e:
+        raise ValueError(f"bad arguments for task {task!r}: {e}") from None
+    name = ":".join([task, f"seed={seed}", f"B={batch_size}", f"V={vocab_size}",
+                     *(f"{k}={v}" for k, v in sorted(kwargs.items()))])
+    return TaskBatches(make, name)
+
+
+@torch.no_grad()
+def evaluate_recall(model: Callable[..., Any], task: str, batch_size: int, vocab_size: int, *,
+                    n_batches: int = 1, seed: int = 1, **kwargs: Any) -> float:
+    """Accuracy of `model` (model(inputs).logits [B, T, V]) on `n_batches` batches of a recall
+    task, over all scored positions. Use another seed than training (default 1)."""
+    make = _maker(task, batch_size, vocab_size, seed, kwargs)
+    right = total = 0
+    for step in range(check_int("n_batches", n_batches, 1)):
+        inputs, targets = make(step)
+        pred = model(inputs).logits.argmax(-1)
+        scored = targets != -100
+        right += int((pred[scored] == targets[scored]).sum())
+        total += int(scored.sum())
+    return right / total

@@ -1,0 +1,111 @@
+"""BABILong-style evaluation: accuracy by task and length, a table and a plot.
+
+Each sample's input goes through the streaming path (`titans.eval.stream.prefill`, `piece`
+tokens per call), then the answer is decoded greedily for len(answer tokens) + `extra_tokens`
+tokens and scored with `score_answer` (normalised: the one-word answer must come first).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..data.corpus import Document
+from ..data.tasks import BABILONG_TASKS, BabilongGenerator, parse_lengths, score_answer
+from ..data.tokenizer import Tokenizer
+from .plots import accuracy_curves, grid_table
+from .stream import greedy_answer
+
+__all__ = ["BabilongRecord", "evaluate_babilong", "babilong_accuracy", "format_babilong_table",
+           "plot_babilong"]
+
+
+@dataclass(frozen=True)
+class BabilongRecord:
+    """One scored sample: task, input length, sample index, question, answer, decoded text."""
+
+    task: str
+    length: int
+    index: int
+    question: str
+    answer: str
+    generated: str
+    correct: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_babilong(model: Any, tokenizer: Tokenizer, tasks: Sequence[str] = BABILONG_TASKS,
+                      lengths: Sequence[int | str] | str = (1024, 4096), n_samples: int = 10, *,
+                      documents: Sequence[Document | str] | None = None, seed: int = 0,
+                      piece: int = 4096, batch_size: int = 1, extra_tokens: int = 2,
+                      scoring: str = "exact", n_facts: int | None = None,
+                      progress: Callable[[BabilongRecord], None] | None = None
+                      ) -> list[BabilongRecord]:
+    """Score `model` on each task at each length with `n_samples` samples.
+
+    Use another seed than fine-tuning used (`babilong_batches`), and held-out `documents`.
+    Returns one BabilongRecord per (task, length, sample), in that loop order.
+    """
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    if not tasks or any(t not in BABILONG_TASKS for t in tasks):
+        raise ValueError(f"tasks must be a non-empty list of {BABILONG_TASKS}, got {tasks!r}")
+    lengths_ = parse_lengths(lengths)
+    for name, v in (("n_samples", n_samples), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    score_answer("x", "x", scoring)  # reject a bad mode before any work
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    records: list[BabilongRecord] = []
+    try:
+        for task in tasks:
+            gen = BabilongGenerator(task, tokenizer, documents, seed, n_facts)
+            for length in lengths_:
+                for b in range(0, n_samples, batch_size):
+                    samples = [gen.sample(length, i) for i in range(b, min(b + batch_size, n_samples))]
+                    ids = torch.tensor([s.input_ids for s in samples], dtype=torch.long)
+                    n_new = max(len(s.answer_ids) for s in samples) + extra_tokens
+                    new = greedy_answer(model, ids, n_new, piece)
+                    for s, row in zip(samples, new.tolist()):
+                        text = tokenizer.decode(row)
+                        rec = BabilongRecord(task, length, s.index, s.story.question, s.answer, text,
+                                             score_answer(text, s.answer, scoring))
+                        records.append(rec)
+                        if progress is not None:
+                            progress(rec)
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return records
+
+
+def babilong_accuracy(records: Sequence[BabilongRecord]) -> dict[tuple[str, int], float]:
+    """Accuracy per (task, length)."""
+    cells: dict[tuple[str, int], list[bool]] = {}
+    for r in records:
+        cells.setdefault((r.task, r.length), []).append(r.correct)
+    return {k: sum(v) / len(v) for k, v in cells.items()}
+
+
+def format_babilong_table(records: Sequence[BabilongRecord]) -> str:
+    """Accuracy (%) with tasks as rows and lengths as columns, plus each length's mean."""
+    if not records:
+        raise ValueError("records is empty")
+    return grid_table(babilong_accuracy(records), row_name="task", col_name="length",
+                      title="BABILong: accuracy (%)")
+
+
+def plot_babilong(records: Sequence[BabilongRecord], path: str | os.PathLike,
+                  title: str = "BABILong") -> None:
+    """Accuracy vs length, one line per task, as a PNG at `path` (needs matplotlib)."""
+    if not records:
+        raise ValueError("records is empty")
+    accuracy_curves(babilong_accuracy(records), path, title=title, col_name="context length (tokens)")
