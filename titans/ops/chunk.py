@@ -251,7 +251,7 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
                       residual: bool = False, state: MemoryState | None = None
                       ) -> tuple[Tensor, MemoryState]:
     """Same contract as `titans.ops.memory_rule` (inputs are assumed valid)."""
-    from .chunk_backward import ChunkScan  # the autograd wrapper of this file's forward
+    from .chunk_backward import ChunkScan, scan_forward  # the loop over pieces and its autograd wrapper
 
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -275,10 +275,13 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
     if torch.is_autocast_enabled(q.device.type):
         mm_dtype = torch.get_autocast_dtype(q.device.type)
     setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype)
+    inputs = [flat(x).to(acc_dtype) for x in (q, k, v, theta, eta, alpha)]
     with torch.autocast(q.device.type, enabled=False):
-        y, *outs = ChunkScan.apply(setup, plan, L, flat(q), flat(k), flat(v), flat(theta), flat(eta),
-                                   flat(alpha), *WS0, *Wg0)
-    WS_end, WS_last_start = outs[:L], outs[L:]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs + WS0 + Wg0):
+            y, *outs = ChunkScan.apply(setup, plan, L, *inputs, *WS0, *Wg0)
+            WS_end, WS_last_start = outs[:L], outs[L:]
+        else:  # inference: nothing to keep for a backward
+            y, WS_end, WS_last_start, _ = scan_forward(setup, plan, *inputs, WS0, Wg0 or None, track=False)
 
     unflat = lambda x: x.reshape(B, H, *x.shape[1:])
     dos = [w.shape[1] for w in weights]

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from .chunk import (ChunkGates, PieceCache, Plan, Setup, all_gates, checkpoint_interval, gate_columns, mix,
                     piece_forward)
 
-__all__ = ["ChunkScan", "piece_backward"]
+__all__ = ["ChunkScan", "piece_backward", "scan_forward"]
 
 
 def _vdot(x: Tensor, y: Tensor) -> Tensor:
@@ -110,6 +110,48 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
     return dq, dk, dv, ChunkGates(**dgate), dWS, (dWg if Wg_given is not None else None)
 
 
+# Below this many bytes of piece internals and states, the forward keeps them all and the
+# backward recomputes nothing; above, it keeps every K-th state (sqrt checkpointing).
+KEEP_ALL_BYTES = 256 * 2 ** 20
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, PieceCache):
+        return sum(_nbytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
+    return 0
+
+
+def scan_forward(s: Setup, plan: Plan, q, k, v, theta, eta, alpha, WS0: list[Tensor], Wg0: list[Tensor] | None,
+                 track: bool):
+    """The loop over pieces. Returns (y, WS_end, WS_last_start, saved) where, with track=True,
+    saved is what the backward needs: a list of (WS, PieceCache) per piece when they fit in
+    KEEP_ALL_BYTES, else a dict {piece: WS} of every K-th piece-start state."""
+    pieces = plan.pieces(q.shape[1])
+    gates, _ = all_gates(theta, eta, alpha, plan)
+    keep_every = checkpoint_interval(len(pieces))
+    keep_all = track
+    saved_all, kept, ys = [], {}, []
+    WS = WS_last_start = WS0
+    for p, (lo, hi) in enumerate(pieces):
+        if track and p % keep_every == 0 and p > 0:
+            kept[p] = WS
+        WS_last_start = WS
+        y, WS_next, cache = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], gates[p], WS,
+                                          Wg0 if p == 0 else None, s, keep=keep_all)
+        if keep_all:
+            saved_all.append((WS, cache))
+            if p == 0 and _nbytes(saved_all[0]) * len(pieces) > KEEP_ALL_BYTES:
+                keep_all, saved_all = False, []
+        WS = WS_next
+        ys.append(y)
+    saved = (saved_all if keep_all else kept) if track else None
+    return torch.cat(ys, dim=1), WS, WS_last_start, saved
+
+
 class ChunkScan(torch.autograd.Function):
     """The loop over pieces, forward and backward. Inputs are in the flat [BH, ...] layout.
 
@@ -122,22 +164,10 @@ class ChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, setup: Setup, plan: Plan, L: int, q, k, v, theta, eta, alpha, *states):
         WS0, Wg0 = list(states[:L]), list(states[L:]) or None
-        pieces = plan.pieces(q.shape[1])
-        gates, _ = all_gates(theta, eta, alpha, plan)
-        keep_every = checkpoint_interval(len(pieces))
-        kept, ys = {}, []
-        WS = WS_last_start = WS0
-        for p, (lo, hi) in enumerate(pieces):
-            if p % keep_every == 0:
-                kept[p] = WS
-            WS_last_start = WS
-            y, WS, _ = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], gates[p], WS,
-                                     Wg0 if p == 0 else None, setup)
-            ys.append(y)
-        ctx.setup, ctx.plan, ctx.L, ctx.keep_every = setup, plan, L, keep_every
-        ctx.kept = {p: ws for p, ws in kept.items() if p > 0}  # piece 0 starts from the inputs
+        y, WS, WS_last_start, saved = scan_forward(setup, plan, q, k, v, theta, eta, alpha, WS0, Wg0, track=True)
+        ctx.setup, ctx.plan, ctx.L, ctx.saved = setup, plan, L, saved
         ctx.save_for_backward(q, k, v, theta, eta, alpha, *states)
-        return (torch.cat(ys, dim=1), *WS, *WS_last_start)
+        return (y, *WS, *WS_last_start)
 
     @staticmethod
     @once_differentiable
@@ -154,20 +184,23 @@ class ChunkScan(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dgates: list[ChunkGates | None] = [None] * len(pieces)
         dWg0 = None
-        kept = {**ctx.kept, 0: WS0}
+        saved, ctx.saved = ctx.saved, None
+        kept = {**saved, 0: WS0} if isinstance(saved, dict) else {0: WS0}
         starts = sorted(kept)
         for i in range(len(starts) - 1, -1, -1):
             p0 = starts[i]
             p1 = starts[i + 1] if i + 1 < len(starts) else len(pieces)
-            # rebuild the segment's piece states and internals from its kept start
-            WS, seg = kept[p0], []
-            for p in range(p0, p1):
-                lo, hi = pieces[p]
-                Wg = Wg0 if p == 0 else None
-                _, WS_next, cache = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], plain[p], WS, Wg,
-                                                  s, keep=True)
-                seg.append((WS, cache))
-                WS = WS_next
+            if isinstance(saved, list):  # the forward kept every piece's internals
+                seg = saved
+            else:  # rebuild the segment's piece states and internals from its kept start
+                WS, seg = kept[p0], []
+                for p in range(p0, p1):
+                    lo, hi = pieces[p]
+                    Wg = Wg0 if p == 0 else None
+                    _, WS_next, cache = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], plain[p], WS, Wg,
+                                                      s, keep=True)
+                    seg.append((WS, cache))
+                    WS = WS_next
             for p in range(p1 - 1, p0 - 1, -1):
                 lo, hi = pieces[p]
                 WS, cache = seg[p - p0]
