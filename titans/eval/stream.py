@@ -101,16 +101,17 @@ def current_rss() -> int | None:
 
 
 def peak_rss() -> int:
-    """The process's peak resident memory so far, in bytes (getrusage ru_maxrss: KiB on Linux,
-    bytes on macOS)."""
+    """The process's peak resident memory so far, in bytes: getrusage ru_maxrss (KiB on Linux,
+    bytes on macOS), or the current RSS when higher (Linux updates its high-water mark lazily)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
+    r = r if sys.platform == "darwin" else r * 1024
+    return max(r, current_rss() or 0)
 
 
 def _source_pieces(source: Any, vocab_size: int, batch_size: int, seed: int
                    ) -> Iterator[Tensor]:
     """An endless stream of token blocks [B, n] (n chosen by the caller via send())."""
-    if source is None or source == "random":
+    if source is None or (isinstance(source, str) and source == "random"):
         g = torch.Generator().manual_seed(seed)
         n = yield  # type: ignore[misc]
         while True:
