@@ -80,7 +80,7 @@ def test_revin_makes_the_forecast_scale_and_shift_equivariant():
 
 def test_learns_a_sine_and_is_seeded():
     # Windows of a noiseless sine with random phase: 40 Adam steps must cut the MSE by 5x.
-    def run(seed: int) -> tuple[float, float, torch.Tensor]:
+    def run(seed: int, steps: int = 40) -> tuple[float, float, torch.Tensor]:
         torch.manual_seed(seed)
         m = TitansForecaster(32, 8, 1, revin=False, **TINY)
         g = torch.Generator().manual_seed(0)
@@ -90,7 +90,7 @@ def test_learns_a_sine_and_is_seeded():
         x, y = series[:, :32], series[:, 32:]
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
         losses = []
-        for _ in range(40):
+        for _ in range(steps):
             loss = torch.nn.functional.mse_loss(m(x), y)
             opt.zero_grad()
             loss.backward()
@@ -102,4 +102,4 @@ def test_learns_a_sine_and_is_seeded():
     assert last < first / 5, (first, last)
     first2, last2, w2 = run(0)
     assert (first2, last2) == (first, last) and torch.equal(w, w2)
-    assert not torch.equal(run(1)[2], w)
+    assert not torch.equal(run(1, steps=1)[2], run(0, steps=1)[2])   # the seed matters
