@@ -83,6 +83,15 @@ def test_niah_needle_at_stated_depth(task, depth):
         assert s.needle_end == s.haystack_end
 
 
+def test_niah_depth_ties_go_to_the_earlier_boundary():
+    gen = NiahGenerator("n", TOK, ["Aa. " * 300], seed=0)  # every sentence is 4 tokens
+    first = gen.sample(600, 0.5)
+    fixed = first.length - (first.haystack_end - first.haystack_start - (first.needle_end - first.needle_start))
+    s = gen.sample(fixed + 512, 6 / 512)  # H = 512: boundaries 0, 4, 8, ...; 6 is halfway
+    assert s.needle_start - s.haystack_start == 4
+    assert gen.sample(fixed + 512, 7 / 512).needle_start - s.haystack_start == 8
+
+
 def test_niah_templates():
     pk = make_niah_sample("pk", 400, 0.5, seed=0)
     assert re.fullmatch(r"The pass key is \d{5}\. Remember it\.", pk.needle) and pk.key is None
