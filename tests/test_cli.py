@@ -67,3 +67,29 @@ def test_corrupt_checkpoint_is_a_clear_error(corpus, capsys):
     assert main(["generate", "--model", str(weights.parent), "--prompt", "x", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "Traceback" not in err
+
+
+def test_long_context_commands(corpus, capsys):
+    docs = str(corpus / "docs")
+    assert main(["eval", "stream", "--preset", "tiny", "--variant", "mac", "--tokens", "3K",
+                 "--checkpoints", "1K,2K", "--piece", "512"]) == 0
+    assert "tokens" in capsys.readouterr().out
+    run = corpus / "mqar"
+    assert main(["train", "--preset", "tiny", "--variant", "lmm", "--task", "mqar", "--task-arg", "seq_len=64",
+                 "--task-arg", "n_pairs=4", "--steps", "2", "--batch-size", "4", "--seq-len", "64",
+                 "--eval-every", "2", "--eval-batches", "1", "--out", str(run)]) == 0
+    assert main(["eval", "recall", "--model", str(run), "--task", "mqar", "--task-arg", "seq_len=64",
+                 "--task-arg", "n_pairs=4", "--batch-size", "2", "--batches", "1"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    qa = corpus / "qa"
+    assert main(["train", "--init", str(run), "--task", "babilong", "--text", docs, "--babilong-tasks", "qa1", "--steps", "1",
+                 "--batch-size", "3", "--seq-len", "512", "--eval-every", "1", "--eval-batches", "1",
+                 "--out", str(qa)]) == 0
+    plot = corpus / "b.png"
+    assert main(["eval", "babilong", "--model", str(qa), "--text", docs, "--tasks", "qa1", "--lengths", "600",
+                 "--samples", "2", "--plot", str(plot)]) == 0
+    assert "qa1" in capsys.readouterr().out
+    heat = corpus / "n.png"
+    assert main(["eval", "niah", "--model", str(qa), "--task", "pk", "--lengths", "256,512", "--depths", "0,1",
+                 "--plot", str(heat)]) == 0
+    assert heat.exists() and "%" in capsys.readouterr().out

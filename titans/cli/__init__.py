@@ -1,0 +1,47 @@
+"""The `titans` command: prepare data, train, evaluate, generate, inspect.
+
+    titans data prepare [--tokenizer byte|bpe] [--text PATH] [--dna]
+    titans train --preset small --variant mac --steps 200 --out runs/demo
+    titans eval ppl --model runs/demo
+    titans eval niah --model runs/demo --task pk --lengths 1K,4K --depths 11
+    titans generate --model runs/demo --prompt "ROMEO:"
+    titans info --preset 170M --variant mac
+
+Every subcommand has --help. Bad arguments and bad files end with one line on stderr
+("titans: error: ...") and exit status 2, never a traceback. The commands live in lm.py
+(language modelling), long_context.py and domains.py; common.py holds what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import UserError, load_run
+
+__all__ = ["main", "build_parser", "load_run", "UserError"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import lm, long_context
+
+    p = argparse.ArgumentParser(prog="titans", description="Titans: learning to memorize at test time.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="action", required=True)
+    for module in (lm, long_context):
+        module.register(sub, ev)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..train import CheckpointError
+    try:
+        args.func(args)
+    except (UserError, ValueError, CheckpointError, FileNotFoundError, RuntimeError) as e:
+        print(f"titans: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("titans: interrupted", file=sys.stderr)
+        return 130
+    return 0

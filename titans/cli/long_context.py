@@ -1,0 +1,142 @@
+"""Long-context commands: eval niah, eval babilong, eval stream, eval recall (docs/long_context.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import UserError, haystack_documents, load_run, parse_overrides
+
+
+def _model(a: argparse.Namespace):
+    """A trained run (--model), or an untrained preset (--preset/--variant) for stream tests."""
+    if a.model:
+        model, tokenizer, _ = load_run(a.model)
+        return model, tokenizer
+    if not getattr(a, "preset", None):
+        raise UserError("--model is required")
+    import torch
+
+    from ..data import load_tokenizer
+    from ..models import TitansConfig, TitansLM
+    torch.manual_seed(0)
+    return TitansLM(TitansConfig.from_preset(a.preset, variant=a.variant)).eval(), load_tokenizer("byte")
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="sample", dynamic_ncols=True)
+    return bar, (lambda record: bar.update(1))
+
+
+def cmd_niah(a: argparse.Namespace) -> None:
+    from ..data.tasks import parse_lengths
+    from ..eval.niah import evaluate_niah, format_niah_table, plot_niah
+
+    model, tokenizer = _model(a)
+    docs = None if a.task == "pk" else haystack_documents(a.text)
+    lengths = parse_lengths(a.lengths)
+    n_depths = a.depths if isinstance(a.depths, int) else len(a.depths)
+    bar, tick = _progress(len(lengths) * n_depths * a.samples)
+    records = evaluate_niah(model, tokenizer, a.task, lengths, a.depths, a.samples, documents=docs, seed=a.seed,
+                            piece=a.piece, progress=tick)
+    bar.close()
+    print(format_niah_table(records))
+    if a.plot:
+        plot_niah(records, a.plot, title=f"S-NIAH {a.task}")
+        print(f"heatmap: {a.plot}")
+
+
+def cmd_babilong(a: argparse.Namespace) -> None:
+    from ..data.tasks import parse_lengths
+    from ..eval.babilong import evaluate_babilong, format_babilong_table, plot_babilong
+
+    model, tokenizer = _model(a)
+    tasks = [t for t in a.tasks.split(",") if t]
+    lengths = parse_lengths(a.lengths)
+    bar, tick = _progress(len(tasks) * len(lengths) * a.samples)
+    records = evaluate_babilong(model, tokenizer, tasks, lengths, a.samples, documents=haystack_documents(a.text),
+                                seed=a.seed, piece=a.piece, progress=tick)
+    bar.close()
+    print(format_babilong_table(records))
+    if a.plot:
+        plot_babilong(records, a.plot)
+        print(f"plot: {a.plot}")
+
+
+def cmd_stream(a: argparse.Namespace) -> None:
+    from ..data.tasks import parse_length, parse_lengths
+    from ..eval.stream import format_stream_result, stream_eval
+
+    model, _ = _model(a)
+    n = parse_length(a.tokens)
+    checkpoints = [c for c in parse_lengths(a.checkpoints) if c < n] + [n]
+    result = stream_eval(model, n, piece=a.piece, checkpoints=checkpoints, source=a.source, seed=a.seed)
+    print(format_stream_result(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1, default=str))
+    if not result["finite"]:
+        raise UserError("NaN/Inf appeared in the state or the logits (see above)")
+
+
+def cmd_recall(a: argparse.Namespace) -> None:
+    from ..data.tasks import evaluate_recall
+
+    model, _ = _model(a)
+    acc = evaluate_recall(model, a.task, a.batch_size, model.config.vocab_size, n_batches=a.batches,
+                          seed=a.seed, **parse_overrides(a.task_arg))
+    print(f"{a.task}: accuracy {acc:.4f} on scored positions ({a.batches} batches of {a.batch_size})")
+
+
+def _depths(value: str):
+    """--depths: a count of evenly spaced depths (11) or a list of fractions (0,0.5,1)."""
+    if "," not in value and "." not in value:
+        return int(value)
+    return [float(x) for x in value.split(",") if x]
+
+
+def register(sub, ev) -> None:
+    from ..models import PRESETS, VARIANTS
+
+    def common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+        p.add_argument("--model", required=model_required, help="run or checkpoint directory")
+        p.add_argument("--piece", type=int, default=4096, help="tokens per forward call while prefilling")
+        p.add_argument("--seed", type=int, default=1, help="use another seed than training did")
+
+    n = ev.add_parser("niah", help="single-needle in a haystack (RULER-style S-NIAH), table and heatmap")
+    common(n)
+    n.add_argument("--task", default="pk", choices=["pk", "n", "w", "uuid"])
+    n.add_argument("--lengths", default="1K,2K,4K", help="comma list, K = 1024, M = 1024^2")
+    n.add_argument("--depths", type=_depths, default=11, help="a count (11: 0, 0.1 .. 1) or a list of fractions")
+    n.add_argument("--samples", type=int, default=1, help="samples per cell")
+    n.add_argument("--text", action="append", help="local text for the essay haystack (default: the corpus)")
+    n.add_argument("--plot", default="niah.png", help="heatmap PNG path ('' to skip)")
+    n.set_defaults(func=cmd_niah)
+
+    b = ev.add_parser("babilong", help="bAbI-like QA hidden in long distractor text: accuracy by length")
+    common(b)
+    b.add_argument("--tasks", default="qa1,qa2,qa3")
+    b.add_argument("--lengths", default="1K,2K,4K")
+    b.add_argument("--samples", type=int, default=10)
+    b.add_argument("--text", action="append", help="local text for the distractors (default: the corpus)")
+    b.add_argument("--plot", default="babilong.png", help="plot PNG path ('' to skip)")
+    b.set_defaults(func=cmd_babilong)
+
+    s = ev.add_parser("stream", help="run a model over a very long input in constant memory")
+    common(s, model_required=False)
+    s.add_argument("--preset", choices=sorted(PRESETS), help="an untrained preset instead of --model")
+    s.add_argument("--variant", default="lmm", choices=sorted(VARIANTS))
+    s.add_argument("--tokens", default="1M", help="total tokens (K/M suffixes)")
+    s.add_argument("--checkpoints", default="64K,256K", help="where to measure besides the end")
+    s.add_argument("--source", default=None, help="a prepared corpus directory (default: random tokens)")
+    s.add_argument("--json", help="write the result as JSON")
+    s.set_defaults(func=cmd_stream)
+
+    r = ev.add_parser("recall", help="accuracy on a synthetic recall task (mqar, copy, selective_copy)")
+    common(r)
+    r.add_argument("--task", default="mqar", choices=["mqar", "copy", "selective_copy"])
+    r.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="e.g. seq_len=256 n_pairs=16")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--batches", type=int, default=4)
+    r.set_defaults(func=cmd_recall)
