@@ -28,8 +28,9 @@ Fairness:
   everything else at its default. Why:
   * batch_size=64: without it the peer takes every gradient at the sequence-start weights
     (never refreshes the point of the gradient inside a call); with it, gradients are taken at
-    the chunk-start weights, the paper's rule and ours. `--peer-batch-size none` runs the
-    library default instead.
+    the chunk-start weights, the paper's rule and ours. The price is the peer's: it then loops
+    over the chunks in Python and re-concatenates all per-chunk weights at every step, so its
+    copying grows as (T/64)^2. `--peer-batch-size none` runs the library default instead.
   * mem_model_norm_add_residual=False: the peer's default memory is LayerNorm(MLP(x)) + x; off,
     its memory is the plain 2-layer MLP (GELU) that ours is (SiLU). This removes work from
     the peer side only.
