@@ -17,7 +17,7 @@ from ..data.corpus import Document
 from ..data.tasks import BABILONG_TASKS, BabilongGenerator, parse_lengths, score_answer
 from ..data.tokenizer import Tokenizer
 from .plots import accuracy_curves, grid_table
-from .stream import greedy_answer
+from .stream import answer_and_score, eval_mode
 
 __all__ = ["BabilongRecord", "evaluate_babilong", "babilong_accuracy", "format_babilong_table",
            "plot_babilong"]
@@ -61,29 +61,19 @@ def evaluate_babilong(model: Any, tokenizer: Tokenizer, tasks: Sequence[str] = B
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     score_answer("x", "x", scoring)  # reject a bad mode before any work
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
     records: list[BabilongRecord] = []
-    try:
+    with eval_mode(model):
         for task in tasks:
             gen = BabilongGenerator(task, tokenizer, documents, seed, n_facts)
             for length in lengths_:
                 for b in range(0, n_samples, batch_size):
                     samples = [gen.sample(length, i) for i in range(b, min(b + batch_size, n_samples))]
-                    ids = torch.tensor([s.input_ids for s in samples], dtype=torch.long)
-                    n_new = max(len(s.answer_ids) for s in samples) + extra_tokens
-                    new = greedy_answer(model, ids, n_new, piece)
-                    for s, row in zip(samples, new.tolist()):
-                        text = tokenizer.decode(row)
-                        rec = BabilongRecord(task, length, s.index, s.story.question, s.answer, text,
-                                             score_answer(text, s.answer, scoring))
-                        records.append(rec)
+                    scored = answer_and_score(model, tokenizer, samples, extra_tokens, piece, scoring)
+                    for s, (text, correct) in zip(samples, scored):
+                        records.append(BabilongRecord(task, length, s.index, s.story.question, s.answer, text,
+                                                      correct))
                         if progress is not None:
-                            progress(rec)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+                            progress(records[-1])
     return records
 
 

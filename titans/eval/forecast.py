@@ -151,9 +151,11 @@ def _too_short(n: int, lookback: int, horizon: int, protocol: str, ratios: Seque
         raise ValueError(f"protocol must be 'ratio' or 'ett', got {protocol!r}")
     for name, s in zip(("train", "val", "test"), sl):
         rows = s.stop - s.start
-        if rows < lookback + horizon:
-            return (f"skipped: the {name} split has {rows - (lookback if name != 'train' else 0)} rows "
-                    f"(+ {lookback} lookback), fewer than horizon {horizon} needs")
+        if name == "train" and rows < lookback + horizon:
+            return f"skipped: the train split ({rows} rows) is shorter than lookback + horizon ({lookback + horizon})"
+        if name != "train" and rows - lookback < horizon:
+            # val / test hold `lookback` rows of the previous split for their first input
+            return f"skipped: horizon {horizon} is longer than the {name} split ({rows - lookback} rows)"
     return ""
 
 

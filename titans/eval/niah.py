@@ -18,7 +18,7 @@ from ..data.corpus import Document
 from ..data.tasks import NiahGenerator, parse_lengths, score_answer
 from ..data.tokenizer import Tokenizer
 from .plots import grid_table, heatmap
-from .stream import greedy_answer
+from .stream import answer_and_score, eval_mode
 
 __all__ = ["NiahRecord", "evaluate_niah", "niah_accuracy", "format_niah_table", "plot_niah"]
 
@@ -82,28 +82,18 @@ def evaluate_niah(model: Any, tokenizer: Tokenizer, task: str, lengths: Sequence
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     score_answer("x", "x", scoring)  # reject a bad mode before any work
     gen = NiahGenerator(task, tokenizer, documents, seed)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
     records: list[NiahRecord] = []
-    try:
+    with eval_mode(model):
         for length in lengths_:
             for depth in depths_:
                 for b in range(0, n_samples, batch_size):
                     samples = [gen.sample(length, depth, i) for i in range(b, min(b + batch_size, n_samples))]
-                    ids = torch.tensor([s.input_ids for s in samples], dtype=torch.long)
-                    n_new = max(len(s.answer_ids) for s in samples) + extra_tokens
-                    new = greedy_answer(model, ids, n_new, piece)
-                    for s, row in zip(samples, new.tolist()):
-                        text = tokenizer.decode(row)
-                        rec = NiahRecord(task, length, depth, s.index, s.answer, text,
-                                         score_answer(text, s.answer, scoring), s.needle_start)
-                        records.append(rec)
+                    scored = answer_and_score(model, tokenizer, samples, extra_tokens, piece, scoring)
+                    for s, (text, correct) in zip(samples, scored):
+                        records.append(NiahRecord(task, length, depth, s.index, s.answer, text, correct,
+                                                  s.needle_start))
                         if progress is not None:
-                            progress(rec)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+                            progress(records[-1])
     return records
 
 

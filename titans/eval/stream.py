@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterator, Sequence
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["prefill", "greedy_answer", "state_tensors", "nonfinite_state", "state_bytes",
+__all__ = ["prefill", "greedy_answer", "eval_mode", "answer_and_score", "state_tensors", "nonfinite_state", "state_bytes",
            "current_rss", "peak_rss", "stream_eval", "format_stream_result"]
 
 DEFAULT_CHECKPOINTS = (65536, 262144, 1_000_000)
@@ -63,6 +64,30 @@ def greedy_answer(model: Any, input_ids: Tensor, max_new_tokens: int, piece: int
         state, _ = prefill(model, input_ids[:, :-1], piece)
     out = model.generate(input_ids[:, -1:], max_new_tokens, temperature=0.0, state=state)
     return out[:, 1:]
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """The model in eval mode for the block, then back to the mode it had."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+
+def answer_and_score(model: Any, tokenizer: Any, samples: Sequence[Any], extra_tokens: int, piece: int,
+                     scoring: str) -> list[tuple[str, bool]]:
+    """Greedy answers to equal-length samples (each with .input_ids, .answer, .answer_ids),
+    decoded, and whether each matches its answer (`score_answer` with `scoring`)."""
+    from ..data.tasks import score_answer
+    ids = torch.tensor([s.input_ids for s in samples], dtype=torch.long)
+    n_new = max(len(s.answer_ids) for s in samples) + extra_tokens
+    texts = [tokenizer.decode(row) for row in greedy_answer(model, ids, n_new, piece).tolist()]
+    return [(text, score_answer(text, s.answer, scoring)) for s, text in zip(samples, texts)]
 
 
 def state_tensors(state: Any, prefix: str = "state") -> Iterator[tuple[str, Tensor]]:
