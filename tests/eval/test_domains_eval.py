@@ -38,7 +38,7 @@ def test_run_forecast_learns_skips_and_is_seeded():
         # predicting 0 (the train mean) scores about 1 on this standardised sine
         assert r["mse"] < 0.5 and r["mae"] < r["mse"] ** 0.5 + 1e-9 and r["params"] > 0 and r["note"] == ""
         assert r["dataset"] == "array" and r["steps"] == 15
-    assert rows[2]["mse"] is None and "skipped: the val split has 40 rows" in rows[2]["note"]
+    assert rows[2]["mse"] is None and rows[2]["note"] == "skipped: horizon 100 is longer than the val split (40 rows)"
     again = run_forecast(_series(), "titans", **{**kw, "horizons": (24,)})
     assert again[0]["mse"] == rows[0]["mse"] and again[0]["val_mse"] == rows[0]["val_mse"]
 
@@ -83,6 +83,8 @@ def test_csv_ett_protocol_and_bad_arguments(tmp_path):
         run_forecast(vals, "arima", progress=False)
     with pytest.raises(ValueError, match="neither an example"):
         run_forecast(str(tmp_path / "missing.csv"), progress=False)
+    with pytest.raises(RuntimeError, match="training diverged at step 2"):
+        run_forecast(vals, "dlinear", lookback=24, horizons=(24,), lr=1e30, max_steps=5, progress=False)
 
 
 def test_format_forecast_table():
@@ -116,6 +118,8 @@ def test_run_dna_classification_learns():
     assert markov["model"].startswith("markov-k") and markov["accuracy"] > 0.9   # composition suffices here
     with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
         run_dna_classification(task, steps=0, progress=False)
+    with pytest.raises(RuntimeError, match="training diverged"):
+        run_dna_classification(task, steps=5, lr=1e30, config=TINY_DNA, progress=False)
 
 
 def test_run_dna_lm_beats_uniform_on_a_markov_source(tmp_path):

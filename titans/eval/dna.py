@@ -44,6 +44,18 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float, steps: int):
     return opt, sched
 
 
+def _update(model: nn.Module, loss: Tensor, opt, sched, step: int) -> None:
+    """One optimiser step with gradient clipping at 1; a non-finite loss or gradient stops the run."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if not (torch.isfinite(loss) and torch.isfinite(norm)):
+        raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}, gradient norm {norm.item()}); "
+                           "try a lower lr")
+    opt.step()
+    sched.step()
+
+
 def _check_loop(steps: int, batch_size: int, lr: float) -> None:
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"steps and batch_size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
@@ -111,11 +123,7 @@ def run_dna_classification(task: DNAClassificationTask | None = None, *, sources
         idx, order = order[:batch_size], order[batch_size:]
         model.train()
         loss = nn.functional.cross_entropy(model(task.train.tokens[idx].to(device)), task.train.labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(model, loss, opt, sched, step)
         if step % eval_every == 0 or step == steps:
             val = evaluate_classifier(model, task.val, device=device)
             if log:
@@ -230,11 +238,7 @@ def run_dna_lm(sources: Sequence[FastaSource] | None = None, *, data_dir: str | 
         batch = _windows(_draw(regions["train"], batch_size, seq_len + 1, 0, rng), seq_len + 1)
         model.train()
         loss = model(batch[:, :-1].to(device), labels=batch[:, 1:].to(device)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(model, loss, opt, sched, step)
         if log and (step % 50 == 0 or step == steps):
             log(f"  step {step}/{steps} train bits/base {bits_per_token(loss.item()):.4f}")
     took = time.perf_counter() - t0

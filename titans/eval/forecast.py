@@ -101,7 +101,10 @@ def train_forecaster(model: nn.Module, splits: ForecastSplits, *, epochs: int = 
         loss = nn.functional.mse_loss(model(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            raise RuntimeError(f"training diverged at step {step + 1} (loss {loss.item()}, gradient norm "
+                               f"{norm.item()}); try a lower lr")
         opt.step()
         sched.step()
         step += 1
