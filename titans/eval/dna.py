@@ -132,8 +132,9 @@ def run_dna_classification(task: DNAClassificationTask | None = None, *, sources
                 best, best_state = val, copy.deepcopy(model.state_dict())
     took = time.perf_counter() - t0
     model.load_state_dict(best_state)
-    rows.append(dict(task=dataset, model=f"titans-{variant}", accuracy=evaluate_classifier(model, task.test, device=device),
-                     val_accuracy=best, steps=steps, train_time_s=round(took, 1),
+    test_acc = evaluate_classifier(model, task.test, device=device)
+    rows.append(dict(task=dataset, model=f"titans-{variant}", accuracy=test_acc, val_accuracy=best,
+                     steps=steps, train_time_s=round(took, 1),
                      params=sum(p.numel() for p in model.parameters()), note=f"preset {preset}"))
 
     if markov_orders:
