@@ -93,3 +93,25 @@ def test_long_context_commands(corpus, capsys):
     assert main(["eval", "niah", "--model", str(qa), "--task", "pk", "--lengths", "256,512", "--depths", "0,1",
                  "--plot", str(heat)]) == 0
     assert heat.exists() and "%" in capsys.readouterr().out
+
+
+def test_forecast_and_dna_commands(tmp_path, capsys):
+    import numpy as np
+    t = np.arange(400)
+    rows = ["date,a,b"] + [f"2020-01-01 {i},{np.sin(i / 8):.4f},{np.cos(i / 5):.4f}" for i in t]
+    (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
+    assert main(["forecast", "--csv", str(tmp_path / "s.csv"), "--lookback", "24", "--horizons", "12",
+                 "--max-steps", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "titans" in out and "dlinear" in out
+    assert main(["forecast", "--quiet"]) == 2
+    rng = np.random.default_rng(0)
+    for label, gc in (("lowgc", 0.3), ("highgc", 0.7)):
+        for strain in ("s1", "s2"):
+            (tmp_path / "fa" / label).mkdir(parents=True, exist_ok=True)
+            p = [(1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2]
+            seq = "".join(rng.choice(list("ACGT"), size=3000, p=p))
+            (tmp_path / "fa" / label / f"{strain}.fa").write_text(f">{strain}\n{seq}\n")
+    assert main(["dna", "classify", "--fasta-dir", str(tmp_path / "fa"), "--window", "64", "--n-train", "8",
+                 "--n-val", "4", "--n-test", "4", "--steps", "2", "--batch-size", "4", "--quiet"]) == 0
+    assert "accuracy" in capsys.readouterr().out.lower()

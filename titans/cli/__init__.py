@@ -6,6 +6,7 @@
     titans eval niah --model runs/demo --task pk --lengths 1K,4K --depths 11
     titans generate --model runs/demo --prompt "ROMEO:"
     titans info --preset 170M --variant mac
+    titans forecast --example sf-temps        titans dna classify
 
 Every subcommand has --help. Bad arguments and bad files end with one line on stderr
 ("titans: error: ...") and exit status 2, never a traceback. The commands live in lm.py
@@ -23,12 +24,12 @@ __all__ = ["main", "build_parser", "load_run", "UserError"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import lm, long_context
+    from . import domains, lm, long_context
 
     p = argparse.ArgumentParser(prog="titans", description="Titans: learning to memorize at test time.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="action", required=True)
-    for module in (lm, long_context):
+    for module in (lm, long_context, domains):
         module.register(sub, ev)
     return p
 
