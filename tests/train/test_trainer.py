@@ -158,3 +158,44 @@ def test_exact_resume_after_sigkill(tiny, tmp_path):
     tiny.make(tiny.base_cfg(str(run), resume=True, **kw), tiny.TinyConfig(dropout=0.1)).fit()
     assert _table(_rows(run)) == _table(_rows(ref))
     assert len(_rows(run)) == 10
+
+
+def test_non_finite_gradients_skip_the_update_then_stop(tmp_path):
+    import pytest as _pytest
+
+    from titans.train import TrainConfig, Trainer
+    from titans.train import trainer as trainer_module
+
+    class Poisoned(torch.nn.Module):
+        """Loss is NaN from the first step: every update must be skipped, weights untouched."""
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3, 3))
+
+        def forward(self, inputs, labels=None):
+            loss = (self.w.sum() * float("nan"))
+            return type("Out", (), {"loss": loss, "logits": None})()
+
+    def batches():
+        while True:
+            yield torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)
+
+    class Batches:
+        def __init__(self):
+            self.it = batches()
+        def __next__(self):
+            return next(self.it)
+        def __iter__(self):
+            return self
+        def state_dict(self):
+            return {}
+        def load_state_dict(self, s):
+            pass
+
+    model = Poisoned()
+    cfg = TrainConfig(steps=trainer_module.MAX_BAD_STEPS + 5, batch_size=2, seq_len=4, warmup=0, eval_every=0,
+                      ckpt_every=0, out_dir=str(tmp_path / "run"), progress=False)
+    trainer = Trainer(model, Batches(), None, cfg)
+    with _pytest.warns(UserWarning, match="update skipped"), _pytest.raises(RuntimeError, match="diverged"):
+        trainer.fit()
+    assert torch.equal(model.w.detach(), torch.ones(3, 3))

@@ -47,6 +47,7 @@ from .optim import build_optimizer, lr_at
 
 __all__ = ["TrainConfig", "Trainer", "seed_everything", "LOG_COLUMNS"]
 
+MAX_BAD_STEPS = 10  # consecutive skipped updates before training stops
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl")
 # Fields that may change between a run and its resume without a warning.
 _FREE_ON_RESUME = {"resume", "out_dir", "progress", "compile", "compile_backend", "log_every",
@@ -180,6 +181,7 @@ class Trainer:
                         else self.model)
         self.step = 0
         self.history: list[dict] = []
+        self.bad_steps = 0  # consecutive updates skipped for a non-finite gradient
         if cfg.resume:
             self._resume()
         if self.env.is_main:
@@ -244,12 +246,22 @@ class Trainer:
             loss_sum += loss.detach().float()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(),
                                              cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        self.optimizer.step()
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        # A non-finite gradient would poison every weight: skip that update (the norm is the
+        # same on every rank), and stop with a clear error when it keeps happening.
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            warnings.warn(f"step {self.step + 1}: non-finite gradient norm, update skipped")
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise RuntimeError(f"training diverged: non-finite gradients for {MAX_BAD_STEPS} steps in a "
+                                   f"row (at step {self.step + 1}); lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss = all_reduce_sum(loss_sum, env).item() / (cfg.grad_accum * env.world_size)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
         seconds = time.perf_counter() - t0
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens_per_s": cfg.batch_size * cfg.seq_len * cfg.grad_accum / seconds,
