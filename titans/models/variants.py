@@ -24,7 +24,7 @@ from ..ops.attention import rotary
 from .blocks import attention_from_config, neural_memory_from_config
 from .config import TitansConfig
 
-__all__ = ["MAC", "MAG", "MAL", "MACState", "MAGState", "MALState", "BranchGate"]
+__all__ = ["MAC", "MAG", "MAL", "MACState", "AttnMemoryState", "BranchGate"]
 
 
 class BranchGate(nn.Module):
@@ -58,12 +58,13 @@ def _with_prefix(memory: nn.Module, p: Tensor, x: Tensor, state: NeuralMemorySta
 
 # --------------------------------------------------------------------------------------------
 @dataclass
-class MAGState:
+class AttnMemoryState:
+    """State of a MAG or MAL mixer: its attention cache and its memory (None before the start)."""
     attention: AttentionState | None
     memory: NeuralMemoryState | None
 
-    def detach(self) -> "MAGState":
-        return MAGState(*(s.detach() if s is not None else None for s in (self.attention, self.memory)))
+    def detach(self) -> "AttnMemoryState":
+        return AttnMemoryState(*(s.detach() if s is not None else None for s in (self.attention, self.memory)))
 
 
 class MAG(nn.Module):
@@ -75,30 +76,21 @@ class MAG(nn.Module):
         self.memory = neural_memory_from_config(c)
         self.gate = BranchGate(c.dim, c.norm_eps)
 
-    def init_state(self, batch_size: int) -> MAGState:
-        return MAGState(None, None)
+    def init_state(self, batch_size: int) -> AttnMemoryState:
+        return AttnMemoryState(None, None)
 
     def _persistent(self, like: Tensor) -> Tensor:
         p = self.attention.persistent
         return p() if p is not None else like.new_zeros(0, like.shape[-1])
 
-    def forward(self, x: Tensor, state: MAGState | None = None) -> tuple[Tensor, MAGState]:
+    def forward(self, x: Tensor, state: AttnMemoryState | None = None) -> tuple[Tensor, AttnMemoryState]:
         state = state or self.init_state(x.shape[0])
         y, attn = self.attention(x, state.attention)            # persistent keys seen by every query
         _, m, mem = _with_prefix(self.memory, self._persistent(x), x, state.memory)
-        return self.gate(y, m), MAGState(attn, mem)
+        return self.gate(y, m), AttnMemoryState(attn, mem)
 
 
 # --------------------------------------------------------------------------------------------
-@dataclass
-class MALState:
-    attention: AttentionState | None
-    memory: NeuralMemoryState | None
-
-    def detach(self) -> "MALState":
-        return MALState(*(s.detach() if s is not None else None for s in (self.attention, self.memory)))
-
-
 class MAL(nn.Module):
     """Memory as a Layer (eq. 29-31): y = LMM(p || x), o = SWA(y).
 
@@ -112,14 +104,14 @@ class MAL(nn.Module):
         self.memory = neural_memory_from_config(c)
         self.attention = attention_from_config(c, window=c.window)
 
-    def init_state(self, batch_size: int) -> MALState:
-        return MALState(None, None)
+    def init_state(self, batch_size: int) -> AttnMemoryState:
+        return AttnMemoryState(None, None)
 
-    def forward(self, x: Tensor, state: MALState | None = None) -> tuple[Tensor, MALState]:
+    def forward(self, x: Tensor, state: AttnMemoryState | None = None) -> tuple[Tensor, AttnMemoryState]:
         state = state or self.init_state(x.shape[0])
         yp, y, mem = _with_prefix(self.memory, self.persistent(), x, state.memory)
         o, attn = self.attention(torch.cat([yp, y], dim=1), state.attention)
-        return o[:, yp.shape[1]:], MALState(attn, mem)
+        return o[:, yp.shape[1]:], AttnMemoryState(attn, mem)
 
 
 # --------------------------------------------------------------------------------------------
