@@ -115,3 +115,18 @@ def test_forecast_and_dna_commands(tmp_path, capsys):
     assert main(["dna", "classify", "--fasta-dir", str(tmp_path / "fa"), "--window", "64", "--n-train", "8",
                  "--n-val", "4", "--n-test", "4", "--steps", "2", "--batch-size", "4", "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out.lower()
+
+
+def test_train_on_pretokenized_files(tmp_path, capsys):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train.npy", rng.integers(0, 256, 5000).astype(np.uint16))
+    rng.integers(0, 256, 800).astype(np.uint16).tofile(tmp_path / "val.bin")
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "train.npy"), "--val-data",
+                 str(tmp_path / "val.bin"), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                 "--eval-every", "2", "--eval-batches", "1", "--out", str(run)]) == 0
+    assert "5,000 training tokens" in capsys.readouterr().out
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "train.npy"), "--steps", "1",
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert "--val-data" in capsys.readouterr().err

@@ -66,11 +66,22 @@ def cmd_train(a: argparse.Namespace) -> None:
     else:
         config = TitansConfig.from_preset(a.preset, variant=a.variant, **overrides)
     if a.task == "lm":
-        train_file, val_file = token_file(a.data, "train"), token_file(a.data, "val")
-        tokenizer = train_file.tokenizer()
+        if a.data and Path(a.data).is_file():  # pre-tokenized .npy / .bin files
+            from ..data import TokenFile
+            if not a.val_data:
+                raise UserError("--data is a token file: give the held-out tokens with --val-data")
+            train_file, val_file = TokenFile(a.data, dtype=a.dtype), TokenFile(a.val_data, dtype=a.dtype)
+            tokenizer = load_tokenizer(a.tokenizer)
+            vocab = tokenizer.vocab_size
+            top = max(int(f.tokens.max()) for f in (train_file, val_file) if len(f))
+            if top >= vocab:
+                raise UserError(f"token id {top} in the data is outside the tokenizer's vocabulary ({vocab})")
+        else:
+            train_file, val_file = token_file(a.data, "train"), token_file(a.data, "val")
+            tokenizer, vocab = train_file.tokenizer(), train_file.vocab_size
         batches = TokenBatches(train_file, a.batch_size, a.seq_len, seed=a.seed)
         val = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size)
-        vocab, what = train_file.vocab_size, f"{len(train_file):,} training tokens"
+        what = f"{len(train_file):,} training tokens"
     else:
         tokenizer = tokenizer if init is not None else load_tokenizer("byte")
         vocab, what = config.vocab_size, f"task {a.task}"
@@ -195,7 +206,10 @@ def register(sub, ev) -> None:
     t.add_argument("--variant", default="mac", choices=sorted(VARIANTS))
     t.add_argument("--config", help="a model config file (.json/.yaml/.toml) instead of a preset")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    t.add_argument("--data", help="prepared corpus directory (default: the byte corpus)")
+    t.add_argument("--data", help="prepared corpus directory (default: the byte corpus), or a .npy/.bin token file")
+    t.add_argument("--val-data", help="with a token file as --data: the held-out token file")
+    t.add_argument("--dtype", default="uint16", help="integer dtype of raw .bin token files (default uint16)")
+    t.add_argument("--tokenizer", default="byte", help="with token files: the tokenizer (byte or a tokenizer.json)")
     t.add_argument("--task", default="lm", choices=["lm", "babilong", "mqar", "copy", "selective_copy"],
                    help="lm (the corpus), babilong QA fine-tuning, or a synthetic recall task")
     t.add_argument("--init", help="start from this run's weights and architecture (fine-tuning)")
