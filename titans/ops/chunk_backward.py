@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .chunk import (ChunkGates, PieceCache, Plan, Setup, all_gates, checkpoint_interval, gate_columns, mix,
-                    piece_forward)
+from .chunk import ChunkGates, PieceCache, Plan, Setup, all_gates, checkpoint_interval, gate_columns, piece_forward
 
 __all__ = ["ChunkScan", "piece_backward", "scan_forward"]
 
@@ -43,7 +42,8 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
     G = gates.G
     dgate = {name: torch.zeros_like(x) for name, x in gates._asdict().items()}
 
-    # chunk end: WS' = [b_n W + g_n S; e_n S] - coef^T a with coef = [delta G_n, delta s_n]
+    # chunk end: WS' = [b_n W + g_n S; e_n S] - coef^T a with coef = [delta G_n, delta s_n].
+    # dWS_end is ours to overwrite: after its last reads it becomes the carried gradient.
     ddelta, da, dWS = [], [], []
     for l in range(L):
         do, dE = dos[l], dWS_end[l]
@@ -52,7 +52,6 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
         dgate["beta"][..., -1] += _vdot(dWe, W)
         dgate["g"][..., -1] += _vdot(dWe, S)
         dgate["e_last"] += _vdot(dSe, S)
-        dWS.append(mix(dWe, dSe, b_n, None, g_n, e_n))     # the carry, transposed
         dEc = s.cast(dE)
         X = s.mm(c.a[l], dEc.mT)                           # [BH, n, 2 do] = -(d coef)
         XW, XS = X[..., :do], X[..., do:]
@@ -61,6 +60,9 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
         dgate["s_last"] -= (c.delta[l] * XS).sum(-1)
         coef = torch.cat([c.delta[l] * G_n, c.delta[l] * s_n], dim=-1)
         da.append(-s.mm(coef, dEc))                        # [BH, n, di]
+        dSe.mul_(e_n).addcmul_(dWe, g_n)                   # the carry, transposed, in place:
+        dWe.mul_(b_n)                                      # [dW; dS] <- [b_n dW; g_n dW + e_n dS]
+        dWS.append(dE)
 
     # query path, top layer down: z = beta * m_W + g * m_S - R delta, R = G * P, P = h a^T
     dq = dy.clone() if s.residual else torch.zeros_like(c.hq[0])
@@ -180,7 +182,8 @@ class ChunkScan(torch.autograd.Function):
             tea = [x.detach().requires_grad_() for x in (theta, eta, alpha)]
             gates, batched = all_gates(*tea, plan)
         plain = [ChunkGates(*(x.detach() for x in gp)) for gp in gates]
-        dWS = [d if d is not None else torch.zeros_like(w) for d, w in zip(dstates[:L], WS0)]
+        # copies: the backward updates the carried state gradient in place
+        dWS = [d.clone() if d is not None else torch.zeros_like(w) for d, w in zip(dstates[:L], WS0)]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dgates: list[ChunkGates | None] = [None] * len(pieces)
         dWg0 = None
