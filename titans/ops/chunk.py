@@ -131,10 +131,9 @@ class PieceCache:
     """A piece's internals, kept by the backward (chunk_backward.py)."""
     a: list[Tensor]       # key-path inputs per layer, a[0] = k            [BH, n, di]
     zk: list[Tensor]      # key-path pre-activations of layers 0..L-2      [BH, n, do]
-    t: list[Tensor]       # delta[l+1] @ Wg[l+1], for layers 0..L-2       [BH, n, do]
     delta: list[Tensor]   # d loss / d output of layer l                  [BH, n, do]
     hq: list[Tensor]      # query-path inputs per layer, hq[0] = q         [BH, n, di]
-    zq: list[Tensor]      # query-path pre-activations per layer           [BH, n, do]
+    zq: list[Tensor]      # query-path pre-activations of layers 0..L-2    [BH, n, do]
     m: list[Tensor]       # hq[l] @ [W; S]^T                               [BH, n, 2 do]
     P: list[Tensor]       # hq[l] @ a[l]^T                                 [BH, n, n]
 
@@ -142,7 +141,7 @@ class PieceCache:
 def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
     """Forward of the memory on the keys at Wg, then the analytic backward of ||f(k) - v||^2.
 
-    Wg: per layer [BH, do, di], already in mm_dtype. Returns (a, zk, t, delta): the gradient of
+    Wg: per layer [BH, do, di], already in mm_dtype. Returns (a, zk, delta): the gradient of
     token m for layer l is delta[l]_m a[l]_m^T.
     """
     L = len(Wg)
@@ -153,11 +152,9 @@ def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
         a.append(s.act.fn(z))
     out = s.mm(a[L - 1], Wg[L - 1].mT)
     delta = [2 * (out + k - v if s.residual else out - v)]
-    t = []
     for l in range(L - 2, -1, -1):
-        t.insert(0, s.mm(delta[0], Wg[l + 1]))
-        delta.insert(0, t[0] * s.act.grad(zk[l]))
-    return a, zk, t, delta
+        delta.insert(0, s.mm(delta[0], Wg[l + 1]) * s.act.grad(zk[l]))
+    return a, zk, delta
 
 
 def gate_columns(gates: ChunkGates):
@@ -179,7 +176,7 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
     dos = [ws.shape[1] // 2 for ws in WS]
     WSc = [s.cast(ws) for ws in WS]
     Wgc = [ws[:, :do] for ws, do in zip(WSc, dos)] if Wg is None else [s.cast(w) for w in Wg]
-    a, zk, t, delta = key_path(k, v, Wgc, s)
+    a, zk, delta = key_path(k, v, Wgc, s)
     beta, g, b_n, g_n, e_n, G_n, s_n = gate_columns(gates)
 
     y, hq, zq, ms, Ps = None, [q], [], [], []
@@ -204,7 +201,9 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
         # [delta G_n, delta s_n]^T @ a: both factored updates in one matmul
         coef = torch.cat([delta[l] * G_n, delta[l] * s_n], dim=-1)  # [BH, n, 2 do]
         WS_new.append(s.outer_into(new, coef.mT, a[l], alpha=-1.0))
-    cache = PieceCache(a, zk, t, delta, hq, zq, ms, Ps) if keep else None
+    # kept lean: the backward redoes delta[l+1] @ Wg[l+1] (one small matmul); the last layer's
+    # pre-activation is not needed
+    cache = PieceCache(a, zk, delta, hq, zq[:-1], ms, Ps) if keep else None
     return y, WS_new, cache
 
 

@@ -93,7 +93,8 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
     dzk = []
     for l in range(L - 1):
         dt = ddelta[l] * s.act.grad(c.zk[l])
-        dzk.append(ddelta[l] * c.t[l] * s.act.grad2(c.zk[l]))
+        t = s.mm(c.delta[l + 1], Wgc[l + 1])
+        dzk.append(ddelta[l] * t * s.act.grad2(c.zk[l]))
         ddelta[l + 1] += s.mm(dt, Wgc[l + 1].mT)
         s.outer_into(dWg[l + 1], c.delta[l + 1].mT, dt)
     # then delta_L = 2 (out - v) and the memory's forward on the keys
