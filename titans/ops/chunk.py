@@ -108,21 +108,15 @@ class Setup:
         return out.baddbmm_(x.to(self.acc_dtype), y.to(self.acc_dtype), alpha=alpha)
 
 
-def mix(X: Tensor, Y: Tensor, m00: Tensor, m01: Tensor | None, m10: Tensor | None, m11: Tensor) -> Tensor:
-    """[m00 X + m01 Y; m10 X + m11 Y] stacked on dim 1, written once. X, Y: [BH, r, c]; m: [BH, 1, 1].
+def carry(W: Tensor, S: Tensor, b_n: Tensor, g_n: Tensor, e_n: Tensor) -> Tensor:
+    """[b_n W + g_n S; e_n S] stacked on dim 1, written once. W, S: [BH, r, c]; gates: [BH, 1, 1].
 
-    The chunk-end carry of the state (and its transpose in the backward), without temporaries:
-    these tensors are the largest in the op.
+    The chunk-end carry of the state, without temporaries: these tensors are the largest in the op.
     """
-    r = X.shape[1]
-    out = X.new_empty(X.shape[0], 2 * r, X.shape[2])
-    top, bot = out[:, :r], out[:, r:]
-    torch.mul(X, m00, out=top)
-    if m01 is not None:
-        top.addcmul_(Y, m01)
-    torch.mul(Y, m11, out=bot)
-    if m10 is not None:
-        bot.addcmul_(X, m10)
+    r = W.shape[1]
+    out = W.new_empty(W.shape[0], 2 * r, W.shape[2])
+    torch.mul(W, b_n, out=out[:, :r]).addcmul_(S, g_n)
+    torch.mul(S, e_n, out=out[:, r:])
     return out
 
 
@@ -197,7 +191,7 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
     WS_new = []
     for l in range(L):
         do = dos[l]
-        new = mix(WS[l][:, :do], WS[l][:, do:], b_n, g_n, None, e_n)
+        new = carry(WS[l][:, :do], WS[l][:, do:], b_n, g_n, e_n)
         # [delta G_n, delta s_n]^T @ a: both factored updates in one matmul
         coef = torch.cat([delta[l] * G_n, delta[l] * s_n], dim=-1)  # [BH, n, 2 do]
         WS_new.append(s.outer_into(new, coef.mT, a[l], alpha=-1.0))
