@@ -32,7 +32,7 @@ from torch import Tensor
 from .corpus import Document, load_documents, split_documents
 from .tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer
 
-__all__ = ["prepare", "TokenFile", "TokenBatches", "EvalWindows", "META_FILE", "token_dtype"]
+__all__ = ["prepare", "TokenFile", "StepBatches", "TokenBatches", "EvalWindows", "META_FILE", "token_dtype"]
 
 META_FILE = "meta.json"
 FORMAT = "titans-tokens/1"
@@ -236,7 +236,25 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple[Tenso
     return w[:, :-1], w[:, 1:]
 
 
-class TokenBatches:
+class StepBatches:
+    """An endless batch iterator whose batch number s is `batch(s)`, a function of s alone, so
+    a run resumes by restoring `step`. Subclasses define `batch` and their state checks."""
+
+    step: int = 0
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> "StepBatches":
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+
+class TokenBatches(StepBatches):
     """Random training windows, reproducible and resumable to the exact batch.
 
     Batch number s draws its B window starts uniformly from [0, N - T - 1] with a generator
@@ -267,14 +285,6 @@ class TokenBatches:
         rng = np.random.default_rng([self.seed, _check_int("step", step, 0)])
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         return _windows(self.tokens, starts, self.seq_len)
-
-    def __iter__(self) -> "TokenBatches":
-        return self
-
-    def __next__(self) -> tuple[Tensor, Tensor]:
-        out = self.batch(self.step)
-        self.step += 1
-        return out
 
     def state_dict(self) -> dict:
         """The position, plus what must match for the same batches to follow."""

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 from torch import Tensor
 
 from ..corpus import Document
+from ..tokens import StepBatches
 from ..tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = ["derive_seed", "parse_length", "parse_lengths", "normalize_answer", "score_answer",
@@ -165,7 +166,7 @@ def default_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
     return ByteTokenizer() if tokenizer is None else tokenizer
 
 
-class TaskBatches:
+class TaskBatches(StepBatches):
     """An endless, resumable iterator of training batches for the Trainer.
 
     Batch number s is `make(s)`, a function of s alone (each generator seeds itself from its
@@ -183,14 +184,6 @@ class TaskBatches:
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """Batch number `step` (does not move the position)."""
         return self.make(check_int("step", step, 0))
-
-    def __iter__(self) -> "TaskBatches":
-        return self
-
-    def __next__(self) -> tuple[Tensor, Tensor]:
-        out = self.batch(self.step)
-        self.step += 1
-        return out
 
     def state_dict(self) -> dict:
         return {"step": self.step, "name": self.name}
