@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 __all__ = ["mse", "mae", "accuracy", "perplexity", "bits_per_token", "ErrorAccumulator"]
