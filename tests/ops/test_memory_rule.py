@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+import titans.ops.chunk as chunk
 from titans.ops import MemoryState, memory_rule
 
 F64 = torch.float64
@@ -215,13 +216,26 @@ def test_no_grad_matches_grad_mode():
     assert rel(y0, y1) <= 1e-12
 
 
-def test_bf16_autocast_close_to_fp32_and_state_stays_fp32():
+@pytest.mark.parametrize("bf16_min_matrix", [0, None])
+def test_bf16_autocast_close_to_fp32_and_state_stays_fp32(monkeypatch, bf16_min_matrix):
+    # 0 forces the bf16 matmuls at this small size; None keeps the default (fp32 matmuls here)
+    if bf16_min_matrix is not None:
+        monkeypatch.setattr(chunk, "BF16_MIN_MATRIX", bf16_min_matrix)
     tensors, weights = make_inputs(T=128, Dk=32, Dv=32, depth=2, seed=14, dtype=torch.float32)
-    y32, _ = memory_rule(*tensors, weights, chunk_size=64)
+    for t in tensors + weights:
+        t.requires_grad_()
+    y32, _ = memory_rule(*tensors, weights, chunk_size=16)
+    g32 = torch.autograd.grad(y32.square().sum(), tensors + weights)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y16, s16 = memory_rule(*tensors, weights, chunk_size=64)
+        y16, s16 = memory_rule(*tensors, weights, chunk_size=16)
+    g16 = torch.autograd.grad(y16.square().sum(), tensors + weights)
     assert all(t.dtype == torch.float32 for t in s16.weights + s16.momentum)
     assert rel(y16, y32) <= 3e-2  # documented bf16 tolerance (docs/memory_rule.md)
+    assert all(rel(a, b) <= 5e-2 for a, b in zip(g16, g32))
+    if bf16_min_matrix is None:
+        assert rel(y16, y32) <= 1e-6  # small memories keep fp32 matmuls under autocast
+    else:
+        assert rel(y16, y32) > 1e-6   # ... and the forced path really ran in bf16
 
 
 def test_empty_sequence_returns_state_unchanged():
