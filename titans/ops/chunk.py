@@ -148,7 +148,8 @@ class Setup:
         """out += alpha * x @ y for state-sized out ([BH, do, di]) from token factors ([BH, n, .]).
 
         Kept in acc_dtype even under bf16: the state stays exact to fp32, and one fused
-        baddbmm beats a bf16 matmul plus a separate pass to add it (measured here).
+        baddbmm beats a bf16 matmul plus a separate pass to add it (measured here, in the op:
+        the bf16 variant made the whole forward+backward 5% slower).
         """
         return out.baddbmm_(x.to(self.acc_dtype), y.to(self.acc_dtype), alpha=alpha)
 
@@ -170,6 +171,7 @@ class PieceCache:
     a: list[Tensor]       # key-path inputs per layer, a[0] = k            [BH, n, di]
     zk: list[Tensor]      # key-path pre-activations of layers 0..L-2      [BH, n, do]
     delta: list[Tensor]   # d loss / d output of layer l                  [BH, n, do]
+    t: list[Tensor]       # delta[l+1] @ Wg[l+1], layers 0..L-2            [BH, n, do]
     hq: list[Tensor]      # query-path inputs per layer, hq[0] = q         [BH, n, di]
     zq: list[Tensor]      # query-path pre-activations of layers 0..L-2    [BH, n, do]
     m: list[Tensor]       # hq[l] @ [W; S]^T                               [BH, n, 2 do]
@@ -179,11 +181,11 @@ class PieceCache:
 def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
     """Forward of the memory on the keys at Wg, then the analytic backward of ||f(k) - v||^2.
 
-    Wg: per layer [BH, do, di], already in mm_dtype. Returns (a, zk, delta): the gradient of
-    token m for layer l is delta[l]_m a[l]_m^T.
+    Wg: per layer [BH, do, di], already in mm_dtype. Returns (a, zk, delta, t): the gradient of
+    token m for layer l is delta[l]_m a[l]_m^T; t[l] = delta[l+1] @ Wg[l+1] (kept for the backward).
     """
     L = len(Wg)
-    a, zk = [k], []
+    a, zk, t = [k], [], []
     for l in range(L - 1):
         z = s.mm(a[l], Wg[l].mT)
         zk.append(z)
@@ -191,8 +193,9 @@ def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
     out = s.mm(a[L - 1], Wg[L - 1].mT)
     delta = [2 * (out + k - v if s.residual else out - v)]
     for l in range(L - 2, -1, -1):
-        delta.insert(0, s.mm(delta[0], Wg[l + 1]) * s.act.grad(zk[l]))
-    return a, zk, delta
+        t.insert(0, s.mm(delta[0], Wg[l + 1]))
+        delta.insert(0, t[0] * s.act.grad(zk[l]))
+    return a, zk, delta, t
 
 
 def gate_columns(gates: ChunkGates):
@@ -221,7 +224,7 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
     dos = [ws.shape[1] // 2 for ws in WS]
     WSc = s.cast_states(WS)
     Wgc = [ws[:, :do] for ws, do in zip(WSc, dos)] if Wg is None else [s.cast(w) for w in Wg]
-    a, zk, delta = key_path(k, v, Wgc, s)
+    a, zk, delta, t = key_path(k, v, Wgc, s)
     beta, g, b_n, g_n, e_n, G_n, s_n = gate_columns(gates)
 
     y, hq, zq, ms, Ps = None, [q], [], [], []
@@ -248,9 +251,8 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
             new = carry(WS[l][:, :do], WS[l][:, do:], b_n, g_n, e_n, out=s.buffers.take(WS[l].shape, WS[l]))
             # [delta G_n, delta s_n]^T @ a: both factored updates in one matmul
             WS_new.append(s.outer_into(new, pair(delta[l], G_n, s_n).mT, a[l], alpha=-1.0))
-    # kept lean: the backward redoes delta[l+1] @ Wg[l+1] (one small matmul); the last layer's
-    # pre-activation is not needed
-    cache = PieceCache(a, zk, delta, hq, zq[:-1], ms, Ps) if keep else None
+    # the last layer's pre-activation is not needed by the backward
+    cache = PieceCache(a, zk, delta, t, hq, zq[:-1], ms, Ps) if keep else None
     return y, WS_new, cache
 
 

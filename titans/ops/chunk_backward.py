@@ -72,7 +72,6 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
         dWS.append(dE)
 
     # query path, top layer down: z = beta * m_W + g * m_S - R delta, R = G * P, P = h a^T
-    dq = dy.clone() if s.residual else torch.zeros_like(c.hq[0])
     dz = dy
     for l in range(L - 1, -1, -1):
         do = dos[l]
@@ -89,7 +88,7 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
         dP = dR * G
         dh = s.mm(dzc, WSc[l]) + s.mm(dP, c.a[l])
         da[l] += s.mm(dP.mT, c.hq[l])
-    dq += dh
+    dq = dh + dy if s.residual else dh
 
     # key path: gradients wrt Wg go straight into dWS when the piece took them at W itself
     if Wg_given is None:
@@ -97,24 +96,22 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
     else:
         dWg = [torch.zeros_like(w) for w in Wg_given]
     # first the analytic inner backward (delta_l = t_l * act'(zk_l), t_l = delta_{l+1} Wg_{l+1})
-    dzk = []
+    dzk, gk = [], [s.act.grad(z) for z in c.zk]
     for l in range(L - 1):
-        dt = ddelta[l] * s.act.grad(c.zk[l])
-        t = s.mm(c.delta[l + 1], Wgc[l + 1])
-        dzk.append(ddelta[l] * t * s.act.grad2(c.zk[l]))
+        dt = ddelta[l] * gk[l]
+        dzk.append(ddelta[l] * c.t[l] * s.act.grad2(c.zk[l]))
         ddelta[l + 1] += s.mm(dt, Wgc[l + 1].mT)
         s.outer_into(dWg[l + 1], c.delta[l + 1].mT, dt)
     # then delta_L = 2 (out - v) and the memory's forward on the keys
     dout = 2 * ddelta[L - 1]
     dv = -dout
-    dk = dout.clone() if s.residual else torch.zeros_like(c.a[0])
     dzl = dout
     for l in range(L - 1, -1, -1):
         s.outer_into(dWg[l], dzl.mT, c.a[l])
         da[l] += s.mm(dzl, Wgc[l])
         if l > 0:
-            dzl = da[l] * s.act.grad(c.zk[l - 1]) + dzk[l - 1]
-    dk += da[0]
+            dzl = da[l] * gk[l - 1] + dzk[l - 1]
+    dk = da[0] + dout if s.residual else da[0]
     s.release_casts(WSc + dEcs)
 
     dgate["G"] = dgate["G"].tril()
