@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import ACTIVATIONS, MemoryState, memory_rule
+from ..ops.conv import causal_conv
 
 __all__ = ["NeuralMemory", "NeuralMemoryState"]
 
@@ -177,10 +178,12 @@ class NeuralMemory(nn.Module):
         if not self.conv_kernel:
             return u, None
         B, T, C = u.shape
-        past = state.conv if state.conv is not None else u.new_zeros(B, C, self.conv_kernel - 1)
-        xp = torch.cat([past.to(u.dtype), u.transpose(1, 2)], dim=2)   # [B, C, K - 1 + T]
-        out = F.conv1d(xp, self.conv_weight.to(u.dtype), self.conv_bias.to(u.dtype), groups=C)
-        return out.transpose(1, 2), xp[:, :, xp.shape[2] - (self.conv_kernel - 1):]
+        K = self.conv_kernel
+        past = state.conv if state.conv is not None else u.new_zeros(B, C, K - 1)
+        xp = torch.cat([past.to(u.dtype).transpose(1, 2), u], dim=1)   # [B, K - 1 + T, C]
+        out = causal_conv(xp, self.conv_weight.to(u.dtype).squeeze(1), self.conv_bias.to(u.dtype))
+        # a copy, so that the state does not keep all of xp alive
+        return out, xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """x: [B, T, dim] -> y: [B, T, dim], and the state after the last token."""
