@@ -72,7 +72,7 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
         dWS.append(dE)
 
     # query path, top layer down: z = beta * m_W + g * m_S - R delta, R = G * P, P = h a^T
-    dz = dy
+    dz, dh = dy, None  # dh: d (input of layer l + 1) on the query path, from the layer above
     for l in range(L - 1, -1, -1):
         do = dos[l]
         if l < L - 1:
