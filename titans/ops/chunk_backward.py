@@ -187,10 +187,9 @@ class ChunkScan(torch.autograd.Function):
         q, k, v, theta, eta, alpha, *states = ctx.saved_tensors
         WS0, Wg0 = list(states[:L]), list(states[L:]) or None
         pieces = plan.pieces(q.shape[1])
-        with torch.enable_grad():  # the gate products are small: autograd takes them back to theta, eta, alpha
-            tea = [x.detach().requires_grad_() for x in (theta, eta, alpha)]
-            gates, batched = all_gates(*tea, plan)
-        plain = [ChunkGates(*(x.detach() for x in gp)) for gp in gates]
+        # the gate products, without a graph while the loop runs (its [BH, chunks, b, b] tensors
+        # would stay alive through the whole backward); autograd redoes them at the end
+        plain, _ = all_gates(theta, eta, alpha, plan)
         # copies: the backward updates the carried state gradient in place
         dWS = [d.clone() if d is not None else torch.zeros_like(w) for d, w in zip(dstates[:L], WS0)]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -228,7 +227,11 @@ class ChunkScan(torch.autograd.Function):
                 s.buffers.give([ws for p, (states, _) in enumerate(seg, p0) if p > 0 for ws in states])
             del seg
         s.buffers.free.clear()
-        # gate gradients: the full chunks batched, the head and tail pieces on their own
+        # gate gradients, by autograd through the gate products (small next to the loop's work):
+        # the full chunks batched, the head and tail pieces on their own
+        with torch.enable_grad():
+            tea = [x.detach().requires_grad_() for x in (theta, eta, alpha)]
+            gates, batched = all_gates(*tea, plan)
         outs, grads = [], []
         for p, gp in enumerate(gates):
             if plan.full_index(p) is None:
