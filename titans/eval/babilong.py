@@ -14,10 +14,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..data.corpus import Document
-from ..data.tasks import BABILONG_TASKS, BabilongGenerator, parse_lengths, score_answer
+from ..data.tasks import BABILONG_TASKS, BabilongGenerator, parse_lengths
 from ..data.tokenizer import Tokenizer
 from .plots import accuracy_curves, grid_table
-from .stream import answer_and_score, eval_mode
+from .stream import check_sampling, eval_mode, score_samples
 
 __all__ = ["BabilongRecord", "evaluate_babilong", "babilong_accuracy", "format_babilong_table",
            "plot_babilong"]
@@ -57,23 +57,17 @@ def evaluate_babilong(model: Any, tokenizer: Tokenizer, tasks: Sequence[str] = B
     if not tasks or any(t not in BABILONG_TASKS for t in tasks):
         raise ValueError(f"tasks must be a non-empty list of {BABILONG_TASKS}, got {tasks!r}")
     lengths_ = parse_lengths(lengths)
-    for name, v in (("n_samples", n_samples), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    score_answer("x", "x", scoring)  # reject a bad mode before any work
+    check_sampling(n_samples, batch_size, scoring)
     records: list[BabilongRecord] = []
     with eval_mode(model):
         for task in tasks:
             gen = BabilongGenerator(task, tokenizer, documents, seed, n_facts)
             for length in lengths_:
-                for b in range(0, n_samples, batch_size):
-                    samples = [gen.sample(length, i) for i in range(b, min(b + batch_size, n_samples))]
-                    scored = answer_and_score(model, tokenizer, samples, extra_tokens, piece, scoring)
-                    for s, (text, correct) in zip(samples, scored):
-                        records.append(BabilongRecord(task, length, s.index, s.story.question, s.answer, text,
-                                                      correct))
-                        if progress is not None:
-                            progress(records[-1])
+                for s, text, correct in score_samples(model, tokenizer, lambda i: gen.sample(length, i), n_samples,
+                                                      batch_size, extra_tokens, piece, scoring):
+                    records.append(BabilongRecord(task, length, s.index, s.story.question, s.answer, text, correct))
+                    if progress is not None:
+                        progress(records[-1])
     return records
 
 

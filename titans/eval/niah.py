@@ -15,10 +15,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..data.corpus import Document
-from ..data.tasks import NiahGenerator, parse_lengths, score_answer
+from ..data.tasks import NiahGenerator, parse_lengths
 from ..data.tokenizer import Tokenizer
 from .plots import grid_table, heatmap
-from .stream import answer_and_score, eval_mode
+from .stream import check_sampling, eval_mode, score_samples
 
 __all__ = ["NiahRecord", "evaluate_niah", "niah_accuracy", "format_niah_table", "plot_niah"]
 
@@ -76,24 +76,17 @@ def evaluate_niah(model: Any, tokenizer: Tokenizer, task: str, lengths: Sequence
     """
     lengths_ = parse_lengths(lengths)
     depths_ = _depths(depths)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    score_answer("x", "x", scoring)  # reject a bad mode before any work
+    check_sampling(n_samples, batch_size, scoring)
     gen = NiahGenerator(task, tokenizer, documents, seed)
     records: list[NiahRecord] = []
     with eval_mode(model):
         for length in lengths_:
             for depth in depths_:
-                for b in range(0, n_samples, batch_size):
-                    samples = [gen.sample(length, depth, i) for i in range(b, min(b + batch_size, n_samples))]
-                    scored = answer_and_score(model, tokenizer, samples, extra_tokens, piece, scoring)
-                    for s, (text, correct) in zip(samples, scored):
-                        records.append(NiahRecord(task, length, depth, s.index, s.answer, text, correct,
-                                                  s.needle_start))
-                        if progress is not None:
-                            progress(records[-1])
+                for s, text, correct in score_samples(model, tokenizer, lambda i: gen.sample(length, depth, i),
+                                                      n_samples, batch_size, extra_tokens, piece, scoring):
+                    records.append(NiahRecord(task, length, depth, s.index, s.answer, text, correct, s.needle_start))
+                    if progress is not None:
+                        progress(records[-1])
     return records
 
 

@@ -18,13 +18,13 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["prefill", "greedy_answer", "eval_mode", "answer_and_score", "state_tensors", "nonfinite_state", "state_bytes",
+__all__ = ["prefill", "greedy_answer", "eval_mode", "answer_and_score", "check_sampling", "score_samples", "state_tensors", "nonfinite_state", "state_bytes",
            "current_rss", "peak_rss", "stream_eval", "format_stream_result"]
 
 DEFAULT_CHECKPOINTS = (65536, 262144, 1_000_000)
@@ -88,6 +88,25 @@ def answer_and_score(model: Any, tokenizer: Any, samples: Sequence[Any], extra_t
     n_new = max(len(s.answer_ids) for s in samples) + extra_tokens
     texts = [tokenizer.decode(row) for row in greedy_answer(model, ids, n_new, piece).tolist()]
     return [(text, score_answer(text, s.answer, scoring)) for s, text in zip(samples, texts)]
+
+
+def check_sampling(n_samples: int, batch_size: int, scoring: str) -> None:
+    """The checks an evaluation makes before any work: counts >= 1 and a known scoring mode."""
+    from ..data.tasks import score_answer
+    _check_int("n_samples", n_samples, 1)
+    _check_int("batch_size", batch_size, 1)
+    score_answer("x", "x", scoring)
+
+
+def score_samples(model: Any, tokenizer: Any, make_sample: Callable[[int], Any], n_samples: int, batch_size: int,
+                  extra_tokens: int, piece: int, scoring: str) -> Iterator[tuple[Any, str, bool]]:
+    """(sample, answer text, correct) for make_sample(0 .. n_samples - 1), answered `batch_size`
+    at a time with `answer_and_score` (check the arguments first: `check_sampling`)."""
+    for b in range(0, n_samples, batch_size):
+        samples = [make_sample(i) for i in range(b, min(b + batch_size, n_samples))]
+        for s, (text, correct) in zip(samples, answer_and_score(model, tokenizer, samples, extra_tokens, piece,
+                                                                scoring)):
+            yield s, text, correct
 
 
 def state_tensors(state: Any, prefix: str = "state") -> Iterator[tuple[str, Tensor]]:
