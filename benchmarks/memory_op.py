@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from grid import add_grid_args, parse_grid  # benchmarks/grid.py
+
 CONFIGS = {"a": dict(H=1, D=384), "b": dict(H=4, D=96)}
 EXPANSION, DEPTH, CHUNK = 4, 2, 64
 
@@ -120,10 +122,7 @@ def table(results: list[dict], peak32: float, peak16: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one small case (config b, T=1024, B=1, fp32)")
-    p.add_argument("--configs", default="a,b", help="comma list of configs: a (H=1, D=384), b (H=4, D=96)")
-    p.add_argument("--T", default="1024,4096,16384", help="comma list of sequence lengths")
-    p.add_argument("--B", default="1,4", help="comma list of batch sizes")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma list: fp32, bf16 (autocast)")
+    add_grid_args(p, "comma list of configs: a (H=1, D=384), b (H=4, D=96)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args()
@@ -131,13 +130,13 @@ def main() -> None:
         print(json.dumps(run_case(json.loads(args.case))))
         return
 
-    import titans.ops  # noqa: F401
-    peak32, peak16 = matmul_peak("float32"), matmul_peak("bfloat16")
     if args.quick:
         grid = [("b", 1, 1024, False)]
     else:
-        grid = [(c, B, T, dt == "bf16") for c in args.configs.split(",") for dt in args.dtypes.split(",")
-                for B in map(int, args.B.split(",")) for T in map(int, args.T.split(","))]
+        configs, dtypes, Bs, Ts = parse_grid(args, tuple(CONFIGS))
+        grid = [(c, B, T, dt == "bf16") for c in configs for dt in dtypes for B in Bs for T in Ts]
+    import titans.ops  # noqa: F401
+    peak32, peak16 = matmul_peak("float32"), matmul_peak("bfloat16")
     results = []
     for config, B, T, bf16 in grid:
         case = dict(config=config, B=B, T=T, bf16=bf16, **CONFIGS[config])

@@ -68,6 +68,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from grid import add_grid_args, choices, ints, parse_grid  # benchmarks/grid.py
+
 DIM, DEPTH, EXPANSION, CHUNK = 384, 2, 4, 64
 CONFIGS = {"a": dict(heads=1, head_dim=384), "b": dict(heads=4, head_dim=96)}
 SIDES = ("ours", "theirs")
@@ -241,31 +243,10 @@ def table(rows: list[dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def _ints(s: str, name: str) -> list[int]:
-    try:
-        vals = [int(v) for v in s.split(",")]
-    except ValueError:
-        raise ValueError(f"--{name} must be a comma list of integers, got {s!r}") from None
-    if any(v < 1 for v in vals):
-        raise ValueError(f"--{name} values must be >= 1, got {s!r}")
-    return vals
-
-
-def _choices(s: str, allowed: tuple[str, ...], name: str) -> list[str]:
-    vals = s.split(",")
-    bad = [v for v in vals if v not in allowed]
-    if bad:
-        raise ValueError(f"--{name} must be a comma list of {', '.join(allowed)}, got {bad}")
-    return vals
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one tiny case (config b, T=256, B=1, fp32)")
-    p.add_argument("--configs", default="a,b", help="comma list: a (1 head of 384), b (4 heads of 96)")
-    p.add_argument("--T", default="1024,4096,16384", help="comma list of sequence lengths")
-    p.add_argument("--B", default="1,4", help="comma list of batch sizes")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma list: fp32, bf16 (autocast)")
+    add_grid_args(p, "comma list: a (1 head of 384), b (4 heads of 96)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (rewritten after every case)")
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per side per case (default 900)")
@@ -282,13 +263,13 @@ def main() -> None:
         run_case(json.loads(args.case))
         return
 
-    configs = _choices(args.configs, tuple(CONFIGS), "configs")
-    dtypes = _choices(args.dtypes, ("fp32", "bf16"), "dtypes")
-    sides = _choices(args.sides, SIDES, "sides")
-    Ts, Bs = (([256], [1]) if args.quick else (_ints(args.T, "T"), _ints(args.B, "B")))
+    configs, dtypes, Bs, Ts = parse_grid(args, tuple(CONFIGS))
+    sides = choices(args.sides, SIDES, "sides")
+    if args.quick:
+        Ts, Bs = [256], [1]
     if args.quick:
         configs, dtypes = ["b"], ["fp32"]
-    peer_bs = None if args.peer_batch_size.lower() == "none" else _ints(args.peer_batch_size, "peer-batch-size")[0]
+    peer_bs = None if args.peer_batch_size.lower() == "none" else ints(args.peer_batch_size, "peer-batch-size")[0]
     if peer_bs is not None and peer_bs % CHUNK:
         raise ValueError(f"--peer-batch-size must be a multiple of {CHUNK} or 'none', got {peer_bs}")
     if ":" not in args.ours_class:
