@@ -6,8 +6,7 @@ import torch as _torch
 
 # Flush-to-zero for subnormal floats, process-wide, from import on. Gate products decay
 # geometrically, so the memory's terms keep sinking below 1.2e-38 (fp32), and x86 arithmetic on
-# subnormals is ~15x slower: measured here, the chunk path's forward+backward ran 2.6x slower
-# without it. The mode is inherited by the intra-op threads only when they start after it is
+# subnormals is much slower (numbers and the command that shows them: docs/memory_rule.md). The mode is inherited by the intra-op threads only when they start after it is
 # set, hence here, at import (import titans before running other torch work). Values below
 # 1.2e-38 then read as 0. TITANS_KEEP_DENORMALS=1 leaves the mode alone. See docs/memory_rule.md.
 if _os.environ.get("TITANS_KEEP_DENORMALS", "") in ("", "0"):

@@ -37,9 +37,10 @@ from .state import MemoryState
 __all__ = ["memory_rule_chunk", "chunk_gates", "ChunkGates", "BF16_MIN_MATRIX"]
 
 # Under bf16 autocast the matmuls run in bf16 only when every per-head memory matrix has at
-# least this many entries. Below it the casts cost more than the faster matmuls save: measured
-# here (fwd+bwd, T=4096), 4 heads of 96 ran 12% slower in bf16 than in fp32, 2 heads of 192 11%
-# slower, while 1 head of 384 (matrices of 589,824 entries) ran 8% faster.
+# least this many entries. Below it the casts cost more than the faster matmuls save: the layer's
+# forward+backward at T=4096 with bf16 matmuls against fp32 ran -18% at 4 heads of 96, -9% at 2
+# heads of 192 and +19% at 1 head of 384 (matrices of 589,824 entries), by
+# `python benchmarks/state_ops.py --layers`.
 BF16_MIN_MATRIX = 2 ** 18
 
 
@@ -80,8 +81,8 @@ def _flush(x: Tensor) -> Tensor:
     """Zero gate products in (0, 2^-80) for fp32/bf16 (2^-900 for fp64).
 
     Gate products decay geometrically, and the terms they scale then fall into the subnormal
-    range (below 1.2e-38 in fp32), where x86 arithmetic is an order of magnitude slower:
-    measured here, one state-update matmul took 12 ms instead of 0.6 ms. What is dropped
+    range (below 1.2e-38 in fp32), where x86 arithmetic is much slower (docs/memory_rule.md,
+    "Subnormal numbers"). What is dropped
     weighs less than 1e-24 against terms of weight 1. All gate products are >= 0; exact zeros
     are left alone so that their gradients still flow.
     """
@@ -93,8 +94,8 @@ class Buffers:
     """Recycled state-sized tensors for one call of the op.
 
     A fresh multi-megabyte tensor is page-faulted in on first touch, which costs more than the
-    arithmetic written into it: measured here, writing the 1536 x 384 carry into a fresh buffer
-    took 500 us, into a reused one 55 us. Every state (and its bf16 copy) that the op stops
+    arithmetic written into it: a pass over a 1536 x 384 state into fresh buffers that stay alive
+    took 477 us, into a reused one 59 us (`python benchmarks/state_ops.py`). Every state (and its bf16 copy) that the op stops
     needing goes back here and is handed out again for the next piece.
     """
 
@@ -109,6 +110,10 @@ class Buffers:
     def give(self, tensors: Sequence[Tensor]) -> None:
         for t in tensors:
             self.free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+
+    def clear(self) -> None:
+        """Drop the recycled tensors (their memory goes back to the allocator)."""
+        self.free.clear()
 
 
 @dataclass
@@ -137,8 +142,9 @@ class Setup:
     def mm(self, x: Tensor, y: Tensor) -> Tensor:
         """Batched matmul x @ y with operands in mm_dtype, result in acc_dtype.
 
-        A batch of one goes through the 2-D matmul: measured here, a bf16 bmm whose second
-        operand is the transpose of a row block of [W; S] took 490 us, the same 2-D mm 90 us.
+        A batch of one goes through the 2-D matmul: a bf16 bmm whose second operand is the
+        transpose of a row block of [W; S] took 441 us, the same 2-D mm 79 us
+        (`python benchmarks/state_ops.py`).
         """
         if x.shape[0] == 1:
             return torch.mm(self.cast(x[0]), self.cast(y[0])).unsqueeze(0).to(self.acc_dtype)
@@ -147,9 +153,10 @@ class Setup:
     def outer_into(self, out: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
         """out += alpha * x @ y for state-sized out ([BH, do, di]) from token factors ([BH, n, .]).
 
-        Kept in acc_dtype even under bf16: the state stays exact to fp32, and one fused
-        baddbmm beats a bf16 matmul plus a separate pass to add it (measured here, in the op:
-        the bf16 variant made the whole forward+backward 5% slower).
+        Kept in acc_dtype even under bf16: the state stays exact to fp32. A bf16 matmul plus a
+        mixed-dtype add looks cheaper alone (86 + 95 us against 210 us, benchmarks/state_ops.py),
+        but inside the op it made the layer's forward+backward 3-5% slower at config (a) (an A/B of
+        three runs each, benchmarks/vs_titans_pytorch.py-style timing; not kept as a switch).
         """
         return out.baddbmm_(x.to(self.acc_dtype), y.to(self.acc_dtype), alpha=alpha)
 

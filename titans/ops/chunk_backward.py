@@ -28,7 +28,8 @@ def _vdot(x: Tensor, y: Tensor) -> Tensor:
     """Per-batch inner product of two [BH, r, c] tensors -> [BH].
 
     State-sized rows go through torch.dot one row at a time: it allocates nothing, while
-    vecdot materialises the product first (measured here: 2-4x slower on a 1536 x 384 state).
+    vecdot over [1, N] rows materialises the product first (138 us against 53 us on a 1536 x 384
+    state, `python benchmarks/state_ops.py`).
     """
     if x[0].numel() < 2 ** 17:
         return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
@@ -158,7 +159,7 @@ def scan_forward(s: Setup, plan: Plan, q, k, v, theta, eta, alpha, WS0: list[Ten
             s.buffers.give(WS)  # nobody needs this piece's start state any more
         WS = WS_next
         ys.append(y)
-    s.buffers.free.clear()  # do not hold recycled buffers between the forward and the backward
+    s.buffers.clear()  # do not hold recycled buffers between the forward and the backward
     saved = (saved_all if keep_all else kept) if track else None
     return torch.cat(ys, dim=1), WS, WS_last_start, saved
 
@@ -226,7 +227,7 @@ class ChunkScan(torch.autograd.Function):
             if not isinstance(saved, list):  # the segment's states are done with: recycle them
                 s.buffers.give([ws for p, (states, _) in enumerate(seg, p0) if p > 0 for ws in states])
             del seg
-        s.buffers.free.clear()
+        s.buffers.clear()
         # gate gradients, by autograd through the gate products (small next to the loop's work):
         # the full chunks batched, the head and tail pieces on their own
         with torch.enable_grad():
