@@ -3,7 +3,18 @@
 from .layers import Attention, AttentionState, NeuralMemory, NeuralMemoryState, PersistentMemory, RMSNorm, SwiGLU
 from .models import LMOutput, ModelState, TitansConfig, TitansLM
 from .ops import MemoryState, memory_rule
-from .train import CheckpointError, TrainConfig, Trainer, load_checkpoint
+
+# Training pulls in torch.distributed.checkpoint (~50 MB of resident memory and ~0.5 s at import):
+# it loads on first use, so that `import titans` for the layers and models stays light.
+_LAZY = {"CheckpointError": "train", "TrainConfig": "train", "Trainer": "train", "load_checkpoint": "train"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "memory_rule", "MemoryState",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import ACTIVATIONS, MemoryState, memory_rule
-from ..ops.conv import causal_conv
+from ..ops.features import gated_rms_norm, qkv_features
 
 __all__ = ["NeuralMemory", "NeuralMemoryState"]
 
@@ -173,17 +173,18 @@ class NeuralMemory(nn.Module):
         alpha = g[:, :, 2] if self.forgetting else torch.zeros_like(g[:, :, 2])
         return theta, eta, alpha, carry
 
-    def _conv(self, u: Tensor, state: NeuralMemoryState) -> tuple[Tensor, Tensor | None]:
-        """Causal depthwise conv over time. u: [B, T, C] -> [B, T, C], new conv state."""
+    def _qkv(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """q, k, v [B, T, H, Dh] from x [B, T, dim], and the new conv state (None without conv)."""
+        u = self.wqkv(x)                                                  # [B, T, C]
         if not self.conv_kernel:
-            return u, None
+            return *qkv_features(u, None, None, self.heads), None
         B, T, C = u.shape
         K = self.conv_kernel
         past = state.conv if state.conv is not None else u.new_zeros(B, C, K - 1)
         xp = torch.cat([past.to(u.dtype).transpose(1, 2), u], dim=1)   # [B, K - 1 + T, C]
-        out = causal_conv(xp, self.conv_weight.to(u.dtype).squeeze(1), self.conv_bias.to(u.dtype))
+        q, k, v = qkv_features(xp, self.conv_weight.to(u.dtype).squeeze(1), self.conv_bias.to(u.dtype), self.heads)
         # a copy, so that the state does not keep all of xp alive
-        return out, xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
+        return q, k, v, xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """x: [B, T, dim] -> y: [B, T, dim], and the state after the last token."""
@@ -194,10 +195,7 @@ class NeuralMemory(nn.Module):
             state = self.init_state(B)
         elif not isinstance(state, NeuralMemoryState):
             raise ValueError(f"state must be a NeuralMemoryState or None, got {type(state).__name__}")
-        H, Dh = self.heads, self.head_dim
-        u, conv = self._conv(self.wqkv(x), state)
-        q, k, v = F.silu(u).view(B, T, 3, H, Dh).unbind(2)               # each [B, T, H, Dh]
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v, conv = self._qkv(x, state)
         theta, eta, alpha, chunk_gates = self._gates(x, state)
         y, memory = memory_rule(q, k, v, theta, eta, alpha, list(self.memory), chunk_size=self.chunk_size,
                                 activation=self.activation, residual=self.residual, state=state.memory)
@@ -206,7 +204,4 @@ class NeuralMemory(nn.Module):
     def read_out(self, r: Tensor, x: Tensor) -> Tensor:
         """The output path of a memory read r [B, T, H, Dh]: per-head RMSNorm, SiLU gate from
         x [B, T, dim], output projection -> [B, T, dim]."""
-        B, T = r.shape[:2]
-        r = r if r.dtype == torch.float64 else r.float()
-        r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm
-        return self.wo(r.reshape(B, T, -1) * F.silu(self.wgate_out(x)))
+        return self.wo(gated_rms_norm(r, self.out_norm, self.wgate_out(x)))

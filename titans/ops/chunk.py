@@ -282,15 +282,13 @@ class Plan(NamedTuple):
         return c if 0 <= c < self.n_full else None
 
 
-def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan
-              ) -> tuple[list[ChunkGates], ChunkGates | None]:
-    """Gate products of every piece, and those of the full chunks batched (fields [BH, NC, ...])."""
+def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan) -> list[ChunkGates]:
+    """Gate products of every piece; those of the full chunks are computed batched."""
     T = theta.shape[1]
     full_lo, full_hi = plan.head, plan.head + plan.n_full * plan.b
-    batched = None
     if plan.n_full:
         split = [x[:, full_lo:full_hi].unflatten(-1, (plan.n_full, plan.b)) for x in (theta, eta, alpha)]
-        batched = chunk_gates(*split)
+        batched = chunk_gates(*split)   # fields [BH, n_full, ...]
     out = []
     for p, (lo, hi) in enumerate(plan.pieces(T)):
         c = plan.full_index(p)
@@ -298,7 +296,7 @@ def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan
             out.append(ChunkGates(*(x[:, c] for x in batched)))
         else:
             out.append(chunk_gates(theta[:, lo:hi], eta[:, lo:hi], alpha[:, lo:hi]))
-    return out, batched
+    return out
 
 
 def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,

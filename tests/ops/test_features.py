@@ -1,0 +1,91 @@
+"""The fused input (conv, SiLU, L2 norm) and output (RMSNorm, SiLU gate) paths of the memory layer
+against the same math through plain autograd: values, every gradient, gradcheck, layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from titans.ops.features import gated_rms_norm, gated_rms_norm_ref, qkv_features, qkv_features_ref
+
+H, DH = 2, 3
+C = 3 * H * DH
+
+
+def _qkv_args(K: int | None, T: int = 7, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    if K is None:
+        return [torch.randn(2, T, C, generator=g, dtype=dtype), None, None]
+    return [torch.randn(2, K - 1 + T, C, generator=g, dtype=dtype), torch.randn(C, K, generator=g, dtype=dtype),
+            torch.randn(C, generator=g, dtype=dtype)]
+
+
+def _outputs_and_grads(fn, args, extra, seed=1):
+    leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+    outs = fn(*leaves, *extra)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    douts = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, [x for x in leaves if x is not None], douts)
+    return outs, grads
+
+
+@pytest.mark.parametrize("K", [None, 1, 4])
+def test_qkv_features_match_autograd(K):
+    args = _qkv_args(K)
+    (outs, grads), (ref_outs, ref_grads) = (_outputs_and_grads(fn, args, (H,))
+                                            for fn in (qkv_features, qkv_features_ref))
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    q, k, v = outs
+    assert q.shape == (2, 7, H, DH)
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(2, 7, H, dtype=q.dtype))
+    # q, k, v share one [3, B, H, T, Dh] buffer: the memory rule's [B H, T, Dh] layout is a view
+    assert q.transpose(1, 2).is_contiguous() and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+
+
+def test_qkv_features_gradcheck_and_zero_rows():
+    xp, w, b = _qkv_args(3, T=4, seed=2)
+    assert torch.autograd.gradcheck(lambda *a: qkv_features(*a, H), (xp.requires_grad_(), w.requires_grad_(),
+                                                                       b.requires_grad_()))
+    # a q row that is exactly zero: the norm is clamped, as in F.normalize (gradient dy / eps)
+    u = torch.zeros(1, 2, C, dtype=torch.float64)
+    u[:, 1] = torch.randn(C, dtype=torch.float64)
+    (o, g), (ro, rg) = (_outputs_and_grads(fn, [u, None, None], (H,)) for fn in (qkv_features, qkv_features_ref))
+    for a, b in zip(o + g, ro + rg):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_qkv_features_causal():
+    xp, w, b = _qkv_args(4, T=6, seed=3)
+    q = qkv_features(xp, w, b, H)[0]
+    xp2 = xp.clone()
+    xp2[:, 3 + 4] += 1.0   # output token 4 reads xp rows 4..7
+    q2 = qkv_features(xp2, w, b, H)[0]
+    assert torch.equal(q[:, :4], q2[:, :4]) and not torch.equal(q[:, 4], q2[:, 4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gated_rms_norm_matches_autograd(dtype):
+    g = torch.Generator().manual_seed(4)
+    # r as the memory rule returns it: a [B, T, H, Dh] view of a [B, H, T, Dh] tensor
+    args = [torch.randn(2, H, 5, DH, generator=g, dtype=dtype).transpose(1, 2),
+            torch.randn(H, DH, generator=g, dtype=dtype), torch.randn(2, 5, H * DH, generator=g, dtype=dtype)]
+    (o, gr), (ro, rg) = (_outputs_and_grads(fn, args, ()) for fn in (gated_rms_norm, gated_rms_norm_ref))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(o + gr, ro + rg):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert o[0].shape == (2, 5, H * DH)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(gated_rms_norm, tuple(a.detach().requires_grad_() for a in args))
+
+
+def test_gated_rms_norm_bf16_inputs_give_fp32():
+    r = torch.randn(1, 3, H, DH, dtype=torch.bfloat16, requires_grad=True)
+    gate = torch.randn(1, 3, H * DH, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(H, DH, requires_grad=True)
+    out = gated_rms_norm(r, w, gate)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert r.grad.dtype == torch.bfloat16 and gate.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(out, gated_rms_norm_ref(r, w, gate))

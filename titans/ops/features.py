@@ -1,0 +1,130 @@
+"""The memory layer's elementwise input and output paths, fused, with backwards that recompute.
+
+Shape legend
+    B batch, T tokens, H heads, Dh head dim, C = 3 H Dh (q, k and v channels), K conv taps
+    xp: [B, K - 1 + T, C], the projected input x W_qkv with its K - 1 past tokens in front
+    q, k, v: [B, T, H, Dh]   r: [B, T, H, Dh] (a memory read)   g, out: [B, T, H Dh]
+
+Input path (DESIGN.md §2):  q, k, v = SiLU(causal depthwise conv(x W_qkv)), q and k L2-normalised
+per head. Output path: out = RMSNorm(r) * weight * SiLU(g), per head.
+
+Through autograd, every elementwise step keeps its own full-size input until the backward
+(the conv input, the conv output, the SiLU output, the normalised reads, ...): at T=4096 and
+dim 384 that is about 90 MB on the input path alone. These two functions keep only their inputs
+(and per-token norms) and recompute the rest in the backward, where it costs a few elementwise
+passes. `qkv_features` also writes q, k, v into one [3, B, H, T, Dh] buffer, so that the memory
+rule's [B H, T, Dh] layout is a view of it, not a copy. The `_ref` twins are the same math through
+plain autograd, for the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv import causal_conv_ref, conv_backward, conv_forward
+
+__all__ = ["qkv_features", "qkv_features_ref", "gated_rms_norm", "gated_rms_norm_ref"]
+
+NORM_EPS = 1e-12   # F.normalize's: q / max(|q|, eps)
+RMS_EPS = 1e-6
+
+
+def _split(s: Tensor, heads: int) -> Tensor:
+    """[B, T, 3 H Dh] -> [3, B, H, T, Dh] (a view)."""
+    B, T, C = s.shape
+    return s.view(B, T, 3, heads, C // (3 * heads)).permute(2, 0, 3, 1, 4)
+
+
+class _QKVFeatures(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xp: Tensor, weight: Tensor | None, bias: Tensor | None, heads: int):
+        s = F.silu(xp) if weight is None else F.silu(conv_forward(xp, weight, bias), inplace=True)
+        s = _split(s, heads)                                           # [3, B, H, T, Dh]
+        out = torch.empty(s.shape, dtype=s.dtype, device=s.device)     # contiguous: [B H, T, Dh] is a view
+        norm = torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+        torch.div(s[:2], norm, out=out[:2])
+        out[2].copy_(s[2])
+        ctx.heads = heads
+        ctx.save_for_backward(xp, weight, bias, norm)
+        return tuple(o.transpose(1, 2) for o in out)                   # each [B, T, H, Dh]
+
+    @staticmethod
+    def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
+        xp, weight, bias, norm = ctx.saved_tensors
+        u = xp if weight is None else conv_forward(xp, weight, bias)
+        sig = torch.sigmoid(u)
+        du = torch.empty_like(u)
+        d = _split(du, ctx.heads)
+        # q and k: y = s / |s|  ->  ds = (dy - y <y, dy>) / |s|   (dy / eps where the norm was clamped)
+        y = _split(u * sig, ctx.heads)[:2].div_(norm)
+        for i, dy in enumerate((dq, dk)):
+            dy = dy.transpose(1, 2)                                    # [B, H, T, Dh]
+            dot = torch.linalg.vecdot(y[i], dy).unsqueeze(-1) * (norm[i] > NORM_EPS)
+            torch.sub(dy, y[i] * dot, out=d[i]).div_(norm[i])
+        del y
+        d[2].copy_(dv.transpose(1, 2))
+        du.mul_(u.mul_(1 - sig).add_(1).mul_(sig))                     # SiLU'(u) = sig (1 + u (1 - sig))
+        del u, sig
+        if weight is None:
+            return du, None, None, None
+        return (*conv_backward(du, xp, weight, ctx.needs_input_grad[:3]), None)
+
+
+def qkv_features(xp: Tensor, weight: Tensor | None, bias: Tensor | None, heads: int
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v [B, T, H, Dh] from xp [B, K - 1 + T, 3 H Dh] (conv weight [C, K], bias [C]).
+
+    weight None: no convolution, xp is the projected input itself ([B, T, C]). q, k, v are views
+    of one [3, B, H, T, Dh] buffer (see the module doc).
+    """
+    return _QKVFeatures.apply(xp, weight, bias, heads)
+
+
+def qkv_features_ref(xp: Tensor, weight: Tensor | None, bias: Tensor | None, heads: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The same through plain autograd (the reference for the tests)."""
+    u = xp if weight is None else causal_conv_ref(xp, weight, bias)
+    B, T, C = u.shape
+    q, k, v = F.silu(u).view(B, T, 3, heads, C // (3 * heads)).unbind(2)
+    return F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS), v
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r: Tensor, weight: Tensor, g: Tensor):
+        B, T, H, Dh = r.shape
+        dtype = torch.promote_types(r.dtype, torch.float32)
+        r = r.to(dtype)
+        rstd = torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + RMS_EPS)      # [B, T, H, 1]
+        out = (r * rstd * weight).reshape(B, T, H * Dh).mul_(F.silu(g))
+        ctx.save_for_backward(r, weight, g, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        r, weight, g, rstd = ctx.saved_tensors
+        B, T, H, Dh = r.shape
+        sig = torch.sigmoid(g)
+        rn = r * rstd                                                     # the normalised read
+        dn = (dout * (g * sig)).view(B, T, H, Dh)                        # d (rn * weight)
+        dg = (dout * (rn * weight).reshape(B, T, H * Dh)).mul_(sig * (1 + g * (1 - sig)))
+        dweight = (dn * rn).sum((0, 1))
+        dnw = dn.mul_(weight)
+        dr = (dnw - rn * (dnw * rn).mean(-1, keepdim=True)).mul_(rstd)
+        return dr, dweight, dg.to(g.dtype)
+
+
+def gated_rms_norm(r: Tensor, weight: Tensor, g: Tensor) -> Tensor:
+    """RMSNorm(r) * weight * SiLU(g) per head. r: [B, T, H, Dh]; weight: [H, Dh]; g: [B, T, H Dh]
+    -> [B, T, H Dh], in r's dtype promoted to at least fp32."""
+    return _GatedRMSNorm.apply(r, weight, g)
+
+
+def gated_rms_norm_ref(r: Tensor, weight: Tensor, g: Tensor) -> Tensor:
+    """The same through plain autograd (the reference for the tests)."""
+    B, T = r.shape[:2]
+    r = r.to(torch.promote_types(r.dtype, torch.float32))
+    r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + RMS_EPS) * weight
+    return r.reshape(B, T, -1) * F.silu(g)
