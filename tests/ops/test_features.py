@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from titans.ops import features
 from titans.ops.features import gated_rms_norm, gated_rms_norm_ref, qkv_features, qkv_features_ref
 
 H, DH = 2, 3
@@ -30,8 +31,10 @@ def _outputs_and_grads(fn, args, extra, seed=1):
     return outs, grads
 
 
+@pytest.mark.parametrize("block", [256, 3])   # 3: the 7 tokens span three blocks
 @pytest.mark.parametrize("K", [None, 1, 4])
-def test_qkv_features_match_autograd(K):
+def test_qkv_features_match_autograd(K, block, monkeypatch):
+    monkeypatch.setattr(features, "BLOCK", block)
     args = _qkv_args(K)
     (outs, grads), (ref_outs, ref_grads) = (_outputs_and_grads(fn, args, (H,))
                                             for fn in (qkv_features, qkv_features_ref))
@@ -44,7 +47,8 @@ def test_qkv_features_match_autograd(K):
     assert q.transpose(1, 2).is_contiguous() and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
 
 
-def test_qkv_features_gradcheck_and_zero_rows():
+def test_qkv_features_gradcheck_and_zero_rows(monkeypatch):
+    monkeypatch.setattr(features, "BLOCK", 3)
     xp, w, b = _qkv_args(3, T=4, seed=2)
     assert torch.autograd.gradcheck(lambda *a: qkv_features(*a, H), (xp.requires_grad_(), w.requires_grad_(),
                                                                        b.requires_grad_()))

@@ -282,20 +282,40 @@ class Plan(NamedTuple):
         return c if 0 <= c < self.n_full else None
 
 
-def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan) -> list[ChunkGates]:
-    """Gate products of every piece; those of the full chunks are computed batched."""
-    T = theta.shape[1]
-    full_lo, full_hi = plan.head, plan.head + plan.n_full * plan.b
-    if plan.n_full:
-        split = [x[:, full_lo:full_hi].unflatten(-1, (plan.n_full, plan.b)) for x in (theta, eta, alpha)]
-        batched = chunk_gates(*split)   # fields [BH, n_full, ...]
-    out = []
+# Full chunks whose gate products are computed in one batch. One batch over all chunks made
+# [BH, chunks, b, b] temporaries at every step (4 MB each at 4 heads, T=4096), and through the
+# backward's autograd graph they stayed alive at once (about 80 MB more peak RSS).
+GATE_GROUP = 8
+
+
+def gate_groups(plan: Plan, T: int) -> list[tuple[int, int, list[int], bool]]:
+    """The pieces in groups for the gate products: (lo, hi, pieces, batched). The head and tail
+    pieces are groups of their own; the full chunks come GATE_GROUP at a time (batched)."""
+    groups, full = [], []
     for p, (lo, hi) in enumerate(plan.pieces(T)):
-        c = plan.full_index(p)
-        if c is not None:
-            out.append(ChunkGates(*(x[:, c] for x in batched)))
-        else:
-            out.append(chunk_gates(theta[:, lo:hi], eta[:, lo:hi], alpha[:, lo:hi]))
+        if plan.full_index(p) is None:
+            groups.append((lo, hi, [p], False))
+            continue
+        full.append(p)
+        if len(full) == GATE_GROUP or plan.full_index(p) == plan.n_full - 1:
+            groups.append((hi - len(full) * plan.b, hi, full, True))
+            full = []
+    return groups
+
+
+def group_gates(theta: Tensor, eta: Tensor, alpha: Tensor, n: int, batched: bool) -> ChunkGates:
+    """chunk_gates of one group (inputs [BH, tokens]); batched: n chunks of equal length (fields [BH, n, ...])."""
+    if batched:
+        return chunk_gates(*(x.unflatten(-1, (n, x.shape[-1] // n)) for x in (theta, eta, alpha)))
+    return chunk_gates(theta, eta, alpha)
+
+
+def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan) -> list[ChunkGates]:
+    """Gate products of every piece."""
+    out = []
+    for lo, hi, ps, batched in gate_groups(plan, theta.shape[1]):
+        gates = group_gates(theta[:, lo:hi], eta[:, lo:hi], alpha[:, lo:hi], len(ps), batched)
+        out += [ChunkGates(*(x[:, i] for x in gates)) for i in range(len(ps))] if batched else [gates]
     return out
 
 

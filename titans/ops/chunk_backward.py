@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .chunk import (ChunkGates, PieceCache, Plan, Setup, all_gates, checkpoint_interval, chunk_gates, gate_columns,
-                    pair, piece_forward)
+from .chunk import (ChunkGates, PieceCache, Plan, Setup, all_gates, checkpoint_interval, gate_columns, gate_groups,
+                    group_gates, pair, piece_forward)
 
 __all__ = ["ChunkScan", "piece_backward", "scan_forward"]
 
@@ -119,36 +119,17 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
     return dq, dk, dv, ChunkGates(**dgate), dWS, (dWg if Wg_given is not None else None)
 
 
-# Chunks per autograd graph in the gate backward: one graph over all chunks kept every step's
-# [BH, chunks, b, b] tensors alive at once (about 80 MB of peak RSS at 4 heads of 96, T=4096).
-GATE_GROUP = 8
-
-
 def _gate_backward(plan: Plan, theta: Tensor, eta: Tensor, alpha: Tensor, dgates: list[ChunkGates]):
     """Gradients for theta, eta, alpha [BH, T] from those of every piece's gate products, by
-    autograd through chunk_gates (small next to the loop's work): the head and tail pieces on
-    their own, the full chunks batched GATE_GROUP at a time. A chunk's gates depend only on its
-    own tokens, so each group's gradient is a slice of the result."""
-    T = theta.shape[1]
-    groups = []  # (lo, hi, pieces, full)
-    full = []
-    for p, (lo, hi) in enumerate(plan.pieces(T)):
-        if plan.full_index(p) is None:
-            groups.append((lo, hi, [p], False))
-            continue
-        full.append(p)
-        if len(full) == GATE_GROUP or plan.full_index(p) == plan.n_full - 1:
-            groups.append((hi - len(full) * plan.b, hi, full, True))
-            full = []
+    autograd through chunk_gates (small next to the loop's work), one graph per group of
+    gate_groups. A chunk's gates depend only on its own tokens: each group's gradient is a
+    slice of the result."""
     dtea = [torch.zeros_like(x) for x in (theta, eta, alpha)]
-    for lo, hi, ps, batched in groups:
+    for lo, hi, ps, batched in gate_groups(plan, theta.shape[1]):
         with torch.enable_grad():
             tea = [x[:, lo:hi].detach().requires_grad_() for x in (theta, eta, alpha)]
-            if batched:
-                gates = chunk_gates(*(x.unflatten(-1, (len(ps), plan.b)) for x in tea))
-                grads = [torch.stack(field, dim=1) for field in zip(*(dgates[p] for p in ps))]
-            else:
-                gates, grads = chunk_gates(*tea), dgates[ps[0]]
+            gates = group_gates(*tea, len(ps), batched)
+            grads = [torch.stack(field, dim=1) for field in zip(*(dgates[p] for p in ps))] if batched else dgates[ps[0]]
             d = torch.autograd.grad(list(gates), tea, list(grads), allow_unused=True)
         for out, di in zip(dtea, d):
             if di is not None:

@@ -12,7 +12,7 @@ Through autograd, every elementwise step keeps its own full-size input until the
 (the conv input, the conv output, the SiLU output, the normalised reads, ...): at T=4096 and
 dim 384 that is about 90 MB on the input path alone. These two functions keep only their inputs
 (and per-token norms) and recompute the rest in the backward, where it costs a few elementwise
-passes. `qkv_features` also writes q, k, v into one [3, B, H, T, Dh] buffer, so that the memory
+passes; the input path also works in blocks of tokens, so that its temporaries stay small. `qkv_features` also writes q, k, v into one [3, B, H, T, Dh] buffer, so that the memory
 rule's [B H, T, Dh] layout is a view of it, not a copy. The `_ref` twins are the same math through
 plain autograd, for the tests.
 """
@@ -31,45 +31,70 @@ NORM_EPS = 1e-12   # F.normalize's: q / max(|q|, eps)
 RMS_EPS = 1e-6
 
 
+# Tokens per block: both passes of the input path run over blocks of the sequence, so that their
+# temporaries (the conv output, its SiLU, the sigmoid, ...) are block-sized, not [B, T, 3 H Dh].
+BLOCK = 256
+
+
 def _split(s: Tensor, heads: int) -> Tensor:
     """[B, T, 3 H Dh] -> [3, B, H, T, Dh] (a view)."""
     B, T, C = s.shape
     return s.view(B, T, 3, heads, C // (3 * heads)).permute(2, 0, 3, 1, 4)
 
 
+def _blocks(T: int):
+    return [(t0, min(T, t0 + BLOCK)) for t0 in range(0, T, BLOCK)]
+
+
 class _QKVFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp: Tensor, weight: Tensor | None, bias: Tensor | None, heads: int):
-        s = F.silu(xp) if weight is None else F.silu(conv_forward(xp, weight, bias), inplace=True)
-        s = _split(s, heads)                                           # [3, B, H, T, Dh]
-        out = torch.empty(s.shape, dtype=s.dtype, device=s.device)     # contiguous: [B H, T, Dh] is a view
-        norm = torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True).clamp_min_(NORM_EPS)
-        torch.div(s[:2], norm, out=out[:2])
-        out[2].copy_(s[2])
+        K = 1 if weight is None else weight.shape[1]
+        B, T, C = xp.shape[0], xp.shape[1] - (K - 1), xp.shape[2]
+        out = xp.new_empty(3, B, heads, T, C // (3 * heads))  # contiguous: [B H, T, Dh] is a view
+        norm = xp.new_empty(2, B, heads, T, 1)
+        for t0, t1 in _blocks(T):
+            u = xp[:, t0:t1] if weight is None else conv_forward(xp[:, t0:t1 + K - 1], weight, bias)
+            s = _split(F.silu(u), heads)                                # [3, B, H, n, Dh]
+            torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True, out=norm[:, :, :, t0:t1]).clamp_min_(NORM_EPS)
+            torch.div(s[:2], norm[:, :, :, t0:t1], out=out[:2, :, :, t0:t1])
+            out[2, :, :, t0:t1] = s[2]
         ctx.heads = heads
         ctx.save_for_backward(xp, weight, bias, norm)
-        return tuple(o.transpose(1, 2) for o in out)                   # each [B, T, H, Dh]
+        return tuple(o.transpose(1, 2) for o in out)                    # each [B, T, H, Dh]
 
     @staticmethod
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
         xp, weight, bias, norm = ctx.saved_tensors
-        u = xp if weight is None else conv_forward(xp, weight, bias)
-        sig = torch.sigmoid(u)
-        du = torch.empty_like(u)
-        d = _split(du, ctx.heads)
-        # q and k: y = s / |s|  ->  ds = (dy - y <y, dy>) / |s|   (dy / eps where the norm was clamped)
-        y = _split(u * sig, ctx.heads)[:2].div_(norm)
-        for i, dy in enumerate((dq, dk)):
-            dy = dy.transpose(1, 2)                                    # [B, H, T, Dh]
-            dot = torch.linalg.vecdot(y[i], dy).unsqueeze(-1) * (norm[i] > NORM_EPS)
-            torch.sub(dy, y[i] * dot, out=d[i]).div_(norm[i])
-        del y
-        d[2].copy_(dv.transpose(1, 2))
-        du.mul_(u.mul_(1 - sig).add_(1).mul_(sig))                     # SiLU'(u) = sig (1 + u (1 - sig))
-        del u, sig
-        if weight is None:
-            return du, None, None, None
-        return (*conv_backward(du, xp, weight, ctx.needs_input_grad[:3]), None)
+        K = 1 if weight is None else weight.shape[1]
+        T = xp.shape[1] - (K - 1)
+        needs = ctx.needs_input_grad[:3]
+        dxp = xp.new_zeros(xp.shape) if needs[0] else None
+        dw = db = None
+        for t0, t1 in _blocks(T):
+            u = xp[:, t0:t1] if weight is None else conv_forward(xp[:, t0:t1 + K - 1], weight, bias)
+            sig = torch.sigmoid(u)
+            du = torch.empty_like(u)
+            d = _split(du, ctx.heads)
+            nb = norm[:, :, :, t0:t1]
+            # q and k: y = s / |s|  ->  ds = (dy - y <y, dy>) / |s|   (dy / eps where the norm was clamped)
+            y = _split(u * sig, ctx.heads)[:2].div_(nb)
+            for i, dy in enumerate((dq, dk)):
+                dy = dy[:, t0:t1].transpose(1, 2)                       # [B, H, n, Dh]
+                dot = torch.linalg.vecdot(y[i], dy).unsqueeze(-1) * (nb[i] > NORM_EPS)
+                torch.sub(dy, y[i] * dot, out=d[i]).div_(nb[i])
+            d[2] = dv[:, t0:t1].transpose(1, 2)
+            du.mul_(sig.neg().add_(1).mul_(u).add_(1).mul_(sig))        # SiLU'(u) = sig (1 + u (1 - sig))
+            if weight is None:
+                if dxp is not None:
+                    dxp[:, t0:t1] = du
+                continue
+            gx, gw, gb = conv_backward(du, xp[:, t0:t1 + K - 1], weight, needs)
+            if gx is not None:
+                dxp[:, t0:t1 + K - 1] += gx
+            dw = gw if dw is None or gw is None else dw + gw
+            db = gb if db is None or gb is None else db + gb
+        return dxp, dw, db, None
 
 
 def qkv_features(xp: Tensor, weight: Tensor | None, bias: Tensor | None, heads: int
@@ -92,13 +117,16 @@ def qkv_features_ref(xp: Tensor, weight: Tensor | None, bias: Tensor | None, hea
 
 
 class _GatedRMSNorm(torch.autograd.Function):
+    # in-place steps throughout: every temporary here is [B, T, H Dh]
     @staticmethod
     def forward(ctx, r: Tensor, weight: Tensor, g: Tensor):
         B, T, H, Dh = r.shape
-        dtype = torch.promote_types(r.dtype, torch.float32)
-        r = r.to(dtype)
-        rstd = torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + RMS_EPS)      # [B, T, H, 1]
-        out = (r * rstd * weight).reshape(B, T, H * Dh).mul_(F.silu(g))
+        r = r.to(torch.promote_types(r.dtype, torch.float32))
+        rms = torch.linalg.vector_norm(r, dim=-1, keepdim=True)             # [B, T, H, 1]
+        rstd = rms.square_().div_(Dh).add_(RMS_EPS).rsqrt_()
+        out = r.new_empty(B, T, H, Dh)
+        torch.mul(r, rstd, out=out).mul_(weight)
+        out = out.view(B, T, H * Dh).mul_(F.silu(g))
         ctx.save_for_backward(r, weight, g, rstd)
         return out
 
@@ -107,12 +135,18 @@ class _GatedRMSNorm(torch.autograd.Function):
         r, weight, g, rstd = ctx.saved_tensors
         B, T, H, Dh = r.shape
         sig = torch.sigmoid(g)
-        rn = r * rstd                                                     # the normalised read
-        dn = (dout * (g * sig)).view(B, T, H, Dh)                        # d (rn * weight)
-        dg = (dout * (rn * weight).reshape(B, T, H * Dh)).mul_(sig * (1 + g * (1 - sig)))
-        dweight = (dn * rn).sum((0, 1))
+        rn = torch.mul(r, rstd, out=r.new_empty(B, T, H, Dh))                # the normalised read
+        dg = (rn * weight).view(B, T, H * Dh).mul_(dout)
+        dsilu = torch.rsub(sig, 1).mul_(g).add_(1).mul_(sig)               # SiLU'(g) = sig (1 + g (1 - sig))
+        dg.mul_(dsilu)
+        dn = dsilu.copy_(g).mul_(sig).mul_(dout).view(B, T, H, Dh)          # d (rn * weight) = dout SiLU(g)
+        del sig
+        prod = dn * rn
+        dweight = prod.sum((0, 1))
         dnw = dn.mul_(weight)
-        dr = (dnw - rn * (dnw * rn).mean(-1, keepdim=True)).mul_(rstd)
+        mean = torch.mul(dnw, rn, out=prod).mean(-1, keepdim=True)
+        del prod
+        dr = dnw.sub_(rn.mul_(mean)).mul_(rstd)
         return dr, dweight, dg.to(g.dtype)
 
 
