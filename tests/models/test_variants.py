@@ -109,7 +109,10 @@ def test_overfits_a_tiny_repeated_sequence(variant, kw):
     x = seq.repeat(1, 4)                      # 48 tokens: the pattern repeats
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
-    for step in range(60):
+    # 100 steps: at 60 the loss was still near the bar, and float-level changes to the kernels
+    # moved it across (seed 0: 1.29 and 1.50 at step 59 before and after one such change; 0.07
+    # and 0.15 at step 99)
+    for step in range(100):
         loss = model(x[:, :-1], labels=x[:, 1:]).loss
         opt.zero_grad()
         loss.backward()
