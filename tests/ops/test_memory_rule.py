@@ -299,14 +299,16 @@ def test_bad_state_raises():
         memory_rule(*tensors, weights, state=(state.weights, state.momentum))
 
 
-@pytest.mark.parametrize("chunk_size,T", [(1, 23), (4, 61)])
-def test_checkpointed_backward_equals_reference(monkeypatch, chunk_size, T):
-    # long sequences keep only every K-th chunk state and rebuild the rest in the backward;
-    # force that path at test sizes
+@pytest.mark.parametrize("chunk_size,T,depth,residual", [(1, 23, 2, False), (4, 61, 2, False), (4, 61, 1, True),
+                                                         (5, 61, 3, True)])
+def test_checkpointed_backward_equals_reference(monkeypatch, chunk_size, T, depth, residual):
+    # long sequences keep only every K-th chunk state and rebuild the rest in the backward; force
+    # that path at test sizes. (5, 61): the last piece starts at a kept state that the op also
+    # returns as chunk_start; the backward once recycled it, corrupting the returned state.
     import titans.ops.chunk_backward as cb
     monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 0)
-    tensors, weights = make_inputs(T=T, depth=2, seed=21)
-    assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=chunk_size)
+    tensors, weights = make_inputs(T=T, depth=depth, seed=21)
+    assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=chunk_size, residual=residual)
     # and resuming mid-chunk in that mode
     _, state = memory_rule(*(t[:, :3] for t in tensors), weights, chunk_size=chunk_size + 2)
     a = [t[:, 3:].clone().requires_grad_() for t in tensors]

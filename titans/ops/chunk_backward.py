@@ -214,6 +214,8 @@ class ChunkScan(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dgates: list[ChunkGates | None] = [None] * len(pieces)
         dWg0 = None
+        # released here: a second backward through the same graph (retain_graph) finds None and
+        # recomputes everything from the initial state
         saved, ctx.saved = ctx.saved, None
         kept = {**saved, 0: WS0} if isinstance(saved, dict) else {0: WS0}
         starts = sorted(kept)
@@ -242,8 +244,11 @@ class ChunkScan(torch.autograd.Function):
                 dq[:, lo:hi], dk[:, lo:hi], dv[:, lo:hi] = gq, gk, gv
                 if p == 0:
                     dWg0 = dWg
-            if not isinstance(saved, list):  # the segment's states are done with: recycle them
-                s.buffers.give([ws for p, (states, _) in enumerate(seg, p0) if p > 0 for ws in states])
+            if not isinstance(saved, list):  # the segment's states are done with: recycle them, except
+                # the op's input (piece 0) and the last piece's start state, which the op returned
+                # (its chunk_start) and the caller may still hold
+                s.buffers.give([ws for p, (states, _) in enumerate(seg, p0) if 0 < p < len(pieces) - 1
+                                for ws in states])
             del seg
         s.buffers.clear()
         dtea = _gate_backward(plan, theta, eta, alpha, dgates)
