@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import titans.data.dna as dna
+import titans.data.fasta as fasta
 from titans.data.dna import (DNAClassificationSet, DNALMWindows, DNATokenizer, FastaSource,
                              build_window_task, fetch_genomes, find_labeled_files,
                              load_labeled_dir, load_labeled_fasta, read_fasta, split_sources)
@@ -184,7 +184,7 @@ def test_fetch_genomes_lists_cached_tree_and_needs_apt(tmp_path, monkeypatch):
     got = fetch_genomes(tmp_path)
     assert [(s.label, s.strain) for s in got] == [("escherichia_coli", "DH1"),
                                                  ("helicobacter_pylori", "G27"), ("odd.name", "X")]
-    monkeypatch.setattr(dna.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(fasta.shutil, "which", lambda tool: None)
     with pytest.raises(RuntimeError, match="needs `apt-get`"):
         fetch_genomes(tmp_path / "empty")
 
