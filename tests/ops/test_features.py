@@ -14,10 +14,12 @@ C = 3 * H * DH
 
 
 def _qkv_args(K: int | None, T: int = 7, seed: int = 0, dtype=torch.float64):
+    """[u, past, weight, bias] (past, weight, bias None without conv)."""
     g = torch.Generator().manual_seed(seed)
+    u = torch.randn(2, T, C, generator=g, dtype=dtype)
     if K is None:
-        return [torch.randn(2, T, C, generator=g, dtype=dtype), None, None]
-    return [torch.randn(2, K - 1 + T, C, generator=g, dtype=dtype), torch.randn(C, K, generator=g, dtype=dtype),
+        return [u, None, None, None]
+    return [u, torch.randn(2, K - 1, C, generator=g, dtype=dtype), torch.randn(C, K, generator=g, dtype=dtype),
             torch.randn(C, generator=g, dtype=dtype)]
 
 
@@ -49,23 +51,23 @@ def test_qkv_features_match_autograd(K, block, monkeypatch):
 
 def test_qkv_features_gradcheck_and_zero_rows(monkeypatch):
     monkeypatch.setattr(features, "BLOCK", 3)
-    xp, w, b = _qkv_args(3, T=4, seed=2)
-    assert torch.autograd.gradcheck(lambda *a: qkv_features(*a, H), (xp.requires_grad_(), w.requires_grad_(),
-                                                                       b.requires_grad_()))
+    args = [a.requires_grad_() for a in _qkv_args(3, T=4, seed=2)]   # u, past, weight, bias
+    assert torch.autograd.gradcheck(lambda *a: qkv_features(*a, H), tuple(args))
     # a q row that is exactly zero: the norm is clamped, as in F.normalize (gradient dy / eps)
     u = torch.zeros(1, 2, C, dtype=torch.float64)
     u[:, 1] = torch.randn(C, dtype=torch.float64)
-    (o, g), (ro, rg) = (_outputs_and_grads(fn, [u, None, None], (H,)) for fn in (qkv_features, qkv_features_ref))
+    (o, g), (ro, rg) = (_outputs_and_grads(fn, [u, None, None, None], (H,))
+                        for fn in (qkv_features, qkv_features_ref))
     for a, b in zip(o + g, ro + rg):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_qkv_features_causal():
-    xp, w, b = _qkv_args(4, T=6, seed=3)
-    q = qkv_features(xp, w, b, H)[0]
-    xp2 = xp.clone()
-    xp2[:, 3 + 4] += 1.0   # output token 4 reads xp rows 4..7
-    q2 = qkv_features(xp2, w, b, H)[0]
+    u, past, w, b = _qkv_args(4, T=6, seed=3)
+    q = qkv_features(u, past, w, b, H)[0]
+    u2 = u.clone()
+    u2[:, 4] += 1.0
+    q2 = qkv_features(u2, past, w, b, H)[0]
     assert torch.equal(q[:, :4], q2[:, :4]) and not torch.equal(q[:, 4], q2[:, 4])
 
 

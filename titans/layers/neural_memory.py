@@ -177,14 +177,15 @@ class NeuralMemory(nn.Module):
         """q, k, v [B, T, H, Dh] from x [B, T, dim], and the new conv state (None without conv)."""
         u = self.wqkv(x)                                                  # [B, T, C]
         if not self.conv_kernel:
-            return *qkv_features(u, None, None, self.heads), None
+            return *qkv_features(u, None, None, None, self.heads), None
         B, T, C = u.shape
-        K = self.conv_kernel
-        past = state.conv if state.conv is not None else u.new_zeros(B, C, K - 1)
-        xp = torch.cat([past.to(u.dtype).transpose(1, 2), u], dim=1)   # [B, K - 1 + T, C]
-        q, k, v = qkv_features(xp, self.conv_weight.to(u.dtype).squeeze(1), self.conv_bias.to(u.dtype), self.heads)
-        # a copy, so that the state does not keep all of xp alive
-        return q, k, v, xp[:, xp.shape[1] - (K - 1):].transpose(1, 2).contiguous()
+        P = self.conv_kernel - 1
+        past = state.conv.transpose(1, 2).to(u.dtype) if state.conv is not None else u.new_zeros(B, P, C)
+        q, k, v = qkv_features(u, past, self.conv_weight.to(u.dtype).squeeze(1), self.conv_bias.to(u.dtype),
+                               self.heads)
+        # the last P rows of [past; u], as a copy: the state must not keep all of u alive
+        tail = torch.cat([past[:, T:], u[:, max(0, T - P):]], dim=1)
+        return q, k, v, tail.transpose(1, 2).contiguous()
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """x: [B, T, dim] -> y: [B, T, dim], and the state after the last token."""

@@ -2,7 +2,7 @@
 
 Shape legend
     B batch, T tokens, H heads, Dh head dim, C = 3 H Dh (q, k and v channels), K conv taps
-    xp: [B, K - 1 + T, C], the projected input x W_qkv with its K - 1 past tokens in front
+    u: [B, T, C], the projected input x W_qkv   past: [B, K - 1, C], the K - 1 inputs before it
     q, k, v: [B, T, H, Dh]   r: [B, T, H, Dh] (a memory read)   g, out: [B, T, H Dh]
 
 Input path (DESIGN.md §2):  q, k, v = SiLU(causal depthwise conv(x W_qkv)), q and k L2-normalised
@@ -46,33 +46,47 @@ def _blocks(T: int):
     return [(t0, min(T, t0 + BLOCK)) for t0 in range(0, T, BLOCK)]
 
 
+def _rows(past: Tensor | None, u: Tensor, lo: int, hi: int) -> Tensor:
+    """Rows lo..hi-1 of xp = [past; u] without building xp: a view of u except near the start."""
+    P = 0 if past is None else past.shape[1]
+    if lo >= P:
+        return u[:, lo - P:hi - P]
+    return torch.cat([past[:, lo:], u[:, :hi - P]], dim=1)
+
+
 class _QKVFeatures(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xp: Tensor, weight: Tensor | None, bias: Tensor | None, heads: int):
+    def forward(ctx, u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int):
+        B, T, C = u.shape
         K = 1 if weight is None else weight.shape[1]
-        B, T, C = xp.shape[0], xp.shape[1] - (K - 1), xp.shape[2]
-        out = xp.new_empty(3, B, heads, T, C // (3 * heads))  # contiguous: [B H, T, Dh] is a view
-        norm = xp.new_empty(2, B, heads, T, 1)
+        out = u.new_empty(3, B, heads, T, C // (3 * heads))  # contiguous: [B H, T, Dh] is a view
+        norm = u.new_empty(2, B, heads, T, 1)
         for t0, t1 in _blocks(T):
-            u = xp[:, t0:t1] if weight is None else conv_forward(xp[:, t0:t1 + K - 1], weight, bias)
-            s = _split(F.silu(u), heads)                                # [3, B, H, n, Dh]
+            if weight is None:
+                s = F.silu(u[:, t0:t1])
+            else:
+                s = F.silu(conv_forward(_rows(past, u, t0, t1 + K - 1), weight, bias), inplace=True)
+            s = _split(s, heads)                                        # [3, B, H, n, Dh]
             torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True, out=norm[:, :, :, t0:t1]).clamp_min_(NORM_EPS)
             torch.div(s[:2], norm[:, :, :, t0:t1], out=out[:2, :, :, t0:t1])
             out[2, :, :, t0:t1] = s[2]
         ctx.heads = heads
-        ctx.save_for_backward(xp, weight, bias, norm)
+        ctx.save_for_backward(u, past, weight, bias, norm)
         return tuple(o.transpose(1, 2) for o in out)                    # each [B, T, H, Dh]
 
     @staticmethod
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
-        xp, weight, bias, norm = ctx.saved_tensors
+        u_in, past, weight, bias, norm = ctx.saved_tensors
+        B, T, C = u_in.shape
         K = 1 if weight is None else weight.shape[1]
-        T = xp.shape[1] - (K - 1)
-        needs = ctx.needs_input_grad[:3]
-        dxp = xp.new_zeros(xp.shape) if needs[0] else None
+        P = K - 1
+        needs = ctx.needs_input_grad[:4]
+        # the gradient of xp = [past; u], one buffer: du and dpast are views of it
+        dxp = u_in.new_zeros(B, P + T, C) if needs[0] or needs[1] else None
         dw = db = None
         for t0, t1 in _blocks(T):
-            u = xp[:, t0:t1] if weight is None else conv_forward(xp[:, t0:t1 + K - 1], weight, bias)
+            xp = None if weight is None else _rows(past, u_in, t0, t1 + P)
+            u = u_in[:, t0:t1] if weight is None else conv_forward(xp, weight, bias)
             sig = torch.sigmoid(u)
             du = torch.empty_like(u)
             d = _split(du, ctx.heads)
@@ -89,28 +103,32 @@ class _QKVFeatures(torch.autograd.Function):
                 if dxp is not None:
                     dxp[:, t0:t1] = du
                 continue
-            gx, gw, gb = conv_backward(du, xp[:, t0:t1 + K - 1], weight, needs)
+            gx, gw, gb = conv_backward(du, xp, weight, (dxp is not None, needs[2], needs[3]))
             if gx is not None:
-                dxp[:, t0:t1 + K - 1] += gx
+                dxp[:, t0:t1 + P] += gx
             dw = gw if dw is None or gw is None else dw + gw
             db = gb if db is None or gb is None else db + gb
-        return dxp, dw, db, None
+        du_in = dxp[:, P:] if dxp is not None and needs[0] else None
+        dpast = dxp[:, :P] if dxp is not None and needs[1] else None
+        return du_in, dpast, dw, db, None
 
 
-def qkv_features(xp: Tensor, weight: Tensor | None, bias: Tensor | None, heads: int
+def qkv_features(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int
                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v [B, T, H, Dh] from xp [B, K - 1 + T, 3 H Dh] (conv weight [C, K], bias [C]).
+    """q, k, v [B, T, H, Dh] from the projected input u [B, T, 3 H Dh].
 
-    weight None: no convolution, xp is the projected input itself ([B, T, C]). q, k, v are views
-    of one [3, B, H, T, Dh] buffer (see the module doc).
+    past: the K - 1 projected inputs before u, [B, K - 1, 3 H Dh] (zeros at the sequence start);
+    weight [C, K], bias [C]: the depthwise conv. weight None: no convolution (past and bias
+    None too). q, k, v are views of one [3, B, H, T, Dh] buffer (see the module doc).
     """
-    return _QKVFeatures.apply(xp, weight, bias, heads)
+    return _QKVFeatures.apply(u, past, weight, bias, heads)
 
 
-def qkv_features_ref(xp: Tensor, weight: Tensor | None, bias: Tensor | None, heads: int
+def qkv_features_ref(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """The same through plain autograd (the reference for the tests)."""
-    u = xp if weight is None else causal_conv_ref(xp, weight, bias)
+    if weight is not None:
+        u = causal_conv_ref(torch.cat([past, u], dim=1), weight, bias)
     B, T, C = u.shape
     q, k, v = F.silu(u).view(B, T, 3, heads, C // (3 * heads)).unbind(2)
     return F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS), v
