@@ -284,7 +284,8 @@ class Plan(NamedTuple):
 
 # Full chunks whose gate products are computed in one batch. One batch over all chunks made
 # [BH, chunks, b, b] temporaries at every step (4 MB each at 4 heads, T=4096), and through the
-# backward's autograd graph they stayed alive at once (about 80 MB more peak RSS).
+# backward's autograd graph they stayed alive at once (the last 89 MB of the layer's peak RSS at
+# 4 heads of 96, T=4096: docs/benchmarks.md, "Memory").
 GATE_GROUP = 8
 
 

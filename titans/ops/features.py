@@ -8,9 +8,10 @@ Shape legend
 Input path (DESIGN.md §2):  q, k, v = SiLU(causal depthwise conv(x W_qkv)), q and k L2-normalised
 per head. Output path: out = RMSNorm(r) * weight * SiLU(g), per head.
 
-Through autograd, every elementwise step keeps its own full-size input until the backward
-(the conv input, the conv output, the SiLU output, the normalised reads, ...): at T=4096 and
-dim 384 that is about 90 MB on the input path alone. These two functions keep only their inputs
+Through autograd, every elementwise step keeps its own full-size input until the backward:
+at T=4096 and dim 384, 54 MB on the input path (the conv's input and output, the SiLU output)
+and 30 MB on the output path, and the memory rule copied q, k, v into its own layout again
+(`python benchmarks/layer_memory.py` lists what is saved). These two functions keep only their inputs
 (and per-token norms) and recompute the rest in the backward, where it costs a few elementwise
 passes; the input path also works in blocks of tokens, so that its temporaries stay small. `qkv_features` also writes q, k, v into one [3, B, H, T, Dh] buffer, so that the memory
 rule's [B H, T, Dh] layout is a view of it, not a copy. The `_ref` twins are the same math through
