@@ -16,6 +16,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
 __all__ = [
     "memory_rule", "MemoryState",
     "NeuralMemory", "NeuralMemoryState", "Attention", "AttentionState", "PersistentMemory", "RMSNorm", "SwiGLU",
