@@ -78,14 +78,16 @@ class NeuralMemory(nn.Module):
     Stability: inside a chunk every gradient is taken at the chunk-start weights, so a chunk
     moves W by about theta * n / (1 - eta) gradient steps from one point (n tokens). Large
     max_lr, eta near 1 and long chunks together make the inner loop diverge even where the
-    token-by-token (b = 1) rule is stable; the default max_lr = 0.01 keeps the chunk sizes of
-    the presets (16-64) stable (docs/models.md).
+    token-by-token (b = 1) rule is stable. The outer loop can also learn its way there (large
+    values, eta near 1): with max_lr = 0.01 the small MAC preset's memory diverged to inf in
+    training (seeds 0 and 1 within 100 steps), with the default max_lr = 0.002 it did not
+    (docs/models.md).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 2,
                  expansion: int = 4, chunk_size: int = 64, activation: str = "silu", residual: bool = False,
                  conv: bool = True, conv_kernel: int = 4, momentum: bool = True, forgetting: bool = True,
-                 gate_mode: str = "token", max_lr: float = 0.01) -> None:
+                 gate_mode: str = "token", max_lr: float = 0.002) -> None:
         super().__init__()
         for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
                                 ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),

@@ -44,7 +44,7 @@ class TitansConfig:
     momentum: bool = True
     forgetting: bool = True
     gate_mode: str = "token"
-    max_lr: float = 0.01
+    max_lr: float = 0.002
     # attention and persistent memory (DESIGN.md §2-3)
     window: int = 256                      # sliding window w (swa, mag, mal)
     segment_len: int = 128                 # MAC segment length C, a multiple of chunk_size
