@@ -199,3 +199,26 @@ def test_non_finite_gradients_skip_the_update_then_stop(tmp_path):
     with _pytest.warns(UserWarning, match="update skipped"), _pytest.raises(RuntimeError, match="diverged"):
         trainer.fit()
     assert torch.equal(model.w.detach(), torch.ones(3, 3))
+
+
+def test_non_finite_validation_stops_with_a_clear_error(tmp_path):
+    import pytest as _pytest
+
+    from titans.train import TrainConfig, Trainer
+
+    class NaNInEval(torch.nn.Module):
+        """Finite loss in training, NaN in evaluation (a forward that diverges on some inputs)."""
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, inputs, labels=None):
+            loss = self.w * (1.0 if self.training else float("nan"))
+            return type("Out", (), {"loss": loss, "logits": None})()
+
+    windows = [(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))]
+    cfg = TrainConfig(steps=3, batch_size=1, seq_len=4, warmup=0, eval_every=0, ckpt_every=0,
+                      out_dir=str(tmp_path / "run"), progress=False)
+    trainer = Trainer(NaNInEval(), iter(()), windows, cfg)
+    with _pytest.raises(RuntimeError, match="validation loss is nan: the model diverged"):
+        trainer.evaluate()

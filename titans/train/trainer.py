@@ -290,6 +290,10 @@ class Trainer:
         if env.mode == "ddp":
             nll, count = all_reduce_sum(nll, env), all_reduce_sum(count, env)
         mean = (nll / count).item()
+        if not math.isfinite(mean):
+            raise RuntimeError(f"step {self.step}: the validation loss is {mean}: the model diverged (lower the "
+                               "learning rate; for Titans memory layers also max_lr, docs/models.md 'Stability "
+                               f"and max_lr'); earlier checkpoints are in {self.out_dir / 'checkpoints'}")
         return {"val_loss": mean, "val_ppl": perplexity(mean)}
 
     # ------------------------------------------------------------------ checkpoints
