@@ -8,7 +8,7 @@ Prints, for one forward+backward (loss mean(y^2), as in vs_titans_pytorch.py):
   deduplicated by storage, largest first, with the line of titans code that saved them; the
   op's own kept states are not among them (they live on its autograd context);
 - the C heap's bytes in use (glibc mallinfo2: what the process has allocated and not freed)
-  and the resident set (/proc/self/statm) after every aten operation, through a
+  and the resident set (titans.eval.stream.current_rss) after every aten operation, through a
   TorchDispatchMode: their peaks, the forward's end, and with --timeline the operations where
   the resident set grew by more than 3 MB at once. The gap between the two is memory that
   the allocator holds but that no tensor uses (freed holes it cannot hand back).
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import resource
 import traceback
 
 import torch
 
 import titans
+from titans.eval.stream import current_rss, peak_rss
 
 CONFIGS = {"a": dict(heads=1, head_dim=384), "b": dict(heads=4, head_dim=96)}
 
@@ -45,8 +45,7 @@ def heap_in_use_mb() -> float:
 
 
 def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / MB
+    return current_rss() / MB
 
 
 def main() -> None:
@@ -111,7 +110,7 @@ def main() -> None:
     print(f"end of forward:  heap in use {trace[fwd_end - 1][0]:.0f} MB, RSS {trace[fwd_end - 1][1]:.0f} MB")
     print(f"peak heap in use {trace[heap_peak][0]:.0f} MB (op {heap_peak} of {len(trace)}, {trace[heap_peak][2]})")
     print(f"peak RSS         {trace[rss_peak][1]:.0f} MB (op {rss_peak}, {trace[rss_peak][2]}); "
-          f"ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+          f"process peak {peak_rss() / MB:.0f} MB")
     if args.timeline:
         print("\nRSS jumps > 3 MB: op index, heap in use, RSS, +jump, op")
         jumps = [(i, *trace[i], trace[i][1] - trace[i - 1][1]) for i in range(1, len(trace))

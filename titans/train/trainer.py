@@ -293,7 +293,7 @@ class Trainer:
         if not math.isfinite(mean):
             raise RuntimeError(f"step {self.step}: the validation loss is {mean}: the model diverged (lower the "
                                "learning rate; for Titans memory layers also max_lr, docs/models.md 'Stability "
-                               f"and max_lr'); earlier checkpoints are in {self.out_dir / 'checkpoints'}")
+                               f"and max_lr'); earlier checkpoints are in {self.ckpt_dir}")
         return {"val_loss": mean, "val_ppl": perplexity(mean)}
 
     # ------------------------------------------------------------------ checkpoints
