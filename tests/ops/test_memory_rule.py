@@ -299,14 +299,17 @@ def test_bad_state_raises():
         memory_rule(*tensors, weights, state=(state.weights, state.momentum))
 
 
+@pytest.mark.parametrize("internals", [False, True], ids=["rebuild-internals", "keep-internals"])
 @pytest.mark.parametrize("chunk_size,T,depth,residual", [(1, 23, 2, False), (4, 61, 2, False), (4, 61, 1, True),
                                                          (5, 61, 3, True)])
-def test_checkpointed_backward_equals_reference(monkeypatch, chunk_size, T, depth, residual):
-    # long sequences keep only every K-th chunk state and rebuild the rest in the backward; force
-    # that path at test sizes. (5, 61): the last piece starts at a kept state that the op also
-    # returns as chunk_start; the backward once recycled it, corrupting the returned state.
+def test_checkpointed_backward_equals_reference(monkeypatch, chunk_size, T, depth, residual, internals):
+    # long sequences keep only every K-th chunk state and rebuild the rest in the backward (with
+    # large memories, from every piece's kept internals); force both paths at test sizes.
+    # (5, 61): the last piece starts at a kept state that the op also returns as chunk_start;
+    # the backward once recycled it, corrupting the returned state.
     import titans.ops.chunk_backward as cb
     monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 0)
+    monkeypatch.setattr(cb, "KEEP_INTERNALS_MIN_MATRIX", 0 if internals else 2 ** 62)
     tensors, weights = make_inputs(T=T, depth=depth, seed=21)
     assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=chunk_size, residual=residual)
     # and resuming mid-chunk in that mode

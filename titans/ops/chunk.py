@@ -16,10 +16,10 @@ u^l_m = delta^l_m a^l_m^T. Each token's own weights
 are never built: reading them is a masked matmul, (G * (Hq A^T)) @ Delta. The derivation is in
 README.md beside this file. Only the loop over chunks is sequential.
 
-The outer (training) backward is hand-written (chunk_backward.py): it recomputes each chunk's
-internals from the chunk-start state instead of keeping them, and keeps only every K-th chunk
-state (K ~ sqrt(number of chunks)), rebuilding the others one segment at a time. Memory is
-O(T + sqrt(T/b) * |W|) instead of O(T/b * |W|).
+The outer (training) backward is hand-written (chunk_backward.py): it keeps only every K-th
+chunk state (K ~ sqrt(number of chunks)), rebuilding the others one segment at a time, and
+either recomputes each chunk's internals too or, for large memories, gets them from what the
+forward kept (KeptInternals). Memory is O(T + sqrt(T/b) * |W|) instead of O(T/b * |W|).
 """
 
 from __future__ import annotations
@@ -181,8 +181,28 @@ class PieceCache:
     t: list[Tensor]       # delta[l+1] @ Wg[l+1], layers 0..L-2            [BH, n, do]
     hq: list[Tensor]      # query-path inputs per layer, hq[0] = q         [BH, n, di]
     zq: list[Tensor]      # query-path pre-activations of layers 0..L-2    [BH, n, do]
-    m: list[Tensor]       # hq[l] @ [W; S]^T                               [BH, n, 2 do]
     P: list[Tensor]       # hq[l] @ a[l]^T                                 [BH, n, n]
+
+    def compact(self) -> "KeptInternals":
+        return KeptInternals(self.zk, self.t, self.delta[-1], self.zq, self.P)
+
+
+@dataclass
+class KeptInternals:
+    """What a PieceCache cannot rebuild without a matmul: the rest (a, delta, hq) follows from
+    these, q and k by elementwise ops (expand), bit for bit as the forward computed them."""
+    zk: list[Tensor]
+    t: list[Tensor]
+    delta_last: Tensor
+    zq: list[Tensor]
+    P: list[Tensor]
+
+    def expand(self, q: Tensor, k: Tensor, act: Activation) -> PieceCache:
+        """The full PieceCache; q, k: this piece's [BH, n, Dk] (as piece_forward got them)."""
+        a = [k] + [act.fn(z) for z in self.zk]
+        delta = [t * act.grad(z) for t, z in zip(self.t, self.zk)] + [self.delta_last]
+        hq = [q] + [act.fn(z) for z in self.zq]
+        return PieceCache(a, self.zk, delta, self.t, hq, self.zq, self.P)
 
 
 def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
@@ -232,9 +252,9 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
     WSc = s.cast_states(WS)
     Wgc = [ws[:, :do] for ws, do in zip(WSc, dos)] if Wg is None else [s.cast(w) for w in Wg]
     a, zk, delta, t = key_path(k, v, Wgc, s)
-    beta, g, b_n, g_n, e_n, G_n, s_n = gate_columns(gates)
+    beta, g = gates.beta.unsqueeze(-1), gates.g.unsqueeze(-1)
 
-    y, hq, zq, ms, Ps = None, [q], [], [], []
+    y, hq, zq, Ps = None, [q], [], []
     if read:
         for l in range(L):
             # z_i = beta_i W h_i + g_i S h_i - sum_{m<=i} G_{i,m} (a_m . h_i) delta_m
@@ -242,25 +262,32 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
             P = s.mm(hq[l], a[l].mT)                         # [BH, n, n]
             z = beta * m[..., :dos[l]] + g * m[..., dos[l]:] - s.mm(gates.G * P, delta[l])
             zq.append(z)
-            ms.append(m)
             Ps.append(P)
             if l < L - 1:
                 hq.append(s.act.fn(z))
         y = zq[-1] + q if s.residual else zq[-1]
     s.release_casts(WSc)
 
-    # chunk end (i = n): W_n = beta_n W + g_n S - sum_m G_{n,m} u_m,  S_n = e_n S - sum_m (e_n/e_m) theta_m u_m
-    WS_new = None
-    if advance:
-        WS_new = []
-        for l in range(L):
-            do = dos[l]
-            new = carry(WS[l][:, :do], WS[l][:, do:], b_n, g_n, e_n, out=s.buffers.take(WS[l].shape, WS[l]))
-            # [delta G_n, delta s_n]^T @ a: both factored updates in one matmul
-            WS_new.append(s.outer_into(new, pair(delta[l], G_n, s_n).mT, a[l], alpha=-1.0))
+    WS_new = advance_state(WS, a, delta, gates, s) if advance else None
     # the last layer's pre-activation is not needed by the backward
-    cache = PieceCache(a, zk, delta, t, hq, zq[:-1], ms, Ps) if keep else None
+    cache = PieceCache(a, zk, delta, t, hq, zq[:-1], Ps) if keep else None
     return y, WS_new, cache
+
+
+def advance_state(WS: Sequence[Tensor], a: Sequence[Tensor], delta: Sequence[Tensor], gates: ChunkGates,
+                  s: Setup) -> list[Tensor]:
+    """The state after a piece, into recycled buffers. WS: per layer [BH, 2 do, di]; a, delta: the key path.
+
+    W_n = beta_n W + g_n S - sum_m G_{n,m} u_m,  S_n = e_n S - sum_m (e_n/e_m) theta_m u_m
+    """
+    _, _, b_n, g_n, e_n, G_n, s_n = gate_columns(gates)
+    out = []
+    for ws, a_l, d_l in zip(WS, a, delta):
+        do = ws.shape[1] // 2
+        new = carry(ws[:, :do], ws[:, do:], b_n, g_n, e_n, out=s.buffers.take(ws.shape, ws))
+        # [delta G_n, delta s_n]^T @ a: both factored updates in one matmul
+        out.append(s.outer_into(new, pair(d_l, G_n, s_n).mT, a_l, alpha=-1.0))
+    return out
 
 
 class Plan(NamedTuple):

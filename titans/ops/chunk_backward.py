@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .chunk import (ChunkGates, PieceCache, Plan, Setup, all_gates, checkpoint_interval, gate_columns, gate_groups,
-                    group_gates, pair, piece_forward)
+from .chunk import (ChunkGates, KeptInternals, PieceCache, Plan, Setup, advance_state, all_gates,
+                    checkpoint_interval, gate_columns, gate_groups, group_gates, pair, piece_forward)
 
 __all__ = ["ChunkScan", "piece_backward", "scan_forward"]
 
@@ -78,16 +78,22 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
         do = dos[l]
         if l < L - 1:
             dz = dh * s.act.grad(c.zq[l])
-        m = c.m[l]
-        dgate["beta"] += (dz * m[..., :do]).sum(-1)
-        dgate["g"] += (dz * m[..., do:]).sum(-1)
-        dzc = pair(dz, beta, g)                                # d m, [BH, n, 2 do]
-        s.outer_into(dWS[l], dzc.mT, c.hq[l])
+        # m = h [W; S]^T is not kept: with X = dz W and Y = dz S, d beta_i = X_i . h_i,
+        # d g_i = Y_i . h_i and d h = beta X + g Y (the same FLOPs as d m @ [W; S])
+        BH, n, _ = dz.shape
+        # one bmm over [W; S] viewed as a batch of 2 per head (a bmm with dz expanded took 398 us
+        # against 523 us for two mm on the halves at 64 x 1536 x 384, fp32; ad-hoc timing)
+        XY = s.mm(dz.unsqueeze(1).expand(BH, 2, n, do).reshape(2 * BH, n, do), WSc[l].reshape(2 * BH, do, -1))
+        X, Y = XY.view(BH, 2, n, -1).unbind(1)                 # [BH, n, di] each
+        h = c.hq[l]
+        dgate["beta"] += (X * h).sum(-1)
+        dgate["g"] += (Y * h).sum(-1)
+        s.outer_into(dWS[l], pair(dz, beta, g).mT, h)          # d m = [beta dz, g dz]
         dR = -s.mm(dz, c.delta[l].mT)                          # [BH, n, n]
         ddelta[l] -= s.mm((G * c.P[l]).mT, dz)
         dgate["G"] += dR * c.P[l]
         dP = dR * G
-        dh = s.mm(dzc, WSc[l]) + s.mm(dP, c.a[l])
+        dh = (X.mul_(beta).addcmul_(Y, g)).add_(s.mm(dP, c.a[l]))
         da[l] += s.mm(dP.mT, c.hq[l])
     dq = dh + dy if s.residual else dh
 
@@ -140,6 +146,16 @@ def _gate_backward(plan: Plan, theta: Tensor, eta: Tensor, alpha: Tensor, dgates
 # Below this many bytes of piece internals and states, the forward keeps them all and the
 # backward recomputes nothing; above, it keeps every K-th state (sqrt checkpointing).
 KEEP_ALL_BYTES = 256 * 2 ** 20
+# Above KEEP_ALL_BYTES, with memory matrices of at least this many entries per head and while
+# they take at most KEEP_INTERNALS_MAX_BYTES, the forward also keeps every piece's KeptInternals
+# (O(T) memory, like any autograd graph) and the backward rebuilds only the states, with no
+# matmul but the state update. Large matrices gain the most per byte kept: at T=4096 the layer's
+# forward+backward ran 16% faster at 1 head of 384 (3,129 against 2,692 tok/s, peak RSS 709
+# against 627 MB) but 4% at 4 heads of 96 (peak RSS +75 MB), by `python benchmarks/vs_titans_pytorch.py
+# --sides ours --configs a,b --T 4096 --B 1` and `python benchmarks/layer_memory.py --config b`
+# with the threshold forced to 0.
+KEEP_INTERNALS_MIN_MATRIX = 2 ** 17
+KEEP_INTERNALS_MAX_BYTES = 2 ** 30
 
 
 def _nbytes(obj) -> int:
@@ -147,7 +163,7 @@ def _nbytes(obj) -> int:
         return obj.numel() * obj.element_size()
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(o) for o in obj)
-    if isinstance(obj, PieceCache):
+    if isinstance(obj, (PieceCache, KeptInternals)):
         return sum(_nbytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
     return 0
 
@@ -156,29 +172,39 @@ def scan_forward(s: Setup, plan: Plan, q, k, v, theta, eta, alpha, WS0: list[Ten
                  track: bool):
     """The loop over pieces. Returns (y, WS_end, WS_last_start, saved) where, with track=True,
     saved is what the backward needs: a list of (WS, PieceCache) per piece when they fit in
-    KEEP_ALL_BYTES, else a dict {piece: WS} of every K-th piece-start state."""
+    KEEP_ALL_BYTES, else (states, internals): a dict {piece: WS} of every K-th piece-start state
+    and, with large memory matrices (KEEP_INTERNALS_MIN_MATRIX), a list of every piece's
+    KeptInternals (else None)."""
     pieces = plan.pieces(q.shape[1])
     gates = all_gates(theta, eta, alpha, plan)
     keep_every = checkpoint_interval(len(pieces))
     keep_all = track
-    saved_all, kept, ys = [], {}, []
+    keep_internals = track and min(ws[0].numel() // 2 for ws in WS0) >= KEEP_INTERNALS_MIN_MATRIX
+    saved_all, kept, internals, ys = [], {}, [], []
     WS = WS_last_start = WS0
     for p, (lo, hi) in enumerate(pieces):
         if track and p % keep_every == 0 and p > 0:
             kept[p] = WS
         WS_last_start = WS
         y, WS_next, cache = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], gates[p], WS,
-                                          Wg0 if p == 0 else None, s, keep=keep_all)
+                                          Wg0 if p == 0 else None, s, keep=keep_all or keep_internals)
         if keep_all:
             saved_all.append((WS, cache))
             if p == 0 and _nbytes(saved_all[0]) * len(pieces) > KEEP_ALL_BYTES:
                 keep_all, saved_all = False, []
-        elif p < len(pieces) - 1 and WS is not WS0 and kept.get(p) is not WS:
-            s.buffers.give(WS)  # nobody needs this piece's start state any more
+        if not keep_all:
+            if keep_internals and p == 0:
+                keep_internals = _nbytes(cache.compact()) * len(pieces) <= KEEP_INTERNALS_MAX_BYTES
+            if keep_internals:
+                internals.append(cache.compact())
+            if p < len(pieces) - 1 and WS is not WS0 and kept.get(p) is not WS:
+                s.buffers.give(WS)  # nobody needs this piece's start state any more
         WS = WS_next
         ys.append(y)
     s.buffers.clear()  # do not hold recycled buffers between the forward and the backward
-    saved = (saved_all if keep_all else kept) if track else None
+    saved = None
+    if track:
+        saved = saved_all if keep_all else (kept, internals if keep_internals else None)
     return torch.cat(ys, dim=1), WS, WS_last_start, saved
 
 
@@ -217,13 +243,23 @@ class ChunkScan(torch.autograd.Function):
         # released here: a second backward through the same graph (retain_graph) finds None and
         # recomputes everything from the initial state
         saved, ctx.saved = ctx.saved, None
-        kept = {**saved, 0: WS0} if isinstance(saved, dict) else {0: WS0}
+        keep_all = isinstance(saved, list)  # the forward kept every piece's states and internals
+        kept, internals = ({}, None) if saved is None or keep_all else saved
+        kept = {**kept, 0: WS0}
         starts = sorted(kept)
         for i in range(len(starts) - 1, -1, -1):
             p0 = starts[i]
             p1 = starts[i + 1] if i + 1 < len(starts) else len(pieces)
-            if isinstance(saved, list):  # the forward kept every piece's internals
+            if keep_all:
                 seg = saved
+            elif internals is not None:  # rebuild the segment's states from the kept internals
+                WS, seg = kept[p0], []
+                for p in range(p0, p1):
+                    seg.append((WS, None))  # the cache is expanded again when its turn comes
+                    if p < p1 - 1:
+                        lo, hi = pieces[p]
+                        c = internals[p].expand(q[:, lo:hi], k[:, lo:hi], s.act)
+                        WS = advance_state(WS, c.a, c.delta, plain[p], s)
             else:  # rebuild the segment's piece states and internals from its kept start
                 WS, seg = kept[p0], []
                 for p in range(p0, p1):
@@ -237,6 +273,8 @@ class ChunkScan(torch.autograd.Function):
             for p in range(p1 - 1, p0 - 1, -1):
                 lo, hi = pieces[p]
                 WS, cache = seg[p - p0]
+                if cache is None:
+                    cache, internals[p] = internals[p].expand(q[:, lo:hi], k[:, lo:hi], s.act), None
                 gq, gk, gv, dgates[p], dWS, dWg = piece_backward(cache, plain[p], WS, Wg0 if p == 0 else None,
                                                                   dy[:, lo:hi], dWS, s)
                 if p == len(pieces) - 1:  # the state at the last piece's start is an output too
@@ -244,7 +282,7 @@ class ChunkScan(torch.autograd.Function):
                 dq[:, lo:hi], dk[:, lo:hi], dv[:, lo:hi] = gq, gk, gv
                 if p == 0:
                     dWg0 = dWg
-            if not isinstance(saved, list):  # the segment's states are done with: recycle them, except
+            if not keep_all:  # the segment's states are done with: recycle them, except
                 # the op's input (piece 0) and the last piece's start state, which the op returned
                 # (its chunk_start) and the caller may still hold
                 s.buffers.give([ws for p, (states, _) in enumerate(seg, p0) if 0 < p < len(pieces) - 1
