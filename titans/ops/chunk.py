@@ -238,14 +238,13 @@ def pair(x: Tensor, gx: Tensor, gy: Tensor) -> Tensor:
 
 
 def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequence[Tensor],
-                  Wg: Sequence[Tensor] | None, s: Setup, read: bool = True, keep: bool = False,
-                  advance: bool = True):
+                  Wg: Sequence[Tensor] | None, s: Setup, keep: bool = False, advance: bool = True):
     """One piece of n <= b tokens that lies inside one chunk.
 
     WS: per layer [BH, 2 do, di], the running weights and momentum at the piece start.
     Wg: where the piece's gradients are taken; None means W itself (the piece starts a chunk).
     advance=False skips the state update (the caller already has the next state).
-    Returns (y [BH, n, Dv] or None, WS after the piece or None, PieceCache or None).
+    Returns (y [BH, n, Dv], WS after the piece or None, PieceCache or None).
     """
     L = len(WS)
     dos = [ws.shape[1] // 2 for ws in WS]
@@ -254,18 +253,17 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
     a, zk, delta, t = key_path(k, v, Wgc, s)
     beta, g = gates.beta.unsqueeze(-1), gates.g.unsqueeze(-1)
 
-    y, hq, zq, Ps = None, [q], [], []
-    if read:
-        for l in range(L):
-            # z_i = beta_i W h_i + g_i S h_i - sum_{m<=i} G_{i,m} (a_m . h_i) delta_m
-            m = s.mm(hq[l], WSc[l].mT)                       # [BH, n, 2 do]: W h and S h at once
-            P = s.mm(hq[l], a[l].mT)                         # [BH, n, n]
-            z = beta * m[..., :dos[l]] + g * m[..., dos[l]:] - s.mm(gates.G * P, delta[l])
-            zq.append(z)
-            Ps.append(P)
-            if l < L - 1:
-                hq.append(s.act.fn(z))
-        y = zq[-1] + q if s.residual else zq[-1]
+    hq, zq, Ps = [q], [], []
+    for l in range(L):
+        # z_i = beta_i W h_i + g_i S h_i - sum_{m<=i} G_{i,m} (a_m . h_i) delta_m
+        m = s.mm(hq[l], WSc[l].mT)                       # [BH, n, 2 do]: W h and S h at once
+        P = s.mm(hq[l], a[l].mT)                         # [BH, n, n]
+        z = beta * m[..., :dos[l]] + g * m[..., dos[l]:] - s.mm(gates.G * P, delta[l])
+        zq.append(z)
+        Ps.append(P)
+        if l < L - 1:
+            hq.append(s.act.fn(z))
+    y = zq[-1] + q if s.residual else zq[-1]
     s.release_casts(WSc)
 
     WS_new = advance_state(WS, a, delta, gates, s) if advance else None
