@@ -37,8 +37,9 @@ def _vdot(x: Tensor, y: Tensor) -> Tensor:
 
 
 def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given: list[Tensor] | None,
-                   dy: Tensor, dWS_end: list[Tensor], s: Setup):
+                   dy: Tensor, dWS_end: list[Tensor], s: Setup, dgates: ChunkGates | None = None):
     """Gradients of one piece. dy: [BH, n, Dv]; dWS_end: per layer [BH, 2 do, di].
+    dgates: zeroed tensors shaped like gates to write the gate gradients into (None: new ones).
 
     Returns (dq, dk, dv, dgates: ChunkGates, dWS_start per layer, dWg per layer or None).
     """
@@ -48,7 +49,9 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
     Wgc = [ws[:, :do] for ws, do in zip(WSc, dos)] if Wg_given is None else [s.cast(w) for w in Wg_given]
     beta, g, b_n, g_n, e_n, G_n, s_n = gate_columns(gates)
     G = gates.G
-    dgate = {name: torch.zeros_like(x) for name, x in gates._asdict().items()}
+    if dgates is None:
+        dgates = ChunkGates(*(torch.zeros_like(x) for x in gates))
+    dgate = dgates._asdict()  # written in place
 
     # chunk end: WS' = [b_n W + g_n S; e_n S] - coef^T a with coef = [delta G_n, delta s_n].
     # dWS_end is ours to overwrite: after its last reads it becomes the carried gradient.
@@ -121,21 +124,24 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
     dk = da[0] + dout if s.residual else da[0]
     s.release_casts(WSc + dEcs)
 
-    dgate["G"] = dgate["G"].tril()
-    return dq, dk, dv, ChunkGates(**dgate), dWS, (dWg if Wg_given is not None else None)
+    dgate["G"].tril_()
+    return dq, dk, dv, dgates, dWS, (dWg if Wg_given is not None else None)
 
 
-def _gate_backward(plan: Plan, theta: Tensor, eta: Tensor, alpha: Tensor, dgates: list[ChunkGates]):
+def _gate_backward(plan: Plan, theta: Tensor, eta: Tensor, alpha: Tensor, dgates: list[ChunkGates | None],
+                   dfull: ChunkGates):
     """Gradients for theta, eta, alpha [BH, T] from those of every piece's gate products, by
     autograd through chunk_gates (small next to the loop's work), one graph per group of
     gate_groups. A chunk's gates depend only on its own tokens: each group's gradient is a
-    slice of the result."""
+    slice of the result. dfull: the gate gradients of all full chunks (fields [BH, n_full, ...]);
+    dgates: those of the other pieces (None for full chunks)."""
     dtea = [torch.zeros_like(x) for x in (theta, eta, alpha)]
     for lo, hi, ps, batched in gate_groups(plan, theta.shape[1]):
         with torch.enable_grad():
             tea = [x[:, lo:hi].detach().requires_grad_() for x in (theta, eta, alpha)]
             gates = group_gates(*tea, len(ps), batched)
-            grads = [torch.stack(field, dim=1) for field in zip(*(dgates[p] for p in ps))] if batched else dgates[ps[0]]
+            c0 = plan.full_index(ps[0])
+            grads = [x[:, c0:c0 + len(ps)] for x in dfull] if batched else dgates[ps[0]]
             d = torch.autograd.grad(list(gates), tea, list(grads), allow_unused=True)
         for out, di in zip(dtea, d):
             if di is not None:
@@ -180,7 +186,10 @@ def scan_forward(s: Setup, plan: Plan, q, k, v, theta, eta, alpha, WS0: list[Ten
     keep_every = checkpoint_interval(len(pieces))
     keep_all = track
     keep_internals = track and min(ws[0].numel() // 2 for ws in WS0) >= KEEP_INTERNALS_MIN_MATRIX
-    saved_all, kept, internals, ys = [], {}, [], []
+    saved_all, kept, internals = [], {}, []
+    # one output buffer: pieces' outputs held in a list until a final cat were long-lived small
+    # blocks among the loop's temporaries (heap fragmentation), and the cat a second copy
+    y_all = v.new_empty(v.shape)
     WS = WS_last_start = WS0
     for p, (lo, hi) in enumerate(pieces):
         if track and p % keep_every == 0 and p > 0:
@@ -200,12 +209,12 @@ def scan_forward(s: Setup, plan: Plan, q, k, v, theta, eta, alpha, WS0: list[Ten
             if p < len(pieces) - 1 and WS is not WS0 and kept.get(p) is not WS:
                 s.buffers.give(WS)  # nobody needs this piece's start state any more
         WS = WS_next
-        ys.append(y)
+        y_all[:, lo:hi] = y
     s.buffers.clear()  # do not hold recycled buffers between the forward and the backward
     saved = None
     if track:
         saved = saved_all if keep_all else (kept, internals if keep_internals else None)
-    return torch.cat(ys, dim=1), WS, WS_last_start, saved
+    return y_all, WS, WS_last_start, saved
 
 
 class ChunkScan(torch.autograd.Function):
@@ -238,7 +247,12 @@ class ChunkScan(torch.autograd.Function):
         # copies: the backward updates the carried state gradient in place
         dWS = [d.clone() if d is not None else torch.zeros_like(w) for d, w in zip(dstates[:L], WS0)]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dgates: list[ChunkGates | None] = [None] * len(pieces)
+        # the gate gradients of the full chunks, allocated once: ~70 KB per chunk at 4 heads, kept
+        # to the end; allocated piece by piece among the loop's temporaries they fragmented the
+        # heap (peak RSS +36 MB at 4 heads of 96, T=4096: ad-hoc trace of heap in use and RSS)
+        BH, b = theta.shape[0], plan.b
+        dfull = ChunkGates(*(theta.new_zeros(BH, plan.n_full, *shape) for shape in ((b,), (b,), (b, b), (), (b,))))
+        dgates: list[ChunkGates | None] = [None] * len(pieces)  # the head and the tail piece
         dWg0 = None
         # released here: a second backward through the same graph (retain_graph) finds None and
         # recomputes everything from the initial state
@@ -275,8 +289,12 @@ class ChunkScan(torch.autograd.Function):
                 WS, cache = seg[p - p0]
                 if cache is None:
                     cache, internals[p] = internals[p].expand(q[:, lo:hi], k[:, lo:hi], s.act), None
-                gq, gk, gv, dgates[p], dWS, dWg = piece_backward(cache, plain[p], WS, Wg0 if p == 0 else None,
-                                                                  dy[:, lo:hi], dWS, s)
+                full = plan.full_index(p)
+                out = None if full is None else ChunkGates(*(x[:, full] for x in dfull))
+                gq, gk, gv, dg, dWS, dWg = piece_backward(cache, plain[p], WS, Wg0 if p == 0 else None,
+                                                          dy[:, lo:hi], dWS, s, out)
+                if full is None:
+                    dgates[p] = dg
                 if p == len(pieces) - 1:  # the state at the last piece's start is an output too
                     dWS = [d if e is None else d + e for d, e in zip(dWS, dstates[L:])]
                 dq[:, lo:hi], dk[:, lo:hi], dv[:, lo:hi] = gq, gk, gv
@@ -289,5 +307,5 @@ class ChunkScan(torch.autograd.Function):
                                 for ws in states])
             del seg
         s.buffers.clear()
-        dtea = _gate_backward(plan, theta, eta, alpha, dgates)
+        dtea = _gate_backward(plan, theta, eta, alpha, dgates, dfull)
         return (None, None, None, dq, dk, dv, *dtea, *dWS, *(dWg0 or []))
