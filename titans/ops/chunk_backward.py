@@ -157,9 +157,9 @@ KEEP_ALL_BYTES = 256 * 2 ** 20
 # (O(T) memory, like any autograd graph) and the backward rebuilds only the states, with no
 # matmul but the state update. Large matrices gain the most per byte kept: at T=4096 the layer's
 # forward+backward ran 16% faster at 1 head of 384 (3,129 against 2,692 tok/s, peak RSS 709
-# against 627 MB) but 4% at 4 heads of 96 (peak RSS +75 MB), by `python benchmarks/vs_titans_pytorch.py
-# --sides ours --configs a,b --T 4096 --B 1` and `python benchmarks/layer_memory.py --config b`
-# with the threshold forced to 0.
+# against 627 MB: `python benchmarks/vs_titans_pytorch.py --sides ours --configs a --T 4096 --B 1`
+# before and after), but only 4-7% at 4 heads of 96 (ad-hoc timing) for +75 MB of peak RSS
+# (`python benchmarks/layer_memory.py --config b` with this threshold forced to 0).
 KEEP_INTERNALS_MIN_MATRIX = 2 ** 17
 KEEP_INTERNALS_MAX_BYTES = 2 ** 30
 
