@@ -299,7 +299,22 @@ def test_bad_state_raises():
         memory_rule(*tensors, weights, state=(state.weights, state.momentum))
 
 
-@pytest.mark.parametrize("internals", [False, True], ids=["rebuild-internals", "keep-internals"])
+def test_kept_internals_are_bit_for_bit(monkeypatch):
+    # the backward from kept internals expands them with the forward's own elementwise ops:
+    # every gradient must equal the one from recomputing them, exactly (fp32, residual, depth 3)
+    import titans.ops.chunk_backward as cb
+    monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 0)
+    tensors, weights = make_inputs(T=61, depth=3, dtype=torch.float32, seed=5)
+    out = {}
+    for mode, threshold in (("keep", 0), ("rebuild", 2 ** 62)):
+        monkeypatch.setattr(cb, "KEEP_INTERNALS_MIN_MATRIX", threshold)
+        out[mode] = run_with_grads("chunk", tensors, weights, chunk_size=4, residual=True)
+    (y_a, s_a, g_a), (y_b, s_b, g_b) = out["keep"], out["rebuild"]
+    assert torch.equal(y_a, y_b) and all(torch.equal(a, b) for a, b in zip(s_a.weights, s_b.weights))
+    assert all(torch.equal(a, b) for a, b in zip(g_a, g_b))
+
+
+@pytest.mark.parametrize("internals", ["rebuild", "keep", "over-cap"])
 @pytest.mark.parametrize("chunk_size,T,depth,residual", [(1, 23, 2, False), (4, 61, 2, False), (4, 61, 1, True),
                                                          (5, 61, 3, True)])
 def test_checkpointed_backward_equals_reference(monkeypatch, chunk_size, T, depth, residual, internals):
@@ -309,7 +324,9 @@ def test_checkpointed_backward_equals_reference(monkeypatch, chunk_size, T, dept
     # the backward once recycled it, corrupting the returned state.
     import titans.ops.chunk_backward as cb
     monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 0)
-    monkeypatch.setattr(cb, "KEEP_INTERNALS_MIN_MATRIX", 0 if internals else 2 ** 62)
+    monkeypatch.setattr(cb, "KEEP_INTERNALS_MIN_MATRIX", 2 ** 62 if internals == "rebuild" else 0)
+    if internals == "over-cap":  # large enough to keep internals, too long to keep them all
+        monkeypatch.setattr(cb, "KEEP_INTERNALS_MAX_BYTES", 0)
     tensors, weights = make_inputs(T=T, depth=depth, seed=21)
     assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=chunk_size, residual=residual)
     # and resuming mid-chunk in that mode
