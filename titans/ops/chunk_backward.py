@@ -217,6 +217,28 @@ def scan_forward(s: Setup, plan: Plan, q, k, v, theta, eta, alpha, WS0: list[Ten
     return y_all, WS, WS_last_start, saved
 
 
+def _rebuild_segment(s: Setup, pieces, p0: int, p1: int, WS: list[Tensor], Wg0: list[Tensor] | None, q, k, v,
+                     gates: list[ChunkGates], internals: list[KeptInternals | None] | None):
+    """The (WS, PieceCache) of pieces p0..p1-1 from the state kept at p0. With the forward's kept
+    internals only the states are rebuilt (the caches are None: the backward expands each when
+    its turn comes); otherwise every piece's forward runs again. The segment's last piece needs
+    no end state: it is the next segment's kept start, or the op's output."""
+    seg = []
+    for p in range(p0, p1):
+        lo, hi = pieces[p]
+        if internals is not None:
+            seg.append((WS, None))
+            if p < p1 - 1:
+                c = internals[p].expand(q[:, lo:hi], k[:, lo:hi], s.act)
+                WS = advance_state(WS, c.a, c.delta, gates[p], s)
+        else:
+            _, WS_next, cache = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], gates[p], WS,
+                                              Wg0 if p == 0 else None, s, keep=True, advance=p < p1 - 1)
+            seg.append((WS, cache))
+            WS = WS_next
+    return seg
+
+
 class ChunkScan(torch.autograd.Function):
     """The loop over pieces, forward and backward. Inputs are in the flat [BH, ...] layout.
 
@@ -264,26 +286,7 @@ class ChunkScan(torch.autograd.Function):
         for i in range(len(starts) - 1, -1, -1):
             p0 = starts[i]
             p1 = starts[i + 1] if i + 1 < len(starts) else len(pieces)
-            if keep_all:
-                seg = saved
-            elif internals is not None:  # rebuild the segment's states from the kept internals
-                WS, seg = kept[p0], []
-                for p in range(p0, p1):
-                    seg.append((WS, None))  # the cache is expanded again when its turn comes
-                    if p < p1 - 1:
-                        lo, hi = pieces[p]
-                        c = internals[p].expand(q[:, lo:hi], k[:, lo:hi], s.act)
-                        WS = advance_state(WS, c.a, c.delta, plain[p], s)
-            else:  # rebuild the segment's piece states and internals from its kept start
-                WS, seg = kept[p0], []
-                for p in range(p0, p1):
-                    lo, hi = pieces[p]
-                    Wg = Wg0 if p == 0 else None
-                    # the segment's last piece needs no end state: it is kept[p1], or the op's output
-                    _, WS_next, cache = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], plain[p], WS, Wg,
-                                                      s, keep=True, advance=p < p1 - 1)
-                    seg.append((WS, cache))
-                    WS = WS_next
+            seg = saved if keep_all else _rebuild_segment(s, pieces, p0, p1, kept[p0], Wg0, q, k, v, plain, internals)
             for p in range(p1 - 1, p0 - 1, -1):
                 lo, hi = pieces[p]
                 WS, cache = seg[p - p0]
