@@ -299,19 +299,45 @@ def test_bad_state_raises():
         memory_rule(*tensors, weights, state=(state.weights, state.momentum))
 
 
-def test_kept_internals_are_bit_for_bit(monkeypatch):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-matmuls"])
+def test_kept_internals_are_bit_for_bit(monkeypatch, bf16):
     # the backward from kept internals expands them with the forward's own elementwise ops:
-    # every gradient must equal the one from recomputing them, exactly (fp32, residual, depth 3)
+    # every gradient must equal the one from recomputing them, exactly (residual, depth 3; also
+    # with bf16 matmuls under autocast, which test sizes get only below BF16_MIN_MATRIX)
+    import titans.ops.chunk as ch
     import titans.ops.chunk_backward as cb
     monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 0)
+    monkeypatch.setattr(ch, "BF16_MIN_MATRIX", 0)
     tensors, weights = make_inputs(T=61, depth=3, dtype=torch.float32, seed=5)
     out = {}
     for mode, threshold in (("keep", 0), ("rebuild", 2 ** 62)):
         monkeypatch.setattr(cb, "KEEP_INTERNALS_MIN_MATRIX", threshold)
-        out[mode] = run_with_grads("chunk", tensors, weights, chunk_size=4, residual=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out[mode] = run_with_grads("chunk", tensors, weights, chunk_size=4, residual=True)
     (y_a, s_a, g_a), (y_b, s_b, g_b) = out["keep"], out["rebuild"]
     assert torch.equal(y_a, y_b) and all(torch.equal(a, b) for a, b in zip(s_a.weights, s_b.weights))
     assert all(torch.equal(a, b) for a, b in zip(g_a, g_b))
+
+
+@pytest.mark.parametrize("internals", [False, True], ids=["rebuild", "keep"])
+def test_backward_inside_autocast_equals_outside(monkeypatch, internals):
+    # the op's precision is set in its forward; a backward called inside autocast (which PyTorch
+    # allows) must give exactly the gradients of one called outside
+    import titans.ops.chunk_backward as cb
+    monkeypatch.setattr(chunk, "BF16_MIN_MATRIX", 0)
+    monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 0)
+    monkeypatch.setattr(cb, "KEEP_INTERNALS_MIN_MATRIX", 0 if internals else 2 ** 62)
+    tensors, weights = make_inputs(T=61, depth=2, dtype=torch.float32, seed=6)
+    grads = {}
+    for inside in (True, False):
+        xs = [t.detach().clone().requires_grad_() for t in tensors + weights]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = memory_rule(*xs[:6], xs[6:], chunk_size=4)
+            if inside:
+                grads[inside] = torch.autograd.grad(y.square().sum(), xs)
+        if not inside:
+            grads[inside] = torch.autograd.grad(y.square().sum(), xs)
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
 
 
 @pytest.mark.parametrize("internals", ["rebuild", "keep", "over-cap"])

@@ -259,6 +259,14 @@ class ChunkScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, *dstates):
+        # the precision was fixed in the forward (Setup): a backward called inside autocast must
+        # not recast our matmuls (it made the two rebuild paths differ, and both differ from a
+        # backward called outside)
+        with torch.autocast(dy.device.type, enabled=False):
+            return ChunkScan._backward(ctx, dy, *dstates)
+
+    @staticmethod
+    def _backward(ctx, dy, *dstates):
         s, plan, L = ctx.setup, ctx.plan, ctx.L
         q, k, v, theta, eta, alpha, *states = ctx.saved_tensors
         WS0, Wg0 = list(states[:L]), list(states[L:]) or None
