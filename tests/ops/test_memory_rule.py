@@ -319,6 +319,23 @@ def test_kept_internals_are_bit_for_bit(monkeypatch, bf16):
     assert all(torch.equal(a, b) for a, b in zip(g_a, g_b))
 
 
+@pytest.mark.parametrize("mode", ["keep-all", "rebuild", "keep-internals"])
+def test_second_backward_with_retain_graph(monkeypatch, mode):
+    # the first backward releases what the forward kept; a second one (retain_graph) recomputes
+    # everything from the initial state and must give the same gradients
+    import titans.ops.chunk_backward as cb
+    if mode != "keep-all":
+        monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 0)
+    monkeypatch.setattr(cb, "KEEP_INTERNALS_MIN_MATRIX", 0 if mode == "keep-internals" else 2 ** 62)
+    tensors, weights = make_inputs(T=61, depth=2, seed=3)
+    xs = [t.detach().clone().requires_grad_() for t in tensors + weights]
+    y, _ = memory_rule(*xs[:6], xs[6:], chunk_size=4)
+    loss = y.square().sum()
+    first = torch.autograd.grad(loss, xs, retain_graph=True)
+    second = torch.autograd.grad(loss, xs)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize("internals", [False, True], ids=["rebuild", "keep"])
 def test_backward_inside_autocast_equals_outside(monkeypatch, internals):
     # the op's precision is set in its forward; a backward called inside autocast (which PyTorch
