@@ -304,10 +304,9 @@ def test_kept_internals_are_bit_for_bit(monkeypatch, bf16):
     # the backward from kept internals expands them with the forward's own elementwise ops:
     # every gradient must equal the one from recomputing them, exactly (residual, depth 3; also
     # with bf16 matmuls under autocast, which test sizes get only below BF16_MIN_MATRIX)
-    import titans.ops.chunk as ch
     import titans.ops.chunk_backward as cb
     monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 0)
-    monkeypatch.setattr(ch, "BF16_MIN_MATRIX", 0)
+    monkeypatch.setattr(chunk, "BF16_MIN_MATRIX", 0)
     tensors, weights = make_inputs(T=61, depth=3, dtype=torch.float32, seed=5)
     out = {}
     for mode, threshold in (("keep", 0), ("rebuild", 2 ** 62)):

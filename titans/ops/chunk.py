@@ -251,7 +251,7 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
     WSc = s.cast_states(WS)
     Wgc = [ws[:, :do] for ws, do in zip(WSc, dos)] if Wg is None else [s.cast(w) for w in Wg]
     a, zk, delta, t = key_path(k, v, Wgc, s)
-    beta, g = gates.beta.unsqueeze(-1), gates.g.unsqueeze(-1)
+    beta, g, *_ = gate_columns(gates)
 
     hq, zq, Ps = [q], [], []
     for l in range(L):

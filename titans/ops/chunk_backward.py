@@ -202,10 +202,10 @@ def scan_forward(s: Setup, plan: Plan, q, k, v, theta, eta, alpha, WS0: list[Ten
             if p == 0 and _nbytes(saved_all[0]) * len(pieces) > KEEP_ALL_BYTES:
                 keep_all, saved_all = False, []
         if not keep_all:
-            if keep_internals and p == 0:
-                keep_internals = _nbytes(cache.compact()) * len(pieces) <= KEEP_INTERNALS_MAX_BYTES
             if keep_internals:
                 internals.append(cache.compact())
+                if p == 0 and _nbytes(internals[0]) * len(pieces) > KEEP_INTERNALS_MAX_BYTES:
+                    keep_internals, internals = False, []
             if p < len(pieces) - 1 and WS is not WS0 and kept.get(p) is not WS:
                 s.buffers.give(WS)  # nobody needs this piece's start state any more
         WS = WS_next
