@@ -7,7 +7,8 @@
 Each line is the median of repeated calls on 2-D state matrices of config (a) (1536 x 384 fp32,
 one layer of a depth-2, expansion-4 memory over head dim 384) and rank-64 factors (chunk 64):
 - a pass over the matrix (scale into a reused buffer), and the same into a fresh buffer;
-- a rank-64 fp32 update (addmm_), and the same as a bf16 matmul plus a mixed-dtype add;
+- a rank-64 fp32 update (addmm_), the same as a bf16 matmul plus a mixed-dtype add, and as
+  one MKL bf16 x bf16 -> fp32 product accumulated into the state (titans/ops/blas.py);
 - the bf16 batched matmul with the transposed row block of [W; S] vs the same 2-D mm;
 - the inner product of two matrices by vecdot and by dot;
 - the layer's causal depthwise conv (titans/ops/conv.py) against F.conv1d, forward+backward.
@@ -42,6 +43,7 @@ def median_us(fn, reps: int = 50) -> float:
 
 
 def state_timings() -> None:
+    from titans.ops import blas
     do, di, n = 1536, 384, 64
     W, S, out = torch.randn(do, di), torch.randn(do, di), torch.empty(do, di)
     coef, a = torch.randn(n, do), torch.randn(n, di)
@@ -57,6 +59,8 @@ def state_timings() -> None:
         ("rank-64 fp32 update (addmm_)", lambda: out.addmm_(coef.mT, a)),
         ("rank-64 bf16 matmul into a reused buffer", lambda: torch.mm(coef16.mT, a16, out=u16)),
         ("mixed-dtype add of it into fp32", lambda: out.add_(u16)),
+        *([("rank-64 bf16 update accumulated in fp32 (blas.gemm_into, MKL)",
+            lambda: blas.gemm_into(out[None], coef16.mT[None], a16[None], beta=1.0))] if blas.AVAILABLE else []),
         ("bf16 bmm, second operand = transposed row block of [W; S]", lambda: torch.bmm(h16, WS16[:, :do].mT)),
         ("the same as a 2-D mm", lambda: torch.mm(h16[0], WS16[0, :do].mT)),
         ("inner product of two states, vecdot over [1, N] rows (as before)",

@@ -31,6 +31,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from . import blas
 from .nets import ACTIVATIONS, Activation
 from .state import MemoryState
 
@@ -123,6 +124,7 @@ class Setup:
     residual: bool
     mm_dtype: torch.dtype    # matmul operands (bf16 under autocast)
     acc_dtype: torch.dtype   # everything else: the state's dtype
+    mixed: bool = False      # bf16 operands, fp32 results through blas.gemm_into (one pass, no cast)
     buffers: Buffers = field(default_factory=Buffers)
 
     def cast(self, x: Tensor) -> Tensor:
@@ -146,18 +148,25 @@ class Setup:
         transpose of a row block of [W; S] took 441 us, the same 2-D mm 79 us
         (`python benchmarks/state_ops.py`).
         """
+        x, y = self.cast(x), self.cast(y)
+        if self.mixed:
+            out = torch.empty(max(x.shape[0], y.shape[0]), x.shape[1], y.shape[2], dtype=self.acc_dtype)
+            return blas.gemm_into(out, x, y)
         if x.shape[0] == 1:
-            return torch.mm(self.cast(x[0]), self.cast(y[0])).unsqueeze(0).to(self.acc_dtype)
-        return torch.bmm(self.cast(x), self.cast(y)).to(self.acc_dtype)
+            return torch.mm(x[0], y[0]).unsqueeze(0).to(self.acc_dtype)
+        return torch.bmm(x, y).to(self.acc_dtype)
 
     def outer_into(self, out: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
         """out += alpha * x @ y for state-sized out ([BH, do, di]) from token factors ([BH, n, .]).
 
-        Kept in acc_dtype even under bf16: the state stays exact to fp32. A bf16 matmul plus a
-        mixed-dtype add looks cheaper alone (86 + 95 us against 210 us, benchmarks/state_ops.py),
-        but inside the op it made the layer's forward+backward 3-5% slower at config (a) (an A/B of
-        three runs each, benchmarks/vs_titans_pytorch.py-style timing; not kept as a switch).
+        out (the state or its gradient) stays in acc_dtype and the sum is accumulated in it. With
+        `mixed` the factors are rounded to bf16 like every other matmul operand here (3x faster
+        at config (a): blas.py); without it, the product runs in acc_dtype even under bf16: a bf16
+        matmul plus a separate mixed-dtype add made the layer 3-5% slower than the fp32 baddbmm_
+        at config (a) (an A/B of three runs each, benchmarks/vs_titans_pytorch.py-style timing).
         """
+        if self.mixed:
+            return blas.gemm_into(out, self.cast(x), self.cast(y), alpha=alpha, beta=1.0)
         return out.baddbmm_(x.to(self.acc_dtype), y.to(self.acc_dtype), alpha=alpha)
 
 
@@ -373,7 +382,9 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
     acc_dtype = mm_dtype = WS0[0].dtype
     if torch.is_autocast_enabled(q.device.type) and min(w[0].numel() for w in weights) >= BF16_MIN_MATRIX:
         mm_dtype = torch.get_autocast_dtype(q.device.type)
-    setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype)
+    mixed = (blas.AVAILABLE and q.device.type == "cpu" and mm_dtype == torch.bfloat16
+             and acc_dtype == torch.float32)
+    setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype, mixed)
     inputs = [flat(x).to(acc_dtype) for x in (q, k, v, theta, eta, alpha)]
     with torch.autocast(q.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs + WS0 + Wg0):
