@@ -39,9 +39,9 @@ __all__ = ["memory_rule_chunk", "chunk_gates", "ChunkGates", "BF16_MIN_MATRIX"]
 
 # Under bf16 autocast the matmuls run in bf16 only when every per-head memory matrix has at
 # least this many entries. Below it the casts cost more than the faster matmuls save: the layer's
-# forward+backward at T=4096 with bf16 matmuls against fp32 ran -18% at 4 heads of 96, -9% at 2
+# forward+backward at T=4096 with bf16 matmuls against fp32 ran -13% at 4 heads of 96, -2% at 2
 # heads of 192 and +19% at 1 head of 384 (matrices of 589,824 entries), by
-# `python benchmarks/state_ops.py --layers`.
+# `python benchmarks/state_ops.py --layers` (with the MKL products of blas.py).
 BF16_MIN_MATRIX = 2 ** 18
 
 
