@@ -9,7 +9,7 @@ Shape legend
 `causal_conv` is the fast path: a sum of K shifted, per-channel scaled copies with a
 hand-written backward that accumulates into one gradient buffer. F.conv1d wants [B, C, T],
 and the transposes there and back cost more than the convolution (T=4096, C=1152,
-forward+backward: 73 ms through conv1d, 32 ms here; `python benchmarks/state_ops.py`); autograd through the shifted sum
+forward+backward: 79 ms through conv1d, 18 ms here; `python benchmarks/state_ops.py`); autograd through the shifted sum
 would allocate a full-size gradient per tap (memory). `causal_conv_ref` is F.conv1d, for the tests.
 `conv_forward` / `conv_backward` are the two halves, shared with the fused q, k, v path (features.py).
 """
@@ -27,7 +27,7 @@ def conv_forward(xp: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """out = causal conv of xp (see the module doc). xp: [B, K - 1 + T, C] -> [B, T, C]."""
     K = weight.shape[1]
     T = xp.shape[1] - (K - 1)
-    w = weight.t()  # [K, C]
+    w = weight.t().contiguous()  # [K, C]: a strided tap vector made each addcmul 4x slower
     out = torch.addcmul(bias, xp[:, :T], w[0])
     for j in range(1, K):
         out.addcmul_(xp[:, j:j + T], w[j])
@@ -38,7 +38,7 @@ def conv_backward(dout: Tensor, xp: Tensor, weight: Tensor, needs: tuple[bool, b
     """Gradients (dxp, dweight, dbias) of conv_forward for dout [B, T, C]; None where not needed."""
     K = weight.shape[1]
     T = dout.shape[1]
-    w = weight.t()
+    w = weight.t().contiguous()
     dxp = dw = dbias = None
     if needs[0]:
         dxp = xp.new_zeros(xp.shape)
