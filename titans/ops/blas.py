@@ -89,10 +89,10 @@ def gemm_into(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, beta: float
         return out.mul_(beta) if beta else out.zero_()
     # pointers by stride arithmetic (indexing a[i] would build a view per call); a size-1 batch
     # dim broadcasts with step 0
+    step = lambda x: x.stride(0) * x.element_size() if x.shape[0] > 1 else 0  # bytes per batch entry
     pa, pb, pc = a.data_ptr(), b.data_ptr(), out.data_ptr()
-    sa = a.stride(0) * 2 if a.shape[0] > 1 else 0
-    sb = b.stride(0) * 2 if b.shape[0] > 1 else 0
+    sa, sb, sc = step(a), step(b), step(out)
     for i in range(N):
-        _gemm(_ROW_MAJOR, ta, tb, m, n, k, alpha, pa + i * sa, lda, pb + i * sb, ldb, beta,
-              pc + i * out.stride(0) * 4, out.stride(-2))
+        _gemm(_ROW_MAJOR, ta, tb, m, n, k, alpha, pa + i * sa, lda, pb + i * sb, ldb, beta, pc + i * sc,
+              out.stride(-2))
     return out
