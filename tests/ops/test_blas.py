@@ -15,13 +15,17 @@ from .test_memory_rule import make_inputs, rel
 
 # the PyTorch x86-64 Linux wheels ship MKL: there the fast path must not silently go missing
 ON_MKL_WHEEL = platform.system() == "Linux" and platform.machine() == "x86_64"
-needs_mkl = pytest.mark.skipif(not blas.AVAILABLE, reason="cblas_gemm_bf16bf16f32 not in this torch build")
+needs_mkl = pytest.mark.skipif(not blas.AVAILABLE, reason="cblas_gemm_bf16bf16f32 not in this torch build, "
+                                                          "or turned off by TITANS_MKL_GEMM=0")
 
 
-def test_available_on_x86_64_linux():
+def test_available_on_x86_64_linux(monkeypatch):
     if not ON_MKL_WHEEL:
         pytest.skip("MKL ships with the x86-64 Linux wheels only")
-    assert blas.AVAILABLE
+    monkeypatch.delenv("TITANS_MKL_GEMM", raising=False)
+    assert blas._load() is not None
+    monkeypatch.setenv("TITANS_MKL_GEMM", "0")  # the documented switch turns it off
+    assert blas._load() is None
 
 
 def _bf16(*shape, gen):
