@@ -229,8 +229,7 @@ def _rebuild_segment(s: Setup, pieces, p0: int, p1: int, WS: list[Tensor], Wg0: 
         if internals is not None:
             seg.append((WS, None))
             if p < p1 - 1:
-                c = internals[p].expand(q[:, lo:hi], k[:, lo:hi], s.act)
-                WS = advance_state(WS, c.a, c.delta, gates[p], s)
+                WS = advance_state(WS, *internals[p].key_factors(k[:, lo:hi], s.act), gates[p], s)
         else:
             _, WS_next, cache = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], gates[p], WS,
                                               Wg0 if p == 0 else None, s, keep=True, advance=p < p1 - 1)
