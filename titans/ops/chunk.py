@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from . import blas
+from . import blas, native
 from .nets import ACTIVATIONS, Activation
 from .state import MemoryState
 
@@ -125,6 +125,7 @@ class Setup:
     mm_dtype: torch.dtype    # matmul operands (bf16 under autocast)
     acc_dtype: torch.dtype   # everything else: the state's dtype
     mixed: bool = False      # bf16 operands, fp32 results through blas.gemm_into (one pass, no cast)
+    native: bool = False     # the per-piece backward and state update run in C++ (native.py)
     buffers: Buffers = field(default_factory=Buffers)
 
     def cast(self, x: Tensor) -> Tensor:
@@ -294,6 +295,9 @@ def advance_state(WS: Sequence[Tensor], a: Sequence[Tensor], delta: Sequence[Ten
 
     W_n = beta_n W + g_n S - sum_m G_{n,m} u_m,  S_n = e_n S - sum_m (e_n/e_m) theta_m u_m
     """
+    if s.native:
+        out = [s.buffers.take(ws.shape, ws) for ws in WS]
+        return native.module().advance_state(list(WS), list(a), list(delta), *gates, out, s.mixed)
     _, _, b_n, g_n, e_n, G_n, s_n = gate_columns(gates)
     out = []
     for ws, a_l, d_l in zip(WS, a, delta):
@@ -391,7 +395,8 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
         mm_dtype = torch.get_autocast_dtype(q.device.type)
     mixed = (blas.AVAILABLE and q.device.type == "cpu" and mm_dtype == torch.bfloat16
              and acc_dtype == torch.float32)
-    setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype, mixed)
+    use_native = native.available(activation, WS0[0]) and (mixed or mm_dtype == acc_dtype)
+    setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype, mixed, use_native)
     inputs = [flat(x).to(acc_dtype) for x in (q, k, v, theta, eta, alpha)]
     with torch.autocast(q.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs + WS0 + Wg0):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import native
 from .chunk import (ChunkGates, KeptInternals, PieceCache, Plan, Setup, advance_state, all_gates,
                     checkpoint_interval, gate_columns, gate_groups, group_gates, pair, piece_forward)
 
@@ -43,14 +44,19 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
 
     Returns (dq, dk, dv, dgates: ChunkGates, dWS_start per layer, dWg per layer or None).
     """
+    if dgates is None:
+        dgates = ChunkGates(*(torch.zeros_like(x) for x in gates))
+    if s.native:
+        dq, dk, dv, *dWg = native.module().piece_backward(
+            c.a, c.zk, c.delta, c.t, c.hq, c.zq, c.P, *gates, WS, Wg_given or [], dy, dWS_end, *dgates,
+            s.residual, s.mixed)
+        return dq, dk, dv, dgates, dWS_end, (dWg if Wg_given is not None else None)
     L = len(WS)
     dos = [ws.shape[1] // 2 for ws in WS]
     WSc = s.cast_states(WS)
     Wgc = [ws[:, :do] for ws, do in zip(WSc, dos)] if Wg_given is None else [s.cast(w) for w in Wg_given]
     beta, g, b_n, g_n, e_n, G_n, s_n = gate_columns(gates)
     G = gates.G
-    if dgates is None:
-        dgates = ChunkGates(*(torch.zeros_like(x) for x in gates))
     dgate = dgates._asdict()  # written in place
 
     # chunk end: WS' = [b_n W + g_n S; e_n S] - coef^T a with coef = [delta G_n, delta s_n].

@@ -1,0 +1,99 @@
+"""The C++ chunk path (titans/ops/native.py) against the Python one it replaces, and its fallback."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import titans.ops.chunk as chunk
+import titans.ops.chunk_backward as cb
+from titans.ops import memory_rule, native
+
+from .test_memory_rule import make_inputs, rel, run_with_grads
+
+
+def test_built_where_it_should_be():
+    # on the machines this project runs on (Linux x86-64 with a C++ compiler) the module must
+    # build: a silent fallback would hide a broken build behind passing tests
+    if platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("c++") \
+            and os.environ.get("TITANS_NATIVE", "1") != "0":
+        assert native.module() is not None
+        assert native.available("silu", torch.zeros(2))
+    assert not native.available("gelu", torch.zeros(2))
+    assert not native.available("silu", torch.zeros(2, dtype=torch.float64))
+
+
+def _run(monkeypatch, use_native: bool, tensors, weights, bf16: bool, **kw):
+    if not use_native:
+        monkeypatch.setattr(native, "available", lambda *a: False)
+    calls = []
+    real = native.module
+    monkeypatch.setattr(native, "module", lambda: calls.append(1) or real())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = run_with_grads("chunk", tensors, weights, **kw)
+    monkeypatch.undo()
+    assert bool(calls) == use_native, "the native path was (not) taken"
+    return out
+
+
+def _assert_close(a, b, tol):
+    (ya, sa, ga), (yb, sb, gb) = a, b
+    assert rel(ya, yb) <= tol, f"y: {rel(ya, yb)}"
+    for field in ("weights", "momentum", "chunk_start"):
+        for x, y in zip(getattr(sa, field), getattr(sb, field)):
+            assert rel(x, y) <= tol, f"state.{field}: {rel(x, y)}"
+    for i, (x, y) in enumerate(zip(ga, gb)):
+        assert torch.isfinite(x).all() and rel(x, y) <= tol, f"grad {i}: {rel(x, y)}"
+
+
+@pytest.mark.skipif(native.module() is None, reason="the C++ chunk path is not built here (see test above)")
+@pytest.mark.parametrize("mode", ["keep-all", "rebuild", "keep-internals"])
+@pytest.mark.parametrize("depth,residual,chunk_size,T", [(1, False, 8, 61), (2, False, 8, 61), (2, True, 64, 150),
+                                                         (3, True, 5, 37)])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_native_equals_python(monkeypatch, mode, depth, residual, chunk_size, T, bf16):
+    # outputs, final state and every gradient; bf16 matmuls forced at test sizes. Both paths
+    # round the same operands to bf16 and use the same products: they differ by fp32 summation
+    # order, and under bf16 by the operands that order rounds the other way (bf16 against fp32
+    # itself differs by ~1e-2 here)
+    tensors, weights = make_inputs(T=T, depth=depth, Dk=16, Dv=16, dtype=torch.float32, seed=depth + T)
+    runs = []
+    for use_native in (True, False):
+        monkeypatch.setattr(chunk, "BF16_MIN_MATRIX", 0)
+        monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 2 ** 28 if mode == "keep-all" else 0)
+        monkeypatch.setattr(cb, "KEEP_INTERNALS_MIN_MATRIX", 0 if mode == "keep-internals" else 2 ** 62)
+        runs.append(_run(monkeypatch, use_native, tensors, weights, bf16, chunk_size=chunk_size, residual=residual))
+    _assert_close(*runs, 2e-3 if bf16 else 1e-5)
+
+
+@pytest.mark.skipif(native.module() is None, reason="the C++ chunk path is not built here")
+def test_native_resuming_mid_chunk_equals_python(monkeypatch):
+    # a call that starts inside a chunk takes its first piece's gradients at the chunk-start
+    # weights (the native backward's Wg_given branch)
+    tensors, weights = make_inputs(T=40, depth=2, dtype=torch.float32, seed=9)
+    _, state = memory_rule(*(t[:, :3] for t in tensors), weights, chunk_size=8)
+    grads = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(native, "available", lambda *a: False)
+        a = [t[:, 3:].clone().requires_grad_() for t in tensors]
+        st = type(state)([x.clone().requires_grad_() for x in state.weights], list(state.momentum),
+                         [x.clone().requires_grad_() for x in state.chunk_start], state.position)
+        y, _ = memory_rule(*a, weights, chunk_size=8, state=st)
+        grads.append([y] + list(torch.autograd.grad(y.square().sum(), a + st.weights + st.chunk_start)))
+        monkeypatch.undo()
+    for x, y in zip(*grads):
+        assert rel(x, y) <= 1e-5
+
+
+def test_switched_off_by_environment():
+    code = "from titans.ops import native; import torch; print(native.available('silu', torch.zeros(1)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TITANS_NATIVE": "0"})
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,439 @@
+// The chunk path's per-piece backward and state update in C++ (titans/ops/native.py builds and
+// loads this; titans/ops/chunk_backward.py and chunk.py hold the same math in Python, which the
+// tests compare this against).
+//
+// Shape legend (as in chunk.py): BH = B * H; n tokens in the piece; per layer l the state
+// WS = [W; S], [BH, 2 do, di], fp32; a, hq: layer inputs [BH, n, di]; delta, zk, zq, t: [BH, n, do];
+// P, G: [BH, n, n]; gates beta, g, s_last: [BH, n], e_last: [BH].
+//
+// Why it exists: in Python each piece's backward is ~300 small torch operations, and the passes
+// over the multi-megabyte state are separate operations each reading the state again. Here the
+// elementwise chains are fused into single loops and the state passes into one, and no Python
+// runs between the products. The products are MKL's (bf16 operands with fp32 accumulation when
+// `mixed`, as titans/ops/blas.py; else torch's fp32 matmuls).
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include <omp.h>
+
+using at::Tensor;
+
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                                       const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                                       float* c, int ldc);
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+struct Operand {
+  int trans;
+  int64_t ld;
+  Tensor t;
+};
+
+// MKL reads a matrix with unit stride along either of its last two dims; anything else is copied.
+Operand operand(Tensor x) {
+  const int64_t r = x.size(-2), c = x.size(-1);
+  if (x.stride(-1) == 1 && x.stride(-2) >= std::max<int64_t>(1, c)) return {kNoTrans, x.stride(-2), x};
+  if (x.stride(-2) == 1 && x.stride(-1) >= std::max<int64_t>(1, r)) return {kTrans, x.stride(-1), x};
+  x = x.contiguous();
+  return {kNoTrans, std::max<int64_t>(1, c), x};
+}
+
+// out = alpha a @ b + beta out, batched over dim 0 (a size-1 batch broadcasts). out: fp32 with
+// unit-stride rows. mixed: bf16 operands (cast here if needed), fp32 accumulation (MKL); else fp32.
+// With beta = 0 out's old values are never read.
+void gemm(const Tensor& out, Tensor a, Tensor b, float alpha, float beta, bool mixed) {
+  const int64_t N = out.size(0), m = out.size(1), n = out.size(2), k = a.size(2);
+  if (m == 0 || n == 0) return;
+  if (!mixed) {
+    if (N == 1) {
+      auto o = out[0];
+      if (beta == 0.f) {
+        at::mm_out(o, a[0], b[0]);
+        if (alpha != 1.f) o.mul_(alpha);
+      } else {
+        o.addmm_(a[0], b[0], beta, alpha);
+      }
+    } else {
+      auto ae = a.expand({N, m, k}), be = b.expand({N, k, n});
+      if (beta == 0.f) {
+        at::bmm_out(const_cast<Tensor&>(out), ae, be);
+        if (alpha != 1.f) out.mul_(alpha);
+      } else {
+        out.baddbmm_(ae, be, beta, alpha);
+      }
+    }
+    return;
+  }
+  if (a.scalar_type() != at::kBFloat16) a = a.to(at::kBFloat16);
+  if (b.scalar_type() != at::kBFloat16) b = b.to(at::kBFloat16);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.stride(-1) == 1, "gemm: out must be fp32 with unit-stride rows");
+  const Operand A = operand(a), B = operand(b);
+  if (k == 0) {
+    if (beta == 0.f) out.zero_(); else out.mul_(beta);
+    return;
+  }
+  const auto* pa = reinterpret_cast<const uint16_t*>(A.t.data_ptr<at::BFloat16>());
+  const auto* pb = reinterpret_cast<const uint16_t*>(B.t.data_ptr<at::BFloat16>());
+  float* pc = out.data_ptr<float>();
+  const int64_t sa = A.t.size(0) > 1 ? A.t.stride(0) : 0, sb = B.t.size(0) > 1 ? B.t.stride(0) : 0;
+  for (int64_t i = 0; i < N; i++) {
+    cblas_gemm_bf16bf16f32(kRowMajor, A.trans, B.trans, (int)m, (int)n, (int)k, alpha, pa + i * sa, (int)A.ld,
+                           pb + i * sb, (int)B.ld, beta, pc + i * out.stride(0), (int)out.stride(1));
+  }
+}
+
+// fp32 -> bf16, round to nearest even (as torch's .to(torch.bfloat16)); NaN stays NaN.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+inline uint16_t* bf16_ptr(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// An operand for several products: cast once (mixed), else the tensor itself.
+Tensor operand_copy(const Tensor& x, bool mixed) { return mixed ? x.to(at::kBFloat16) : x; }
+
+// Rows of a [BH, n, d] tensor whose last dim has unit stride: pointer to row (i, j).
+template <typename T>
+struct Rows {
+  T* p;
+  int64_t sb, sr;
+  Rows(const Tensor& t) : p(t.data_ptr<T>()), sb(t.stride(0)), sr(t.stride(1)) {
+    TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, "native chunk path: rows must have unit stride");
+  }
+  T* operator()(int64_t i, int64_t j) const { return p + i * sb + j * sr; }
+};
+
+inline float silu_grad(float z, float s) { return s * (1.f + z * (1.f - s)); }
+inline float silu_grad2(float z, float s) { return s * (1.f - s) * (2.f + z * (1.f - 2.f * s)); }
+
+constexpr int64_t kBlock = 4096;  // entries summed in fp32 before the running sum moves to double
+
+// The backward's chunk end for one batch entry of one layer, in one pass over the state:
+//   dots += (<dW, W>, <dW, S>, <dS, S>) (per thread, in a fixed order: deterministic);
+//   dEc, WSc (if not null): bf16 copies of dE (before the carry below) and of WS;
+//   carry: then in place dE <- [b dW; g dW + e dS] (the carry, transposed).
+void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, float e, uint16_t* dEc,
+                    uint16_t* WSc, bool carry, double* dots) {
+  std::vector<double> part(3 * omp_get_max_threads(), 0.0);
+  int used = 1;
+#pragma omp parallel
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t lo = half * t / T, hi = half * (t + 1) / T;
+    float *dW = dE, *dS = dE + half;
+    const float *W = WS, *S = WS + half;
+    double s0 = 0, s1 = 0, s2 = 0;
+    for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
+      const int64_t j1 = std::min(j0 + kBlock, hi);
+      float a0 = 0, a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2)
+      for (int64_t j = j0; j < j1; j++) {
+        const float w = W[j], s = S[j], dw = dW[j], ds = dS[j];
+        a0 += dw * w;
+        a1 += dw * s;
+        a2 += ds * s;
+        if (WSc) { WSc[j] = to_bf16(w); WSc[half + j] = to_bf16(s); }
+        if (dEc) { dEc[j] = to_bf16(dw); dEc[half + j] = to_bf16(ds); }
+        if (carry) { dS[j] = e * ds + g * dw; dW[j] = b * dw; }
+      }
+      s0 += a0; s1 += a1; s2 += a2;
+    }
+    part[3 * t] = s0; part[3 * t + 1] = s1; part[3 * t + 2] = s2;
+    if (t == 0) used = T;
+  }
+  for (int i = 0; i < used; i++) for (int c = 0; c < 3; c++) dots[c] += part[3 * i + c];
+}
+
+// In place dE <- [b dW; g dW + e dS] (the transposed carry alone, for the fp32 path).
+void carry_transposed(float* dE, int64_t half, float b, float g, float e) {
+  float *dW = dE, *dS = dE + half;
+#pragma omp parallel for simd schedule(static)
+  for (int64_t j = 0; j < half; j++) {
+    const float dw = dW[j];
+    dS[j] = e * dS[j] + g * dw;
+    dW[j] = b * dw;
+  }
+}
+
+// out = [b W + g S; e S] for one batch entry (the state's carry to the chunk end).
+void carry_pass(const float* WS, float* out, int64_t half, float b, float g, float e) {
+  const float *W = WS, *S = WS + half;
+  float *oW = out, *oS = out + half;
+#pragma omp parallel for simd schedule(static)
+  for (int64_t j = 0; j < half; j++) {
+    const float w = W[j], s = S[j];
+    oW[j] = b * w + g * s;
+    oS[j] = e * s;
+  }
+}
+
+// A [BH, n, 2 d] factor [x * gx, x * gy] (rows scaled per token), in the products' dtype.
+// x: [BH, n, d]; gx, gy: [BH, n] (any strides along n).
+Tensor pair(const Tensor& x, const Tensor& gx, const Tensor& gy, float sign, bool mixed) {
+  const int64_t BH = x.size(0), n = x.size(1), d = x.size(2);
+  Tensor out = at::empty({BH, n, 2 * d}, x.options().dtype(mixed ? at::kBFloat16 : at::kFloat));
+  Rows<float> X(x);
+  auto GX = gx.accessor<float, 2>(), GY = gy.accessor<float, 2>();
+  for (int64_t i = 0; i < BH; i++) {
+    for (int64_t r = 0; r < n; r++) {
+      const float* xr = X(i, r);
+      const float a = sign * GX[i][r], c = sign * GY[i][r];
+      if (mixed) {
+        uint16_t* o = bf16_ptr(out) + (i * n + r) * 2 * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) { o[j] = to_bf16(a * xr[j]); o[d + j] = to_bf16(c * xr[j]); }
+      } else {
+        float* o = out.data_ptr<float>() + (i * n + r) * 2 * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) { o[j] = a * xr[j]; o[d + j] = c * xr[j]; }
+      }
+    }
+  }
+  return out;
+}
+
+// Per-batch gate scalars at the piece end.
+struct EndGates {
+  std::vector<float> b, g, e;
+};
+
+EndGates end_gates(const Tensor& beta, const Tensor& g, const Tensor& e_last) {
+  const int64_t BH = beta.size(0), n = beta.size(1);
+  auto B = beta.accessor<float, 2>(), Gg = g.accessor<float, 2>();
+  auto E = e_last.accessor<float, 1>();
+  EndGates out;
+  for (int64_t i = 0; i < BH; i++) {
+    out.b.push_back(B[i][n - 1]);
+    out.g.push_back(Gg[i][n - 1]);
+    out.e.push_back(E[i]);
+  }
+  return out;
+}
+
+}  // namespace
+
+// The state after a piece (chunk.advance_state): per layer
+//   WS' = [b_n W + g_n S; e_n S] - [delta G_n, delta s_n]^T a.
+// out: per layer [BH, 2 do, di] fp32 buffers to write into; returns them.
+std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a, std::vector<Tensor> delta,
+                                  Tensor beta, Tensor g, Tensor G, Tensor e_last, Tensor s_last,
+                                  std::vector<Tensor> out, bool mixed) {
+  const int64_t n = beta.size(1);
+  const EndGates eg = end_gates(beta, g, e_last);
+  Tensor G_n = G.select(1, n - 1);  // [BH, n]
+  for (size_t l = 0; l < WS.size(); l++) {
+    const int64_t half = WS[l].size(1) / 2 * WS[l].size(2);
+    for (int64_t i = 0; i < WS[l].size(0); i++) {
+      carry_pass(WS[l][i].data_ptr<float>(), out[l][i].data_ptr<float>(), half, eg.b[i], eg.g[i], eg.e[i]);
+    }
+    // the update's sign goes into the small factor (MKL's bf16 kernel is faster with alpha = beta = 1)
+    gemm(out[l], pair(delta[l], G_n, s_last, -1.f, mixed).transpose(1, 2), a[l], 1.f, 1.f, mixed);
+  }
+  return out;
+}
+
+// One piece's backward (chunk_backward.piece_backward with the SiLU activation); the same
+// arguments, flattened. dWS: per layer the gradient of the piece-end state, overwritten with
+// that of the piece-start state. The gate gradients (dbeta ... ds) are accumulated in place.
+// Returns [dq, dk, dv, dWg per layer (only when Wg_given is not empty)].
+std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk, std::vector<Tensor> delta,
+                                   std::vector<Tensor> t, std::vector<Tensor> hq, std::vector<Tensor> zq,
+                                   std::vector<Tensor> P, Tensor beta, Tensor g, Tensor G, Tensor e_last,
+                                   Tensor s_last, std::vector<Tensor> WS, std::vector<Tensor> Wg_given,
+                                   Tensor dy, std::vector<Tensor> dWS, Tensor dbeta, Tensor dg, Tensor dG,
+                                   Tensor de, Tensor ds, bool residual, bool mixed) {
+  const int64_t L = (int64_t)WS.size(), BH = dy.size(0), n = dy.size(1);
+  const EndGates eg = end_gates(beta, g, e_last);
+  Tensor G_n = G.select(1, n - 1);  // [BH, n]
+  auto opts = dy.options();
+  std::vector<int64_t> dos, dis;
+  for (auto& ws : WS) { dos.push_back(ws.size(1) / 2); dis.push_back(ws.size(2)); }
+
+  // operands used by several products, cast once
+  std::vector<Tensor> ac, hc, dc;
+  for (int64_t l = 0; l < L; l++) {
+    ac.push_back(operand_copy(a[l], mixed));
+    hc.push_back(operand_copy(hq[l], mixed));
+    dc.push_back(operand_copy(delta[l], mixed));
+  }
+
+  // chunk end: WS' = [b_n W + g_n S; e_n S] - coef^T a, coef = [delta G_n, delta s_n]
+  std::vector<Tensor> WSc(L), ddelta(L), da(L);
+  auto dBe = dbeta.accessor<float, 2>(), dGg = dg.accessor<float, 2>();
+  auto dEl = de.accessor<float, 1>();
+  for (int64_t l = 0; l < L; l++) {
+    const int64_t doo = dos[l], di = dis[l], half = doo * di;
+    TORCH_CHECK(WS[l].is_contiguous() && dWS[l].is_contiguous(), "native chunk path: states must be contiguous");
+    Tensor dEc = mixed ? at::empty_like(dWS[l], dWS[l].options().dtype(at::kBFloat16)) : dWS[l];
+    WSc[l] = mixed ? at::empty_like(WS[l], WS[l].options().dtype(at::kBFloat16)) : WS[l];
+    std::vector<double> dots(3 * BH, 0.0);
+    if (mixed) {  // one pass: the inner products, both bf16 copies and the transposed carry
+      for (int64_t i = 0; i < BH; i++) {
+        chunk_end_pass(dWS[l][i].data_ptr<float>(), WS[l][i].data_ptr<float>(), half, eg.b[i], eg.g[i], eg.e[i],
+                       bf16_ptr(dEc[i]), bf16_ptr(WSc[l][i]), true, &dots[3 * i]);
+      }
+    }
+    // X = a dE^T = -(d coef): [BH, n, 2 do]
+    Tensor X = at::empty({BH, n, 2 * doo}, opts);
+    gemm(X, ac[l], dEc.transpose(1, 2), 1.f, 0.f, mixed);
+    // ddelta = -(G_n XW + s_n XS); dG[n-1] -= rowdot(delta, XW); ds -= rowdot(delta, XS)
+    ddelta[l] = at::empty({BH, n, doo}, opts);
+    {
+      Rows<float> Xr(X), D(delta[l]), dd(ddelta[l]);
+      auto Gn = G_n.accessor<float, 2>(), Sn = s_last.accessor<float, 2>();
+      auto dGa = dG.accessor<float, 3>();
+      auto dSa = ds.accessor<float, 2>();
+      for (int64_t i = 0; i < BH; i++) {
+        for (int64_t r = 0; r < n; r++) {
+          const float *xw = Xr(i, r), *xs = xw + doo, *dl = D(i, r);
+          float* o = dd(i, r);
+          const float gn = Gn[i][r], sn = Sn[i][r];
+          float u = 0, v = 0;
+#pragma omp simd reduction(+ : u, v)
+          for (int64_t j = 0; j < doo; j++) {
+            o[j] = -(gn * xw[j] + sn * xs[j]);
+            u += dl[j] * xw[j];
+            v += dl[j] * xs[j];
+          }
+          dGa[i][n - 1][r] -= u;
+          dSa[i][r] -= v;
+        }
+      }
+    }
+    da[l] = at::empty({BH, n, di}, opts);
+    gemm(da[l], pair(delta[l], G_n, s_last, -1.f, mixed), dEc, 1.f, 0.f, mixed);
+    if (!mixed) {  // the products above read dE before the carry: the pass comes after them
+      for (int64_t i = 0; i < BH; i++) {
+        chunk_end_pass(dWS[l][i].data_ptr<float>(), WS[l][i].data_ptr<float>(), half, eg.b[i], eg.g[i], eg.e[i],
+                       nullptr, nullptr, true, &dots[3 * i]);
+      }
+    }
+    for (int64_t i = 0; i < BH; i++) {
+      dBe[i][n - 1] += (float)dots[3 * i];
+      dGg[i][n - 1] += (float)dots[3 * i + 1];
+      dEl[i] += (float)dots[3 * i + 2];
+    }
+  }
+
+  // query path, top layer down: z = beta * m_W + g * m_S - R delta, R = G * P, P = h a^T
+  auto Be = beta.accessor<float, 2>(), Ga = g.accessor<float, 2>();
+  Tensor dz = dy, dh;
+  for (int64_t l = L - 1; l >= 0; l--) {
+    const int64_t doo = dos[l], di = dis[l];
+    if (l < L - 1) {  // dz = dh * SiLU'(zq)
+      Tensor s = at::sigmoid(zq[l]);
+      dz = at::empty({BH, n, doo}, opts);
+      Rows<float> H(dh), Z(zq[l]), Sg(s), O(dz);
+      for (int64_t i = 0; i < BH; i++)
+        for (int64_t r = 0; r < n; r++) {
+          const float *hr = H(i, r), *zr = Z(i, r), *sr = Sg(i, r);
+          float* o = O(i, r);
+#pragma omp simd
+          for (int64_t j = 0; j < doo; j++) o[j] = hr[j] * silu_grad(zr[j], sr[j]);
+        }
+    }
+    Tensor dzc = operand_copy(dz, mixed);
+    // X = dz W, Y = dz S: [BH, n, di] each
+    Tensor X = at::empty({BH, n, di}, opts), Y = at::empty({BH, n, di}, opts);
+    gemm(X, dzc, WSc[l].narrow(1, 0, doo), 1.f, 0.f, mixed);
+    gemm(Y, dzc, WSc[l].narrow(1, doo, doo), 1.f, 0.f, mixed);
+    // d beta_i += X_i . h_i, d g_i += Y_i . h_i, dh = beta X + g Y (into X)
+    {
+      Rows<float> Xr(X), Yr(Y), Hr(hq[l]);
+      for (int64_t i = 0; i < BH; i++)
+        for (int64_t r = 0; r < n; r++) {
+          float* xr = Xr(i, r);
+          const float *yr = Yr(i, r), *hr = Hr(i, r);
+          const float bb = Be[i][r], gg = Ga[i][r];
+          float u = 0, v = 0;
+#pragma omp simd reduction(+ : u, v)
+          for (int64_t j = 0; j < di; j++) {
+            u += xr[j] * hr[j];
+            v += yr[j] * hr[j];
+            xr[j] = bb * xr[j] + gg * yr[j];
+          }
+          dBe[i][r] += u;
+          dGg[i][r] += v;
+        }
+    }
+    dh = X;
+    gemm(dWS[l], pair(dz, beta, g, 1.f, mixed).transpose(1, 2), hc[l], 1.f, 1.f, mixed);  // d m = [beta dz, g dz]
+    // dR = -dz delta^T; ddelta -= (G * P)^T dz; dG += dR * P; dP = dR * G
+    Tensor dR = at::empty({BH, n, n}, opts);
+    gemm(dR, dzc, dc[l].transpose(1, 2), -1.f, 0.f, mixed);
+    Tensor nGP = at::mul(G, P[l]).neg_();
+    gemm(ddelta[l], nGP.transpose(1, 2), dzc, 1.f, 1.f, mixed);
+    dG.addcmul_(dR, P[l]);
+    Tensor dP = dR.mul_(G);
+    gemm(dh, dP, ac[l], 1.f, 1.f, mixed);
+    gemm(da[l], dP.transpose(1, 2), hc[l], 1.f, 1.f, mixed);
+  }
+  Tensor dq = residual ? dh.add_(dy) : dh;
+
+  // key path: gradients wrt Wg go straight into dWS when the piece took them at W itself
+  const bool given = !Wg_given.empty();
+  std::vector<Tensor> dWg(L), Wgc(L);
+  for (int64_t l = 0; l < L; l++) {
+    dWg[l] = given ? at::zeros_like(Wg_given[l]) : dWS[l].narrow(1, 0, dos[l]);
+    Wgc[l] = given ? operand_copy(Wg_given[l], mixed) : WSc[l].narrow(1, 0, dos[l]);
+  }
+  // the analytic inner backward: delta_l = t_l * SiLU'(zk_l), t_l = delta_{l+1} Wg_{l+1}
+  std::vector<Tensor> gk(L > 1 ? L - 1 : 0), dzk(L > 1 ? L - 1 : 0);
+  for (int64_t l = 0; l < L - 1; l++) {
+    const int64_t doo = dos[l];
+    Tensor s = at::sigmoid(zk[l]);
+    gk[l] = at::empty({BH, n, doo}, opts);
+    dzk[l] = at::empty({BH, n, doo}, opts);
+    Tensor dt = at::empty({BH, n, doo}, opts);
+    Rows<float> Z(zk[l]), Sg(s), Dd(ddelta[l]), Tt(t[l]), Gk(gk[l]), Dz(dzk[l]), Dt(dt);
+    for (int64_t i = 0; i < BH; i++)
+      for (int64_t r = 0; r < n; r++) {
+        const float *zr = Z(i, r), *sr = Sg(i, r), *dr = Dd(i, r), *tr = Tt(i, r);
+        float *gr = Gk(i, r), *zo = Dz(i, r), *to = Dt(i, r);
+#pragma omp simd
+        for (int64_t j = 0; j < doo; j++) {
+          const float gv = silu_grad(zr[j], sr[j]);
+          gr[j] = gv;
+          to[j] = dr[j] * gv;
+          zo[j] = dr[j] * tr[j] * silu_grad2(zr[j], sr[j]);
+        }
+      }
+    Tensor dtc = operand_copy(dt, mixed);
+    gemm(ddelta[l + 1], dtc, Wgc[l + 1].transpose(1, 2), 1.f, 1.f, mixed);
+    gemm(dWg[l + 1], dc[l + 1].transpose(1, 2), dtc, 1.f, 1.f, mixed);
+  }
+  // then delta_L = 2 (out - v) and the memory's forward on the keys
+  Tensor dout = ddelta[L - 1].mul_(2.f);
+  Tensor dv = dout.neg();
+  Tensor dzl = dout;
+  for (int64_t l = L - 1; l >= 0; l--) {
+    Tensor dzlc = operand_copy(dzl, mixed);
+    gemm(dWg[l], dzlc.transpose(1, 2), ac[l], 1.f, 1.f, mixed);
+    gemm(da[l], dzlc, Wgc[l], 1.f, 1.f, mixed);
+    if (l > 0) {  // dzl = da[l] * gk[l-1] + dzk[l-1], into da[l] (not read again)
+      dzl = da[l].mul_(gk[l - 1]).add_(dzk[l - 1]);
+    }
+  }
+  Tensor dk = residual ? da[0].add_(dout) : da[0];
+  dG.tril_();
+  std::vector<Tensor> result = {dq, dk, dv};
+  if (given) result.insert(result.end(), dWg.begin(), dWg.end());
+  return result;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("piece_backward", &piece_backward, "one piece's backward of the chunk path (chunk_backward.py)");
+  m.def("advance_state", &advance_state, "the state after a piece (chunk.advance_state)");
+}

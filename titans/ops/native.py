@@ -1,0 +1,108 @@
+"""The chunk path's per-piece backward and state update in C++ (csrc/chunk_native.cpp), built on first use.
+
+The Python functions they replace (chunk_backward.piece_backward, chunk.advance_state) stay the
+readable definition and the fallback; the tests compare the two. What the C++ does differently
+is only how: the elementwise chains fused into single loops, the passes over the state (three
+inner products, the bf16 copies of the state and of its gradient, the transposed carry) in one,
+and no Python between the products. The arithmetic is the same up to rounding.
+
+Build: the source is compiled against the installed torch (its headers and libraries) with the
+system C++ compiler (`c++`, or $CXX), `-O3 -march=native -fopenmp`, the first time it is needed
+(about 30 s), into ~/.cache/titans (or $TITANS_CACHE), keyed by the source, torch's version, the
+compiler, the flags and the CPU. It links the OpenMP runtime torch has already loaded, so
+`torch.set_num_threads` holds. Without a compiler, off Linux/x86-64, or with TITANS_NATIVE=0,
+`available()` is False and the op runs its Python code; a failed build warns once and does the same.
+The native path covers CPU fp32 states with the SiLU memory activation (the default); anything else
+takes the Python path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.utils import cpp_extension
+
+__all__ = ["available", "module"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "chunk_native.cpp"
+_NAME = "_titans_chunk_native"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_module: ModuleType | None = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))}))
+
+
+def _command(cxx: str, source: Path, target: Path) -> list[str]:
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    libs = cpp_extension.library_paths()
+    return [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DTORCH_EXTENSION_NAME={_NAME}",
+            "-DTORCH_API_INCLUDE_EXTENSION_H", *(f"-I{p}" for p in includes), str(source), "-o", str(target),
+            *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
+            "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+
+
+def _build() -> ModuleType | None:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None or platform.system() != "Linux" or platform.machine() != "x86_64":
+        return None
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, torch.__version__.encode(), cxx.encode(), " ".join(_FLAGS).encode(),
+                                     _cpu_id().encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("TITANS_CACHE", Path.home() / ".cache" / "titans"))
+    target = cache / f"{_NAME}-{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        # compile to a temporary name and rename: concurrent first uses never load a partial file
+        with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        try:
+            subprocess.run(_command(cxx, _SOURCE, partial), check=True, capture_output=True, timeout=600)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    loader = importlib.machinery.ExtensionFileLoader(_NAME, str(target))
+    spec = importlib.util.spec_from_file_location(_NAME, str(target), loader=loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def module() -> ModuleType | None:
+    """The compiled module (built on the first call), or None when it cannot be had."""
+    global _module, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("TITANS_NATIVE", "1") != "0":
+            try:
+                _module = _build()
+            except (OSError, ImportError, subprocess.SubprocessError) as e:
+                detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-500:]
+                warnings.warn(f"titans: the C++ chunk path could not be built ({e}) {detail}; using the Python one",
+                              RuntimeWarning, stacklevel=3)
+    return _module
+
+
+def available(activation: str, *tensors: torch.Tensor) -> bool:
+    """True when the native functions apply: SiLU memory, CPU fp32 tensors, and the module built."""
+    return (activation == "silu" and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and module() is not None)
