@@ -263,6 +263,11 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
     advance=False skips the state update (the caller already has the next state).
     Returns (y [BH, n, Dv], WS after the piece or None, PieceCache or None).
     """
+    if s.native:
+        out = [s.buffers.take(ws.shape, ws) for ws in WS] if advance else []
+        y, WS_new, *internals = native.module().piece_forward(q, k, v, *gates, list(WS), list(Wg or []), out,
+                                                              s.residual, s.mixed)
+        return y, (WS_new if advance else None), (PieceCache(*internals) if keep else None)
     L = len(WS)
     dos = [ws.shape[1] // 2 for ws in WS]
     WSc = s.cast_states(WS)

@@ -38,7 +38,10 @@ __all__ = ["available", "module"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "chunk_native.cpp"
 _NAME = "_titans_chunk_native"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# -ffp-contract=off: no fused multiply-adds, so that an elementwise chain rounds exactly as the
+# same chain of torch operations (the backward's kept internals are rebuilt by torch operations and
+# must equal what the forward computed, bit for bit)
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _module: ModuleType | None = None
 _tried = False
 

@@ -244,6 +244,117 @@ std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a,
   return out;
 }
 
+// The key path (chunk.key_path): the memory's forward on the keys at Wg and the analytic backward
+// of ||f(k) - v||^2. Wgc: per layer [BH, do, di] in the products' dtype. Fills a (a[0] = k), zk,
+// delta, t.
+void key_path(const Tensor& k, const Tensor& v, const std::vector<Tensor>& Wgc, bool residual, bool mixed,
+              std::vector<Tensor>& a, std::vector<Tensor>& zk, std::vector<Tensor>& delta, std::vector<Tensor>& t) {
+  const int64_t L = (int64_t)Wgc.size(), BH = k.size(0), n = k.size(1);
+  auto opts = k.options();
+  a = {k};
+  std::vector<Tensor> acs = {operand_copy(k, mixed)};
+  for (int64_t l = 0; l < L - 1; l++) {
+    Tensor z = at::empty({BH, n, Wgc[l].size(1)}, opts);
+    gemm(z, acs[l], Wgc[l].transpose(1, 2), 1.f, 0.f, mixed);
+    zk.push_back(z);
+    a.push_back(at::silu(z));
+    acs.push_back(operand_copy(a.back(), mixed));
+  }
+  const int64_t dv = Wgc[L - 1].size(1);
+  Tensor out = at::empty({BH, n, dv}, opts);
+  gemm(out, acs[L - 1], Wgc[L - 1].transpose(1, 2), 1.f, 0.f, mixed);
+  {  // delta_L = 2 (out + k - v) with the residual, else 2 (out - v)
+    Rows<float> O(out), V(v), K(k);
+    for (int64_t i = 0; i < BH; i++)
+      for (int64_t r = 0; r < n; r++) {
+        float* o = O(i, r);
+        const float *vr = V(i, r), *kr = K(i, r);
+        if (residual) {
+#pragma omp simd
+          for (int64_t j = 0; j < dv; j++) o[j] = 2.f * (o[j] + kr[j] - vr[j]);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < dv; j++) o[j] = 2.f * (o[j] - vr[j]);
+        }
+      }
+  }
+  delta.assign(L, Tensor());
+  t.assign(L > 1 ? L - 1 : 0, Tensor());
+  delta[L - 1] = out;
+  for (int64_t l = L - 2; l >= 0; l--) {
+    const int64_t doo = Wgc[l].size(1);
+    t[l] = at::empty({BH, n, doo}, opts);
+    gemm(t[l], operand_copy(delta[l + 1], mixed), Wgc[l + 1], 1.f, 0.f, mixed);
+    Tensor s = at::sigmoid(zk[l]);
+    delta[l] = at::empty({BH, n, doo}, opts);
+    Rows<float> Tt(t[l]), Z(zk[l]), Sg(s), D(delta[l]);
+    for (int64_t i = 0; i < BH; i++)
+      for (int64_t r = 0; r < n; r++) {
+        const float *tr = Tt(i, r), *zr = Z(i, r), *sr = Sg(i, r);
+        float* dr = D(i, r);
+#pragma omp simd
+        for (int64_t j = 0; j < doo; j++) dr[j] = tr[j] * silu_grad(zr[j], sr[j]);
+      }
+  }
+}
+
+// One piece inside one chunk (chunk.piece_forward). WS: per layer [BH, 2 do, di] fp32, the state at
+// the piece start; Wg_given: where the gradients are taken (empty: W itself, the piece starts a
+// chunk); out: buffers for the state after the piece (empty: do not advance).
+// Returns (y, WS after the piece or [], a, zk, delta, t, hq, zq (layers 0..L-2), P).
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+           std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+piece_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor g, Tensor G, Tensor e_last, Tensor s_last,
+              std::vector<Tensor> WS, std::vector<Tensor> Wg_given, std::vector<Tensor> out, bool residual,
+              bool mixed) {
+  const int64_t L = (int64_t)WS.size(), BH = q.size(0), n = q.size(1);
+  auto opts = q.options();
+  std::vector<Tensor> WSc(L), Wgc(L);
+  for (int64_t l = 0; l < L; l++) {
+    const int64_t doo = WS[l].size(1) / 2;
+    WSc[l] = operand_copy(WS[l], mixed);
+    Wgc[l] = Wg_given.empty() ? WSc[l].narrow(1, 0, doo) : operand_copy(Wg_given[l], mixed);
+  }
+  std::vector<Tensor> a, zk, delta, t;
+  key_path(k, v, Wgc, residual, mixed, a, zk, delta, t);
+
+  // query path: z_i = beta_i W h_i + g_i S h_i - sum_{m<=i} G_{i,m} (a_m . h_i) delta_m
+  auto Be = beta.accessor<float, 2>(), Ga = g.accessor<float, 2>();
+  std::vector<Tensor> hq = {q}, zq, P;
+  Tensor hc = operand_copy(q, mixed);
+  for (int64_t l = 0; l < L; l++) {
+    const int64_t doo = WS[l].size(1) / 2;
+    Tensor m = at::empty({BH, n, 2 * doo}, opts);  // W h and S h at once
+    gemm(m, hc, WSc[l].transpose(1, 2), 1.f, 0.f, mixed);
+    Tensor Pl = at::empty({BH, n, n}, opts);
+    gemm(Pl, hc, operand_copy(a[l], mixed).transpose(1, 2), 1.f, 0.f, mixed);
+    P.push_back(Pl);
+    Tensor z = at::empty({BH, n, doo}, opts);
+    {
+      Rows<float> M(m), Z(z);
+      for (int64_t i = 0; i < BH; i++)
+        for (int64_t r = 0; r < n; r++) {
+          const float *mw = M(i, r), *ms = mw + doo;
+          float* zr = Z(i, r);
+          const float bb = Be[i][r], gg = Ga[i][r];
+#pragma omp simd
+          for (int64_t j = 0; j < doo; j++) zr[j] = bb * mw[j] + gg * ms[j];
+        }
+    }
+    gemm(z, at::mul(G, Pl).neg_(), operand_copy(delta[l], mixed), 1.f, 1.f, mixed);
+    zq.push_back(z);
+    if (l < L - 1) {
+      hq.push_back(at::silu(z));
+      hc = operand_copy(hq.back(), mixed);
+    }
+  }
+  Tensor y = residual ? zq[L - 1] + q : zq[L - 1];
+  zq.pop_back();  // the last layer's pre-activation is not needed by the backward
+  std::vector<Tensor> WS_new;
+  if (!out.empty()) WS_new = advance_state(WS, a, delta, beta, g, G, e_last, s_last, out, mixed);
+  return {y, WS_new, a, zk, delta, t, hq, zq, P};
+}
+
 // One piece's backward (chunk_backward.piece_backward with the SiLU activation); the same
 // arguments, flattened. dWS: per layer the gradient of the piece-end state, overwritten with
 // that of the piece-start state. The gate gradients (dbeta ... ds) are accumulated in place.
@@ -436,4 +547,5 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("piece_backward", &piece_backward, "one piece's backward of the chunk path (chunk_backward.py)");
   m.def("advance_state", &advance_state, "the state after a piece (chunk.advance_state)");
+  m.def("piece_forward", &piece_forward, "one piece of the chunk path (chunk.piece_forward)");
 }
