@@ -109,16 +109,17 @@ def test_overfits_a_tiny_repeated_sequence(variant, kw):
     x = seq.repeat(1, 4)                      # 48 tokens: the pattern repeats
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
-    # 100 steps: at 60 the loss was still near the bar, and float-level changes to the kernels
-    # moved it across (seed 0: 1.29 and 1.50 at step 59 before and after one such change; 0.07
-    # and 0.15 at step 99)
-    for step in range(100):
+    # gradients clipped as in any real run (titans.train): without it a loss spike near step 50
+    # (seed 0, hybrid) made the result hinge on float-level differences between kernels; with it
+    # every variant is below 0.03x its first loss at step 59 in both the C++ and Python paths
+    for step in range(60):
         loss = model(x[:, :-1], labels=x[:, 1:]).loss
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         first = first if first is not None else loss.item()
-    assert loss.item() < 0.25 * first, (first, loss.item())
+    assert loss.item() < 0.1 * first, (first, loss.item())
 
 
 def test_mac_writes_the_memory_with_the_attention_output():
