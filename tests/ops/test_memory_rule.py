@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import titans.ops.chunk as chunk
-from titans.ops import MemoryState, memory_rule
+from titans.ops import MemoryState, memory_rule, native
 
 F64 = torch.float64
 
@@ -217,10 +217,16 @@ def test_no_grad_matches_grad_mode():
 
 
 @pytest.mark.parametrize("bf16_min_matrix", [0, None])
-def test_bf16_autocast_close_to_fp32_and_state_stays_fp32(monkeypatch, bf16_min_matrix):
-    # 0 forces the bf16 matmuls at this small size; None keeps the default (fp32 matmuls here)
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
+def test_bf16_autocast_close_to_fp32_and_state_stays_fp32(monkeypatch, bf16_min_matrix, use_native):
+    # 0 forces the Python path's bf16 matmuls at this small size; None keeps its default (fp32
+    # matmuls here). The native path runs bf16 products at every size.
     if bf16_min_matrix is not None:
         monkeypatch.setattr(chunk, "BF16_MIN_MATRIX", bf16_min_matrix)
+    if not use_native:
+        monkeypatch.setattr(native, "available", lambda *a: False)
+    elif native.module() is None:
+        pytest.skip("the C++ chunk path is not built here (tests/ops/test_native.py checks where it must be)")
     tensors, weights = make_inputs(T=128, Dk=32, Dv=32, depth=2, seed=14, dtype=torch.float32)
     for t in tensors + weights:
         t.requires_grad_()
@@ -232,7 +238,7 @@ def test_bf16_autocast_close_to_fp32_and_state_stays_fp32(monkeypatch, bf16_min_
     assert all(t.dtype == torch.float32 for t in s16.weights + s16.momentum)
     assert rel(y16, y32) <= 3e-2  # documented bf16 tolerance (docs/memory_rule.md)
     assert all(rel(a, b) <= 5e-2 for a, b in zip(g16, g32))
-    if bf16_min_matrix is None:
+    if bf16_min_matrix is None and not use_native:
         assert rel(y16, y32) <= 1e-6  # small memories keep fp32 matmuls under autocast
     else:
         assert rel(y16, y32) > 1e-6   # ... and the forced path really ran in bf16

@@ -37,11 +37,13 @@ from .state import MemoryState
 
 __all__ = ["memory_rule_chunk", "chunk_gates", "ChunkGates", "BF16_MIN_MATRIX"]
 
-# Under bf16 autocast the matmuls run in bf16 only when every per-head memory matrix has at
-# least this many entries. Below it the casts cost more than the faster matmuls save: the layer's
-# forward+backward at T=4096 with bf16 matmuls against fp32 ran -13% at 4 heads of 96, -2% at 2
-# heads of 192 and +19% at 1 head of 384 (matrices of 589,824 entries), by
-# `python benchmarks/state_ops.py --layers` (with the MKL products of blas.py).
+# Under bf16 autocast the Python path's matmuls run in bf16 only when every per-head memory matrix
+# has at least this many entries. Below it its casts cost more than the faster matmuls save: the
+# layer's forward+backward at T=4096 with bf16 matmuls against fp32 ran -13% at 4 heads of 96, -2%
+# at 2 heads of 192 and +19% at 1 head of 384 (matrices of 589,824 entries), by
+# `python benchmarks/state_ops.py --layers` (with the MKL products of blas.py). The native path
+# (native.py) casts in its fused loops and runs bf16 products at every size: at 4 heads of 96 its
+# step took 0.38 s against 0.50 s with fp32 products (ad-hoc timing, T=4096, B=1).
 BF16_MIN_MATRIX = 2 ** 18
 
 
@@ -137,6 +139,10 @@ class Setup:
         if self.mm_dtype == self.acc_dtype:
             return list(states)
         return [self.buffers.take(x.shape, x, self.mm_dtype).copy_(x) for x in states]
+
+    def scratch(self, states: Sequence[Tensor]) -> list[Tensor]:
+        """Recycled bf16 buffers shaped like these states for the native path's copies (none unless mixed)."""
+        return [self.buffers.take(x.shape, x, torch.bfloat16) for x in states] if self.mixed else []
 
     def release_casts(self, casts: Sequence[Tensor]) -> None:
         if self.mm_dtype != self.acc_dtype:
@@ -265,8 +271,10 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
     """
     if s.native:
         out = [s.buffers.take(ws.shape, ws) for ws in WS] if advance else []
+        scratch = s.scratch(WS)
         y, WS_new, *internals = native.module().piece_forward(q, k, v, *gates, list(WS), list(Wg or []), out,
-                                                              s.residual, s.mixed)
+                                                              scratch, s.residual, s.mixed)
+        s.buffers.give(scratch)
         return y, (WS_new if advance else None), (PieceCache(*internals) if keep else None)
     L = len(WS)
     dos = [ws.shape[1] // 2 for ws in WS]
@@ -396,11 +404,13 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
     Wg0 = [state_flat(c) for c in state.chunk_start] if resumes else []
 
     acc_dtype = mm_dtype = WS0[0].dtype
-    if torch.is_autocast_enabled(q.device.type) and min(w[0].numel() for w in weights) >= BF16_MIN_MATRIX:
+    can_mix = blas.AVAILABLE and q.device.type == "cpu" and acc_dtype == torch.float32
+    use_native = native.available(activation, WS0[0])
+    if torch.is_autocast_enabled(q.device.type) and ((use_native and can_mix)
+                                                     or min(w[0].numel() for w in weights) >= BF16_MIN_MATRIX):
         mm_dtype = torch.get_autocast_dtype(q.device.type)
-    mixed = (blas.AVAILABLE and q.device.type == "cpu" and mm_dtype == torch.bfloat16
-             and acc_dtype == torch.float32)
-    use_native = native.available(activation, WS0[0]) and (mixed or mm_dtype == acc_dtype)
+    mixed = can_mix and mm_dtype == torch.bfloat16
+    use_native = use_native and (mixed or mm_dtype == acc_dtype)
     setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype, mixed, use_native)
     inputs = [flat(x).to(acc_dtype) for x in (q, k, v, theta, eta, alpha)]
     with torch.autocast(q.device.type, enabled=False):

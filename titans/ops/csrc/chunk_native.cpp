@@ -84,10 +84,18 @@ void gemm(const Tensor& out, Tensor a, Tensor b, float alpha, float beta, bool m
   const auto* pb = reinterpret_cast<const uint16_t*>(B.t.data_ptr<at::BFloat16>());
   float* pc = out.data_ptr<float>();
   const int64_t sa = A.t.size(0) > 1 ? A.t.stride(0) : 0, sb = B.t.size(0) > 1 ? B.t.stride(0) : 0;
-  for (int64_t i = 0; i < N; i++) {
+  auto one = [&](int64_t i) {
     cblas_gemm_bf16bf16f32(kRowMajor, A.trans, B.trans, (int)m, (int)n, (int)k, alpha, pa + i * sa, (int)A.ld,
                            pb + i * sb, (int)B.ld, beta, pc + i * out.stride(0), (int)out.stride(1));
+  };
+  if (N == 1) {
+    one(0);  // MKL threads it (inside even an inactive parallel region it would run on one thread)
+    return;
   }
+  // several small products: one thread each (MKL runs sequentially inside a parallel region),
+  // cheaper than splitting every small product over all threads
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; i++) one(i);
 }
 
 // fp32 -> bf16, round to nearest even (as torch's .to(torch.bfloat16)); NaN stays NaN.
@@ -101,8 +109,6 @@ inline uint16_t to_bf16(float f) {
 
 inline uint16_t* bf16_ptr(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
-// An operand for several products: cast once (mixed), else the tensor itself.
-Tensor operand_copy(const Tensor& x, bool mixed) { return mixed ? x.to(at::kBFloat16) : x; }
 
 // Rows of a [BH, n, d] tensor whose last dim has unit stride: pointer to row (i, j).
 template <typename T>
@@ -115,8 +121,32 @@ struct Rows {
   T* operator()(int64_t i, int64_t j) const { return p + i * sb + j * sr; }
 };
 
+// An operand for the products: with `mixed` a bf16 copy (into `out` when given: recycled state-sized
+// buffers, which fresh allocations would page-fault in), else the tensor itself. A plain loop:
+// torch's .to() costs ~20 us of overhead on the [64, 384] factors, more than the copy.
+Tensor to_mm(const Tensor& x, bool mixed, Tensor out = Tensor()) {
+  if (!mixed) return x;
+  if (x.dim() != 3 || x.stride(2) != 1 || x.scalar_type() != at::kFloat) return x.to(at::kBFloat16);
+  if (!out.defined()) out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes(), "to_mm: out must be contiguous, shaped like x");
+  const int64_t R = x.size(1), C = x.size(2), rows = x.size(0) * R;
+  const Rows<float> X(x);
+  uint16_t* o = bf16_ptr(out);
+#pragma omp parallel for if (rows * C >= (1 << 16)) schedule(static)
+  for (int64_t rr = 0; rr < rows; rr++) {
+    const float* xr = X(rr / R, rr % R);
+    uint16_t* orow = o + rr * C;
+#pragma omp simd
+    for (int64_t j = 0; j < C; j++) orow[j] = to_bf16(xr[j]);
+  }
+  return out;
+}
+
 inline float silu_grad(float z, float s) { return s * (1.f + z * (1.f - s)); }
 inline float silu_grad2(float z, float s) { return s * (1.f - s) * (2.f + z * (1.f - 2.f * s)); }
+
+// Row loops over at least this many entries are split over the threads.
+constexpr int64_t kParallelMin = 1 << 15;
 
 constexpr int64_t kBlock = 4096;  // entries summed in fp32 before the running sum moves to double
 
@@ -186,6 +216,7 @@ Tensor pair(const Tensor& x, const Tensor& gx, const Tensor& gy, float sign, boo
   Tensor out = at::empty({BH, n, 2 * d}, x.options().dtype(mixed ? at::kBFloat16 : at::kFloat));
   Rows<float> X(x);
   auto GX = gx.accessor<float, 2>(), GY = gy.accessor<float, 2>();
+  #pragma omp parallel for collapse(2) schedule(static) if (BH * n * d >= kParallelMin)
   for (int64_t i = 0; i < BH; i++) {
     for (int64_t r = 0; r < n; r++) {
       const float* xr = X(i, r);
@@ -246,25 +277,27 @@ std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a,
 
 // The key path (chunk.key_path): the memory's forward on the keys at Wg and the analytic backward
 // of ||f(k) - v||^2. Wgc: per layer [BH, do, di] in the products' dtype. Fills a (a[0] = k), zk,
-// delta, t.
+// delta, t, and acs, dcs: a and delta as product operands.
 void key_path(const Tensor& k, const Tensor& v, const std::vector<Tensor>& Wgc, bool residual, bool mixed,
-              std::vector<Tensor>& a, std::vector<Tensor>& zk, std::vector<Tensor>& delta, std::vector<Tensor>& t) {
+              std::vector<Tensor>& a, std::vector<Tensor>& zk, std::vector<Tensor>& delta, std::vector<Tensor>& t,
+              std::vector<Tensor>& acs, std::vector<Tensor>& dcs) {
   const int64_t L = (int64_t)Wgc.size(), BH = k.size(0), n = k.size(1);
   auto opts = k.options();
   a = {k};
-  std::vector<Tensor> acs = {operand_copy(k, mixed)};
+  acs = {to_mm(k, mixed)};
   for (int64_t l = 0; l < L - 1; l++) {
     Tensor z = at::empty({BH, n, Wgc[l].size(1)}, opts);
     gemm(z, acs[l], Wgc[l].transpose(1, 2), 1.f, 0.f, mixed);
     zk.push_back(z);
     a.push_back(at::silu(z));
-    acs.push_back(operand_copy(a.back(), mixed));
+    acs.push_back(to_mm(a.back(), mixed));
   }
   const int64_t dv = Wgc[L - 1].size(1);
   Tensor out = at::empty({BH, n, dv}, opts);
   gemm(out, acs[L - 1], Wgc[L - 1].transpose(1, 2), 1.f, 0.f, mixed);
   {  // delta_L = 2 (out + k - v) with the residual, else 2 (out - v)
     Rows<float> O(out), V(v), K(k);
+    #pragma omp parallel for collapse(2) schedule(static) if (BH * n * dv >= kParallelMin)
     for (int64_t i = 0; i < BH; i++)
       for (int64_t r = 0; r < n; r++) {
         float* o = O(i, r);
@@ -279,15 +312,18 @@ void key_path(const Tensor& k, const Tensor& v, const std::vector<Tensor>& Wgc, 
       }
   }
   delta.assign(L, Tensor());
+  dcs.assign(L, Tensor());
   t.assign(L > 1 ? L - 1 : 0, Tensor());
   delta[L - 1] = out;
+  dcs[L - 1] = to_mm(out, mixed);
   for (int64_t l = L - 2; l >= 0; l--) {
     const int64_t doo = Wgc[l].size(1);
     t[l] = at::empty({BH, n, doo}, opts);
-    gemm(t[l], operand_copy(delta[l + 1], mixed), Wgc[l + 1], 1.f, 0.f, mixed);
+    gemm(t[l], dcs[l + 1], Wgc[l + 1], 1.f, 0.f, mixed);
     Tensor s = at::sigmoid(zk[l]);
     delta[l] = at::empty({BH, n, doo}, opts);
     Rows<float> Tt(t[l]), Z(zk[l]), Sg(s), D(delta[l]);
+    #pragma omp parallel for collapse(2) schedule(static) if (BH * n * doo >= kParallelMin)
     for (int64_t i = 0; i < BH; i++)
       for (int64_t r = 0; r < n; r++) {
         const float *tr = Tt(i, r), *zr = Z(i, r), *sr = Sg(i, r);
@@ -295,43 +331,46 @@ void key_path(const Tensor& k, const Tensor& v, const std::vector<Tensor>& Wgc, 
 #pragma omp simd
         for (int64_t j = 0; j < doo; j++) dr[j] = tr[j] * silu_grad(zr[j], sr[j]);
       }
+    dcs[l] = to_mm(delta[l], mixed);
   }
 }
 
 // One piece inside one chunk (chunk.piece_forward). WS: per layer [BH, 2 do, di] fp32, the state at
 // the piece start; Wg_given: where the gradients are taken (empty: W itself, the piece starts a
-// chunk); out: buffers for the state after the piece (empty: do not advance).
+// chunk); out: buffers for the state after the piece (empty: do not advance); scratch: per layer a
+// bf16 buffer shaped like WS for its copy (mixed; empty: allocate).
 // Returns (y, WS after the piece or [], a, zk, delta, t, hq, zq (layers 0..L-2), P).
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
            std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
 piece_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor g, Tensor G, Tensor e_last, Tensor s_last,
-              std::vector<Tensor> WS, std::vector<Tensor> Wg_given, std::vector<Tensor> out, bool residual,
-              bool mixed) {
+              std::vector<Tensor> WS, std::vector<Tensor> Wg_given, std::vector<Tensor> out,
+              std::vector<Tensor> scratch, bool residual, bool mixed) {
   const int64_t L = (int64_t)WS.size(), BH = q.size(0), n = q.size(1);
   auto opts = q.options();
   std::vector<Tensor> WSc(L), Wgc(L);
   for (int64_t l = 0; l < L; l++) {
     const int64_t doo = WS[l].size(1) / 2;
-    WSc[l] = operand_copy(WS[l], mixed);
-    Wgc[l] = Wg_given.empty() ? WSc[l].narrow(1, 0, doo) : operand_copy(Wg_given[l], mixed);
+    WSc[l] = to_mm(WS[l], mixed, scratch.empty() ? Tensor() : scratch[l]);
+    Wgc[l] = Wg_given.empty() ? WSc[l].narrow(1, 0, doo) : to_mm(Wg_given[l], mixed);
   }
-  std::vector<Tensor> a, zk, delta, t;
-  key_path(k, v, Wgc, residual, mixed, a, zk, delta, t);
+  std::vector<Tensor> a, zk, delta, t, acs, dcs;
+  key_path(k, v, Wgc, residual, mixed, a, zk, delta, t, acs, dcs);
 
   // query path: z_i = beta_i W h_i + g_i S h_i - sum_{m<=i} G_{i,m} (a_m . h_i) delta_m
   auto Be = beta.accessor<float, 2>(), Ga = g.accessor<float, 2>();
   std::vector<Tensor> hq = {q}, zq, P;
-  Tensor hc = operand_copy(q, mixed);
+  Tensor hc = to_mm(q, mixed);
   for (int64_t l = 0; l < L; l++) {
     const int64_t doo = WS[l].size(1) / 2;
     Tensor m = at::empty({BH, n, 2 * doo}, opts);  // W h and S h at once
     gemm(m, hc, WSc[l].transpose(1, 2), 1.f, 0.f, mixed);
     Tensor Pl = at::empty({BH, n, n}, opts);
-    gemm(Pl, hc, operand_copy(a[l], mixed).transpose(1, 2), 1.f, 0.f, mixed);
+    gemm(Pl, hc, acs[l].transpose(1, 2), 1.f, 0.f, mixed);
     P.push_back(Pl);
     Tensor z = at::empty({BH, n, doo}, opts);
     {
       Rows<float> M(m), Z(z);
+      #pragma omp parallel for collapse(2) schedule(static) if (BH * n * doo >= kParallelMin)
       for (int64_t i = 0; i < BH; i++)
         for (int64_t r = 0; r < n; r++) {
           const float *mw = M(i, r), *ms = mw + doo;
@@ -341,11 +380,11 @@ piece_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor g, Tensor G, Ten
           for (int64_t j = 0; j < doo; j++) zr[j] = bb * mw[j] + gg * ms[j];
         }
     }
-    gemm(z, at::mul(G, Pl).neg_(), operand_copy(delta[l], mixed), 1.f, 1.f, mixed);
+    gemm(z, at::mul(G, Pl).neg_(), dcs[l], 1.f, 1.f, mixed);
     zq.push_back(z);
     if (l < L - 1) {
       hq.push_back(at::silu(z));
-      hc = operand_copy(hq.back(), mixed);
+      hc = to_mm(hq.back(), mixed);
     }
   }
   Tensor y = residual ? zq[L - 1] + q : zq[L - 1];
@@ -358,13 +397,14 @@ piece_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor g, Tensor G, Ten
 // One piece's backward (chunk_backward.piece_backward with the SiLU activation); the same
 // arguments, flattened. dWS: per layer the gradient of the piece-end state, overwritten with
 // that of the piece-start state. The gate gradients (dbeta ... ds) are accumulated in place.
+// scratch: 2 L bf16 buffers shaped like WS (per layer: the copies of WS and of dWS; mixed; empty: allocate).
 // Returns [dq, dk, dv, dWg per layer (only when Wg_given is not empty)].
 std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk, std::vector<Tensor> delta,
                                    std::vector<Tensor> t, std::vector<Tensor> hq, std::vector<Tensor> zq,
                                    std::vector<Tensor> P, Tensor beta, Tensor g, Tensor G, Tensor e_last,
                                    Tensor s_last, std::vector<Tensor> WS, std::vector<Tensor> Wg_given,
                                    Tensor dy, std::vector<Tensor> dWS, Tensor dbeta, Tensor dg, Tensor dG,
-                                   Tensor de, Tensor ds, bool residual, bool mixed) {
+                                   Tensor de, Tensor ds, std::vector<Tensor> scratch, bool residual, bool mixed) {
   const int64_t L = (int64_t)WS.size(), BH = dy.size(0), n = dy.size(1);
   const EndGates eg = end_gates(beta, g, e_last);
   Tensor G_n = G.select(1, n - 1);  // [BH, n]
@@ -375,9 +415,9 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
   // operands used by several products, cast once
   std::vector<Tensor> ac, hc, dc;
   for (int64_t l = 0; l < L; l++) {
-    ac.push_back(operand_copy(a[l], mixed));
-    hc.push_back(operand_copy(hq[l], mixed));
-    dc.push_back(operand_copy(delta[l], mixed));
+    ac.push_back(to_mm(a[l], mixed));
+    hc.push_back(to_mm(hq[l], mixed));
+    dc.push_back(to_mm(delta[l], mixed));
   }
 
   // chunk end: WS' = [b_n W + g_n S; e_n S] - coef^T a, coef = [delta G_n, delta s_n]
@@ -387,8 +427,11 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
   for (int64_t l = 0; l < L; l++) {
     const int64_t doo = dos[l], di = dis[l], half = doo * di;
     TORCH_CHECK(WS[l].is_contiguous() && dWS[l].is_contiguous(), "native chunk path: states must be contiguous");
-    Tensor dEc = mixed ? at::empty_like(dWS[l], dWS[l].options().dtype(at::kBFloat16)) : dWS[l];
-    WSc[l] = mixed ? at::empty_like(WS[l], WS[l].options().dtype(at::kBFloat16)) : WS[l];
+    auto bf16_like = [&](const Tensor& x, size_t i) {
+      return scratch.empty() ? at::empty_like(x, x.options().dtype(at::kBFloat16)) : scratch[i];
+    };
+    Tensor dEc = mixed ? bf16_like(dWS[l], 2 * l + 1) : dWS[l];
+    WSc[l] = mixed ? bf16_like(WS[l], 2 * l) : WS[l];
     std::vector<double> dots(3 * BH, 0.0);
     if (mixed) {  // one pass: the inner products, both bf16 copies and the transposed carry
       for (int64_t i = 0; i < BH; i++) {
@@ -406,6 +449,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
       auto Gn = G_n.accessor<float, 2>(), Sn = s_last.accessor<float, 2>();
       auto dGa = dG.accessor<float, 3>();
       auto dSa = ds.accessor<float, 2>();
+      #pragma omp parallel for collapse(2) schedule(static) if (BH * n * doo >= kParallelMin)
       for (int64_t i = 0; i < BH; i++) {
         for (int64_t r = 0; r < n; r++) {
           const float *xw = Xr(i, r), *xs = xw + doo, *dl = D(i, r);
@@ -447,6 +491,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
       Tensor s = at::sigmoid(zq[l]);
       dz = at::empty({BH, n, doo}, opts);
       Rows<float> H(dh), Z(zq[l]), Sg(s), O(dz);
+      #pragma omp parallel for collapse(2) schedule(static) if (BH * n * doo >= kParallelMin)
       for (int64_t i = 0; i < BH; i++)
         for (int64_t r = 0; r < n; r++) {
           const float *hr = H(i, r), *zr = Z(i, r), *sr = Sg(i, r);
@@ -455,7 +500,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
           for (int64_t j = 0; j < doo; j++) o[j] = hr[j] * silu_grad(zr[j], sr[j]);
         }
     }
-    Tensor dzc = operand_copy(dz, mixed);
+    Tensor dzc = to_mm(dz, mixed);
     // X = dz W, Y = dz S: [BH, n, di] each
     Tensor X = at::empty({BH, n, di}, opts), Y = at::empty({BH, n, di}, opts);
     gemm(X, dzc, WSc[l].narrow(1, 0, doo), 1.f, 0.f, mixed);
@@ -463,6 +508,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
     // d beta_i += X_i . h_i, d g_i += Y_i . h_i, dh = beta X + g Y (into X)
     {
       Rows<float> Xr(X), Yr(Y), Hr(hq[l]);
+      #pragma omp parallel for collapse(2) schedule(static) if (BH * n * di >= kParallelMin)
       for (int64_t i = 0; i < BH; i++)
         for (int64_t r = 0; r < n; r++) {
           float* xr = Xr(i, r);
@@ -498,7 +544,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
   std::vector<Tensor> dWg(L), Wgc(L);
   for (int64_t l = 0; l < L; l++) {
     dWg[l] = given ? at::zeros_like(Wg_given[l]) : dWS[l].narrow(1, 0, dos[l]);
-    Wgc[l] = given ? operand_copy(Wg_given[l], mixed) : WSc[l].narrow(1, 0, dos[l]);
+    Wgc[l] = given ? to_mm(Wg_given[l], mixed) : WSc[l].narrow(1, 0, dos[l]);
   }
   // the analytic inner backward: delta_l = t_l * SiLU'(zk_l), t_l = delta_{l+1} Wg_{l+1}
   std::vector<Tensor> gk(L > 1 ? L - 1 : 0), dzk(L > 1 ? L - 1 : 0);
@@ -509,6 +555,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
     dzk[l] = at::empty({BH, n, doo}, opts);
     Tensor dt = at::empty({BH, n, doo}, opts);
     Rows<float> Z(zk[l]), Sg(s), Dd(ddelta[l]), Tt(t[l]), Gk(gk[l]), Dz(dzk[l]), Dt(dt);
+    #pragma omp parallel for collapse(2) schedule(static) if (BH * n * doo >= kParallelMin)
     for (int64_t i = 0; i < BH; i++)
       for (int64_t r = 0; r < n; r++) {
         const float *zr = Z(i, r), *sr = Sg(i, r), *dr = Dd(i, r), *tr = Tt(i, r);
@@ -521,7 +568,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
           zo[j] = dr[j] * tr[j] * silu_grad2(zr[j], sr[j]);
         }
       }
-    Tensor dtc = operand_copy(dt, mixed);
+    Tensor dtc = to_mm(dt, mixed);
     gemm(ddelta[l + 1], dtc, Wgc[l + 1].transpose(1, 2), 1.f, 1.f, mixed);
     gemm(dWg[l + 1], dc[l + 1].transpose(1, 2), dtc, 1.f, 1.f, mixed);
   }
@@ -530,7 +577,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
   Tensor dv = dout.neg();
   Tensor dzl = dout;
   for (int64_t l = L - 1; l >= 0; l--) {
-    Tensor dzlc = operand_copy(dzl, mixed);
+    Tensor dzlc = to_mm(dzl, mixed);
     gemm(dWg[l], dzlc.transpose(1, 2), ac[l], 1.f, 1.f, mixed);
     gemm(da[l], dzlc, Wgc[l], 1.f, 1.f, mixed);
     if (l > 0) {  // dzl = da[l] * gk[l-1] + dzk[l-1], into da[l] (not read again)
@@ -545,7 +592,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("piece_backward", &piece_backward, "one piece's backward of the chunk path (chunk_backward.py)");
   m.def("advance_state", &advance_state, "the state after a piece (chunk.advance_state)");
   m.def("piece_forward", &piece_forward, "one piece of the chunk path (chunk.piece_forward)");
+  m.def("piece_backward", &piece_backward, "one piece's backward of the chunk path (chunk_backward.py)");
 }
