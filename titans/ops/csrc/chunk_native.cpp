@@ -26,6 +26,9 @@ using at::Tensor;
 extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                                        const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
                                        float* c, int ldc);
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
 
 namespace {
 
@@ -46,54 +49,51 @@ Operand operand(Tensor x) {
   return {kNoTrans, std::max<int64_t>(1, c), x};
 }
 
+// One product C = alpha op(A) op(B) + beta C on raw row-major pointers (MKL): bf16 operands with
+// fp32 accumulation when `mixed`, else fp32. ta, tb: kNoTrans or kTrans; C has unit-stride rows.
+// Inside a parallel region MKL runs it on the calling thread alone.
+void gemm_raw(bool mixed, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const void* A, int64_t lda,
+              const void* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (mixed) {
+    cblas_gemm_bf16bf16f32(kRowMajor, ta, tb, (int)m, (int)n, (int)k, alpha, (const uint16_t*)A, (int)lda,
+                           (const uint16_t*)B, (int)ldb, beta, C, (int)ldc);
+    return;
+  }
+  // Fortran (column-major) sgemm on the transposed problem: C^T = op(B)^T op(A)^T
+  const char tA = ta == kTrans ? 'T' : 'N', tB = tb == kTrans ? 'T' : 'N';
+  const int M = (int)m, N = (int)n, K = (int)k, LDA = (int)lda, LDB = (int)ldb, LDC = (int)ldc;
+  sgemm_(&tB, &tA, &N, &M, &K, &alpha, (const float*)B, &LDB, (const float*)A, &LDA, &beta, C, &LDC);
+}
+
 // out = alpha a @ b + beta out, batched over dim 0 (a size-1 batch broadcasts). out: fp32 with
-// unit-stride rows. mixed: bf16 operands (cast here if needed), fp32 accumulation (MKL); else fp32.
+// unit-stride rows. mixed: bf16 operands (cast here if needed), fp32 accumulation; else fp32.
 // With beta = 0 out's old values are never read.
 void gemm(const Tensor& out, Tensor a, Tensor b, float alpha, float beta, bool mixed) {
   const int64_t N = out.size(0), m = out.size(1), n = out.size(2), k = a.size(2);
   if (m == 0 || n == 0) return;
-  if (!mixed) {
-    if (N == 1) {
-      auto o = out[0];
-      if (beta == 0.f) {
-        at::mm_out(o, a[0], b[0]);
-        if (alpha != 1.f) o.mul_(alpha);
-      } else {
-        o.addmm_(a[0], b[0], beta, alpha);
-      }
-    } else {
-      auto ae = a.expand({N, m, k}), be = b.expand({N, k, n});
-      if (beta == 0.f) {
-        at::bmm_out(const_cast<Tensor&>(out), ae, be);
-        if (alpha != 1.f) out.mul_(alpha);
-      } else {
-        out.baddbmm_(ae, be, beta, alpha);
-      }
-    }
-    return;
-  }
-  if (a.scalar_type() != at::kBFloat16) a = a.to(at::kBFloat16);
-  if (b.scalar_type() != at::kBFloat16) b = b.to(at::kBFloat16);
+  const auto dtype = mixed ? at::kBFloat16 : at::kFloat;
+  if (a.scalar_type() != dtype) a = a.to(dtype);
+  if (b.scalar_type() != dtype) b = b.to(dtype);
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.stride(-1) == 1, "gemm: out must be fp32 with unit-stride rows");
   const Operand A = operand(a), B = operand(b);
   if (k == 0) {
     if (beta == 0.f) out.zero_(); else out.mul_(beta);
     return;
   }
-  const auto* pa = reinterpret_cast<const uint16_t*>(A.t.data_ptr<at::BFloat16>());
-  const auto* pb = reinterpret_cast<const uint16_t*>(B.t.data_ptr<at::BFloat16>());
+  const auto* pa = static_cast<const char*>(A.t.data_ptr());
+  const auto* pb = static_cast<const char*>(B.t.data_ptr());
+  const int64_t es = A.t.element_size();
+  const int64_t sa = A.t.size(0) > 1 ? A.t.stride(0) * es : 0, sb = B.t.size(0) > 1 ? B.t.stride(0) * es : 0;
   float* pc = out.data_ptr<float>();
-  const int64_t sa = A.t.size(0) > 1 ? A.t.stride(0) : 0, sb = B.t.size(0) > 1 ? B.t.stride(0) : 0;
   auto one = [&](int64_t i) {
-    cblas_gemm_bf16bf16f32(kRowMajor, A.trans, B.trans, (int)m, (int)n, (int)k, alpha, pa + i * sa, (int)A.ld,
-                           pb + i * sb, (int)B.ld, beta, pc + i * out.stride(0), (int)out.stride(1));
+    gemm_raw(mixed, A.trans, B.trans, m, n, k, alpha, pa + i * sa, A.ld, pb + i * sb, B.ld, beta,
+             pc + i * out.stride(0), out.stride(1));
   };
   if (N == 1) {
     one(0);  // MKL threads it (inside even an inactive parallel region it would run on one thread)
     return;
   }
-  // several small products: one thread each (MKL runs sequentially inside a parallel region),
-  // cheaper than splitting every small product over all threads
+  // several small products: one thread each, cheaper than splitting every small product over all threads
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; i++) one(i);
 }
@@ -197,17 +197,6 @@ void carry_transposed(float* dE, int64_t half, float b, float g, float e) {
   }
 }
 
-// out = [b W + g S; e S] for one batch entry (the state's carry to the chunk end).
-void carry_pass(const float* WS, float* out, int64_t half, float b, float g, float e) {
-  const float *W = WS, *S = WS + half;
-  float *oW = out, *oS = out + half;
-#pragma omp parallel for simd schedule(static)
-  for (int64_t j = 0; j < half; j++) {
-    const float w = W[j], s = S[j];
-    oW[j] = b * w + g * s;
-    oS[j] = e * s;
-  }
-}
 
 // A [BH, n, 2 d] factor [x * gx, x * gy] (rows scaled per token), in the products' dtype.
 // x: [BH, n, d]; gx, gy: [BH, n] (any strides along n).
@@ -261,16 +250,41 @@ EndGates end_gates(const Tensor& beta, const Tensor& g, const Tensor& e_last) {
 std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a, std::vector<Tensor> delta,
                                   Tensor beta, Tensor g, Tensor G, Tensor e_last, Tensor s_last,
                                   std::vector<Tensor> out, bool mixed) {
-  const int64_t n = beta.size(1);
+  const int64_t n = beta.size(1), BH = beta.size(0);
   const EndGates eg = end_gates(beta, g, e_last);
   Tensor G_n = G.select(1, n - 1);  // [BH, n]
   for (size_t l = 0; l < WS.size(); l++) {
-    const int64_t half = WS[l].size(1) / 2 * WS[l].size(2);
-    for (int64_t i = 0; i < WS[l].size(0); i++) {
-      carry_pass(WS[l][i].data_ptr<float>(), out[l][i].data_ptr<float>(), half, eg.b[i], eg.g[i], eg.e[i]);
+    const int64_t r = WS[l].size(1) / 2, c = WS[l].size(2);
+    TORCH_CHECK(WS[l].is_contiguous() && out[l].is_contiguous(), "native advance_state: states must be contiguous");
+    // F = -[delta G_n, delta s_n]: [BH, n, 2 r]; the update is F^T a (the sign in the small factor:
+    // MKL's bf16 kernel is faster with alpha = beta = 1)
+    const Tensor F = pair(delta[l], G_n, s_last, -1.f, mixed);
+    const Tensor A = to_mm(a[l], mixed);
+    TORCH_CHECK(A.stride(2) == 1, "native advance_state: key-path inputs need unit-stride rows");
+    const int64_t es = F.element_size(), rows = std::max<int64_t>(8, (1 << 16) / c), blocks = (r + rows - 1) / rows;
+    // the carry and the update one block of rows at a time, the block still in cache for the
+    // product, one thread per block (the products run on the calling thread inside the region)
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int64_t i = 0; i < BH; i++) {
+      for (int64_t bk = 0; bk < blocks; bk++) {
+        const int64_t r0 = bk * rows, r1 = std::min(r, r0 + rows);
+        const float* W = WS[l].data_ptr<float>() + i * 2 * r * c;
+        float* O = out[l].data_ptr<float>() + i * 2 * r * c;
+        const float b = eg.b[i], gg = eg.g[i], e = eg.e[i];
+#pragma omp simd
+        for (int64_t j = r0 * c; j < r1 * c; j++) {
+          const float w = W[j], sv = W[r * c + j];
+          O[j] = b * w + gg * sv;
+          O[r * c + j] = e * sv;
+        }
+        const char* f = static_cast<const char*>(F.data_ptr()) + i * F.stride(0) * es;
+        const char* av = static_cast<const char*>(A.data_ptr()) + i * A.stride(0) * A.element_size();
+        for (int64_t half = 0; half < 2; half++) {  // rows r0..r1 of the W half, then of the S half
+          gemm_raw(mixed, kTrans, kNoTrans, r1 - r0, c, n, 1.f, f + (half * r + r0) * es, 2 * r, av, A.stride(1),
+                   1.f, O + (half * r + r0) * c, c);
+        }
+      }
     }
-    // the update's sign goes into the small factor (MKL's bf16 kernel is faster with alpha = beta = 1)
-    gemm(out[l], pair(delta[l], G_n, s_last, -1.f, mixed).transpose(1, 2), a[l], 1.f, 1.f, mixed);
   }
   return out;
 }
