@@ -413,6 +413,8 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
     use_native = use_native and (mixed or mm_dtype == acc_dtype)
     setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype, mixed, use_native)
     inputs = [flat(x).to(acc_dtype) for x in (q, k, v, theta, eta, alpha)]
+    # the native path reads token rows with unit stride (a view of the features' buffer has it)
+    inputs[:3] = [x if x.stride(-1) == 1 else x.contiguous() for x in inputs[:3]]
     with torch.autocast(q.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs + WS0 + Wg0):
             y, *outs = ChunkScan.apply(setup, plan, L, *inputs, *WS0, *Wg0)

@@ -282,7 +282,9 @@ class ChunkScan(torch.autograd.Function):
         # would stay alive through the whole backward); autograd redoes them at the end
         plain = all_gates(theta, eta, alpha, plan)
         # copies: the backward updates the carried state gradient in place
-        dWS = [d.clone() if d is not None else torch.zeros_like(w) for d, w in zip(dstates[:L], WS0)]
+        dWS = [d.clone(memory_format=torch.contiguous_format) if d is not None else torch.zeros_like(w)
+               for d, w in zip(dstates[:L], WS0)]
+        dy = dy.contiguous()  # autograd may hand over an expanded (stride-0) gradient
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         # the gate gradients of the full chunks, allocated once: ~70 KB per chunk at 4 heads, kept
         # to the end; allocated piece by piece among the loop's temporaries they fragmented the
