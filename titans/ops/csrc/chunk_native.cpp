@@ -19,6 +19,7 @@
 #include <mutex>
 #include <vector>
 
+#include <immintrin.h>
 #include <omp.h>
 
 using at::Tensor;
@@ -107,6 +108,20 @@ inline uint16_t to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
+// o[j] = bf16(scale * x[j]) for j < n: AVX512-BF16's conversion where the CPU has it (this
+// loop was ~5% of a step at 4 heads of 96 in its scalar form, `perf record`).
+inline void to_bf16_row(const float* x, uint16_t* o, int64_t n, float scale = 1.f) {
+  int64_t j = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (; j + 16 <= n; j += 16) {
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + j), sc));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), reinterpret_cast<const __m256i&>(v));
+  }
+#endif
+  for (; j < n; j++) o[j] = to_bf16(scale * x[j]);
+}
+
 inline uint16_t* bf16_ptr(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 
@@ -136,8 +151,7 @@ Tensor to_mm(const Tensor& x, bool mixed, Tensor out = Tensor()) {
   for (int64_t rr = 0; rr < rows; rr++) {
     const float* xr = X(rr / R, rr % R);
     uint16_t* orow = o + rr * C;
-#pragma omp simd
-    for (int64_t j = 0; j < C; j++) orow[j] = to_bf16(xr[j]);
+    to_bf16_row(xr, orow, C);
   }
   return out;
 }
@@ -166,7 +180,9 @@ void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, 
     const float *W = WS, *S = WS + half;
     double s0 = 0, s1 = 0, s2 = 0;
     for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
-      const int64_t j1 = std::min(j0 + kBlock, hi);
+      const int64_t j1 = std::min(j0 + kBlock, hi), len = j1 - j0;
+      if (WSc) { to_bf16_row(W + j0, WSc + j0, len); to_bf16_row(S + j0, WSc + half + j0, len); }
+      if (dEc) { to_bf16_row(dW + j0, dEc + j0, len); to_bf16_row(dS + j0, dEc + half + j0, len); }
       float a0 = 0, a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2)
       for (int64_t j = j0; j < j1; j++) {
@@ -174,8 +190,6 @@ void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, 
         a0 += dw * w;
         a1 += dw * s;
         a2 += ds * s;
-        if (WSc) { WSc[j] = to_bf16(w); WSc[half + j] = to_bf16(s); }
-        if (dEc) { dEc[j] = to_bf16(dw); dEc[half + j] = to_bf16(ds); }
         if (carry) { dS[j] = e * ds + g * dw; dW[j] = b * dw; }
       }
       s0 += a0; s1 += a1; s2 += a2;
@@ -185,18 +199,6 @@ void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, 
   }
   for (int i = 0; i < used; i++) for (int c = 0; c < 3; c++) dots[c] += part[3 * i + c];
 }
-
-// In place dE <- [b dW; g dW + e dS] (the transposed carry alone, for the fp32 path).
-void carry_transposed(float* dE, int64_t half, float b, float g, float e) {
-  float *dW = dE, *dS = dE + half;
-#pragma omp parallel for simd schedule(static)
-  for (int64_t j = 0; j < half; j++) {
-    const float dw = dW[j];
-    dS[j] = e * dS[j] + g * dw;
-    dW[j] = b * dw;
-  }
-}
-
 
 // A [BH, n, 2 d] factor [x * gx, x * gy] (rows scaled per token), in the products' dtype.
 // x: [BH, n, d]; gx, gy: [BH, n] (any strides along n).
@@ -212,8 +214,8 @@ Tensor pair(const Tensor& x, const Tensor& gx, const Tensor& gy, float sign, boo
       const float a = sign * GX[i][r], c = sign * GY[i][r];
       if (mixed) {
         uint16_t* o = bf16_ptr(out) + (i * n + r) * 2 * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; j++) { o[j] = to_bf16(a * xr[j]); o[d + j] = to_bf16(c * xr[j]); }
+        to_bf16_row(xr, o, d, a);
+        to_bf16_row(xr, o + d, d, c);
       } else {
         float* o = out.data_ptr<float>() + (i * n + r) * 2 * d;
 #pragma omp simd
