@@ -28,7 +28,8 @@ def _outputs_and_grads(fn, args, extra, seed=1):
     outs = fn(*leaves, *extra)
     outs = outs if isinstance(outs, tuple) else (outs,)
     g = torch.Generator().manual_seed(seed)
-    douts = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    # drawn in fp64 whatever the outputs' dtype, so runs in two dtypes get the same probes
+    douts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
     grads = torch.autograd.grad(outs, [x for x in leaves if x is not None], douts)
     return outs, grads
 
@@ -95,3 +96,27 @@ def test_gated_rms_norm_bf16_inputs_give_fp32():
     out.sum().backward()
     assert r.grad.dtype == torch.bfloat16 and gate.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
     torch.testing.assert_close(out, gated_rms_norm_ref(r, w, gate))
+
+
+@pytest.mark.skipif(features.native.module() is None, reason="the C++ path is not built here (tests/ops/test_native.py)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("K", [None, 4])
+def test_native_qkv_features_match_autograd(K, dtype, tol):
+    # the C++ input path (fp32 inside) against the fp64 reference; bf16 inputs and outputs round
+    # at ~4e-3, so their tolerance is the dtype's, not the arithmetic's
+    H4, D4 = 4, 20  # Dh not a multiple of 16: the vector loops' tails
+    args = [a.to(dtype) if a is not None else None for a in _qkv_args(K, T=45, seed=3)]
+    args[0] = torch.randn(2, 45, 3 * H4 * D4, generator=torch.Generator().manual_seed(4)).to(dtype)
+    if K is None:
+        args[0][:, 0] = 0  # a zero row: its norms are clamped (F.normalize's eps)
+    if K is not None:
+        g = torch.Generator().manual_seed(5)
+        args[1:] = [torch.randn(2, K - 1, 3 * H4 * D4, generator=g).to(dtype),
+                    torch.randn(3 * H4 * D4, K, generator=g).to(dtype), torch.randn(3 * H4 * D4, generator=g).to(dtype)]
+    assert features.native.features_available(*args)
+    outs, grads = _outputs_and_grads(qkv_features, args, (H4,))
+    ref_outs, ref_grads = _outputs_and_grads(qkv_features_ref, [a.double() if a is not None else None for a in args],
+                                             (H4,))
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        assert a.dtype == dtype
+        assert ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item() <= tol

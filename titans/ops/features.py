@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .conv import causal_conv_ref, conv_backward, conv_forward
 
 __all__ = ["qkv_features", "qkv_features_ref", "gated_rms_norm", "gated_rms_norm_ref"]
@@ -58,6 +59,12 @@ def _rows(past: Tensor | None, u: Tensor, lo: int, hi: int) -> Tensor:
 class _QKVFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int):
+        ctx.heads = heads
+        ctx.native = native.features_available(u, past, weight, bias) and u.stride(-1) == 1
+        if ctx.native:  # the same math in one C++ pass per token (native.py), in fp32 inside
+            out, norm = native.module().qkv_forward(u, _rows_contiguous(past), *_native_conv(weight, bias), heads)
+            ctx.save_for_backward(u, past, weight, bias, norm)
+            return tuple(o.transpose(1, 2) for o in out)
         B, T, C = u.shape
         K = 1 if weight is None else weight.shape[1]
         out = u.new_empty(3, B, heads, T, C // (3 * heads))  # contiguous: [B H, T, Dh] is a view
@@ -71,13 +78,14 @@ class _QKVFeatures(torch.autograd.Function):
             torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True, out=norm[:, :, :, t0:t1]).clamp_min_(NORM_EPS)
             torch.div(s[:2], norm[:, :, :, t0:t1], out=out[:2, :, :, t0:t1])
             out[2, :, :, t0:t1] = s[2]
-        ctx.heads = heads
         ctx.save_for_backward(u, past, weight, bias, norm)
         return tuple(o.transpose(1, 2) for o in out)                    # each [B, T, H, Dh]
 
     @staticmethod
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
         u_in, past, weight, bias, norm = ctx.saved_tensors
+        if ctx.native:
+            return _native_backward(ctx, u_in, past, weight, bias, norm, dq, dk, dv)
         B, T, C = u_in.shape
         K = 1 if weight is None else weight.shape[1]
         P = K - 1
@@ -112,6 +120,31 @@ class _QKVFeatures(torch.autograd.Function):
         du_in = dxp[:, P:] if dxp is not None and needs[0] else None
         dpast = dxp[:, :P] if dxp is not None and needs[1] else None
         return du_in, dpast, dw, db, None
+
+
+def _rows_contiguous(x: Tensor | None) -> Tensor | None:
+    """x with unit-stride rows (the C++ path reads token rows; the conv state arrives transposed)."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _native_conv(weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The conv's taps as [K, C] fp32 and its bias as fp32, as the C++ input path takes them."""
+    if weight is None:
+        return None, None
+    return weight.t().float().contiguous(), bias.float()
+
+
+def _native_backward(ctx, u, past, weight, bias, norm, dq, dk, dv):
+    """_QKVFeatures.backward through the C++ input path; gradients in their inputs' dtypes."""
+    grads = [None if g is None else g.to(u.dtype) for g in (dq, dk, dv)]
+    dxp, dw, db, _ = native.module().qkv_backward(u, _rows_contiguous(past), *_native_conv(weight, bias), norm,
+                                                  *grads, ctx.heads)
+    needs = ctx.needs_input_grad
+    if weight is None:
+        return (dxp.to(u.dtype) if needs[0] else None), None, None, None, None
+    P = weight.shape[1] - 1
+    return ((dxp[:, P:].to(u.dtype) if needs[0] else None), (dxp[:, :P].to(past.dtype) if needs[1] else None),
+            (dw.to(weight.dtype) if needs[2] else None), (db.to(bias.dtype) if needs[3] else None), None)
 
 
 def qkv_features(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int

@@ -1,6 +1,7 @@
-"""The chunk path's per-piece backward and state update in C++ (csrc/chunk_native.cpp), built on first use.
+"""The chunk path's per-piece work and the layer's input path in C++ (csrc/chunk_native.cpp), built on first use.
 
-The Python functions they replace (chunk_backward.piece_backward, chunk.advance_state) stay the
+The Python functions they replace (chunk.piece_forward, chunk.advance_state,
+chunk_backward.piece_backward, and the forward and backward of features.qkv_features) stay the
 readable definition and the fallback; the tests compare the two. What the C++ does differently
 is only how: the elementwise chains fused into single loops, the passes over the state (three
 inner products, the bf16 copies of the state and of its gradient, the transposed carry) in one,
@@ -34,7 +35,7 @@ from types import ModuleType
 import torch
 from torch.utils import cpp_extension
 
-__all__ = ["available", "module"]
+__all__ = ["available", "features_available", "module"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "chunk_native.cpp"
 _NAME = "_titans_chunk_native"
@@ -106,6 +107,12 @@ def module() -> ModuleType | None:
 
 
 def available(activation: str, *tensors: torch.Tensor) -> bool:
-    """True when the native functions apply: SiLU memory, CPU fp32 tensors, and the module built."""
+    """True when the native chunk path applies: SiLU memory, CPU fp32 tensors, and the module built."""
     return (activation == "silu" and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and module() is not None)
+
+
+def features_available(*tensors: torch.Tensor | None) -> bool:
+    """True when the native input path (features.qkv_features) applies: CPU fp32 or bf16 tensors."""
+    return (all(t is None or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16))
+                for t in tensors) and module() is not None)
