@@ -95,7 +95,11 @@ def test_gated_rms_norm_bf16_inputs_give_fp32():
     assert out.dtype == torch.float32
     out.sum().backward()
     assert r.grad.dtype == torch.bfloat16 and gate.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
-    torch.testing.assert_close(out, gated_rms_norm_ref(r, w, gate))
+    # the reference rounds SiLU(gate) to bf16 (torch's bf16 op), the C++ path keeps it in fp32:
+    # they agree to bf16's resolution, and each to the fp64 value of the same inputs
+    ref64 = gated_rms_norm_ref(r.double(), w.double(), gate.double())
+    for x in (out, gated_rms_norm_ref(r, w, gate)):
+        torch.testing.assert_close(x.double(), ref64, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.skipif(features.native.module() is None, reason="the C++ path is not built here (tests/ops/test_native.py)")

@@ -861,10 +861,129 @@ std::vector<Tensor> qkv_backward(Tensor u, c10::optional<Tensor> past, c10::opti
   return qkv_backward_impl<float>(u, p, w, bb, norm, gq, gk, gv, heads);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The layer's output path (features.gated_rms_norm): out = RMSNorm(r) * weight * SiLU(g) per head.
+// r: [B, T, H, Dh] fp32; weight: [H, Dh] fp32; g: [B, T, H Dh] fp32 or bf16; out fp32.
+
+namespace {
+
+constexpr float kRmsEps = 1e-6f;  // features.RMS_EPS
+
+template <typename T>
+Tensor rms_forward_impl(const Tensor& r, const Tensor& weight, const Tensor& g, Tensor rstd) {
+  const int64_t B = r.size(0), T_ = r.size(1), H = r.size(2), Dh = r.size(3), D = H * Dh;
+  Tensor out = at::empty({B, T_, D}, r.options());
+  const float *pr = r.data_ptr<float>(), *pw = weight.data_ptr<float>();
+  const T* pg = g.data_ptr<T>();
+  float *po = out.data_ptr<float>(), *ps = rstd.data_ptr<float>();
+#pragma omp parallel
+  {
+    std::vector<float> gf(D), sg(D);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < B * T_; row++) {
+      const float* x = pr + row * D;
+      const T* gr = pg + row * D;
+      for (int64_t c = 0; c < D; c++) gf[c] = to_f(gr[c]);
+      sigmoid_row(gf.data(), sg.data(), D);
+      for (int64_t h = 0; h < H; h++) {
+        const float* xh = x + h * Dh;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t d = 0; d < Dh; d++) ss += xh[d] * xh[d];
+        const float rs = 1.f / std::sqrt(ss / Dh + kRmsEps);
+        ps[row * H + h] = rs;
+        float* o = po + row * D + h * Dh;
+        const float *w = pw + h * Dh, *gh = gf.data() + h * Dh, *sh = sg.data() + h * Dh;
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; d++) o[d] = xh[d] * rs * w[d] * (gh[d] * sh[d]);
+      }
+    }
+  }
+  return out;
+}
+
+template <typename T>
+std::vector<Tensor> rms_backward_impl(const Tensor& r, const Tensor& weight, const Tensor& g, const Tensor& rstd,
+                                      const Tensor& dout) {
+  const int64_t B = r.size(0), T_ = r.size(1), H = r.size(2), Dh = r.size(3), D = H * Dh;
+  Tensor dr = at::empty_like(r), dg = at::empty({B, T_, D}, r.options());
+  const float *pr = r.data_ptr<float>(), *pw = weight.data_ptr<float>(), *ps = rstd.data_ptr<float>();
+  const float* pd = dout.data_ptr<float>();
+  const T* pg = g.data_ptr<T>();
+  float *pdr = dr.data_ptr<float>(), *pdg = dg.data_ptr<float>();
+  const int nt = omp_get_max_threads();
+  std::vector<double> part(nt * D, 0.0);
+  int used = 1;
+#pragma omp parallel
+  {
+    const int th = omp_get_thread_num();
+    if (th == 0) used = omp_get_num_threads();
+    double* acc = part.data() + th * D;
+    std::vector<float> gf(D), sg(D), dn(D);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < B * T_; row++) {
+      const float *x = pr + row * D, *dy = pd + row * D;
+      const T* gr = pg + row * D;
+      for (int64_t c = 0; c < D; c++) gf[c] = to_f(gr[c]);
+      sigmoid_row(gf.data(), sg.data(), D);
+      for (int64_t h = 0; h < H; h++) {
+        const float rs = ps[row * H + h];
+        const float *xh = x + h * Dh, *w = pw + h * Dh, *dyh = dy + h * Dh;
+        const float *gh = gf.data() + h * Dh, *sh = sg.data() + h * Dh;
+        float *dgh = pdg + row * D + h * Dh, *dnh = dn.data() + h * Dh;
+        double* ah = acc + h * Dh;
+        float mean = 0.f;
+#pragma omp simd reduction(+ : mean)
+        for (int64_t d = 0; d < Dh; d++) {
+          const float rn = xh[d] * rs, s = sh[d];
+          dgh[d] = rn * w[d] * dyh[d] * (s * (1.f + gh[d] * (1.f - s)));  // through SiLU'(g)
+          const float dnv = dyh[d] * gh[d] * s;                            // d (rn * weight)
+          ah[d] += dnv * rn;
+          dnh[d] = dnv * w[d];
+          mean += dnh[d] * rn;
+        }
+        mean /= Dh;
+        float* o = pdr + row * D + h * Dh;
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; d++) o[d] = (dnh[d] - xh[d] * rs * mean) * rs;
+      }
+    }
+  }
+  Tensor dw = at::empty({H, Dh}, r.options());
+  float* odw = dw.data_ptr<float>();
+  for (int64_t c = 0; c < D; c++) {
+    double v = 0.0;
+    for (int i = 0; i < used; i++) v += part[i * D + c];
+    odw[c] = (float)v;
+  }
+  return {dr, dw, dg};
+}
+
+}  // namespace
+
+// rms_forward(r, weight, g) -> [out [B, T, H Dh] fp32, rstd [B, T, H] fp32]; r, weight fp32 contiguous,
+// g fp32 or bf16 contiguous.
+std::vector<Tensor> rms_forward(Tensor r, Tensor weight, Tensor g) {
+  TORCH_CHECK(r.is_contiguous() && weight.is_contiguous() && g.is_contiguous(), "rms_forward: contiguous inputs");
+  Tensor rstd = at::empty({r.size(0), r.size(1), r.size(2)}, r.options());
+  Tensor out = g.scalar_type() == at::kBFloat16 ? rms_forward_impl<at::BFloat16>(r, weight, g, rstd)
+                                                : rms_forward_impl<float>(r, weight, g, rstd);
+  return {out, rstd};
+}
+
+// rms_backward(r, weight, g, rstd, dout) -> [dr, dweight, dg (fp32)]; dout fp32 contiguous.
+std::vector<Tensor> rms_backward(Tensor r, Tensor weight, Tensor g, Tensor rstd, Tensor dout) {
+  TORCH_CHECK(dout.is_contiguous(), "rms_backward: contiguous dout");
+  return g.scalar_type() == at::kBFloat16 ? rms_backward_impl<at::BFloat16>(r, weight, g, rstd, dout)
+                                          : rms_backward_impl<float>(r, weight, g, rstd, dout);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advance_state", &advance_state, "the state after a piece (chunk.advance_state)");
   m.def("piece_forward", &piece_forward, "one piece of the chunk path (chunk.piece_forward)");
   m.def("piece_backward", &piece_backward, "one piece's backward of the chunk path (chunk_backward.py)");
   m.def("qkv_forward", &qkv_forward, "the layer's input path (features.qkv_features)");
   m.def("qkv_backward", &qkv_backward, "its backward");
+  m.def("rms_forward", &rms_forward, "the layer's output path (features.gated_rms_norm)");
+  m.def("rms_backward", &rms_backward, "its backward");
 }
