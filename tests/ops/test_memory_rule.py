@@ -385,3 +385,24 @@ def test_checkpointed_backward_equals_reference(monkeypatch, chunk_size, T, dept
     y_ref, _ = memory_rule(*a, weights, chunk_size=chunk_size + 2, state=state, impl="ref")
     g_ref = torch.autograd.grad(y_ref.square().sum(), a)
     assert rel(y, y_ref) <= 1e-9 and all(rel(x, r) <= 1e-9 for x, r in zip(g, g_ref))
+
+
+@pytest.mark.parametrize("case", ["random", "zeros", "no-decay", "underflow"])
+def test_chunk_gates_backward_equals_autograd(case):
+    # the hand-written gradient of the gate products (zeros of eta and 1 - alpha, products that
+    # underflow and get flushed) against autograd through chunk_gates
+    gen = torch.Generator().manual_seed(7)
+    theta, eta, alpha = (torch.rand(3, 2, 11, generator=gen, dtype=F64) for _ in range(3))
+    if case == "zeros":
+        eta[..., 3], alpha[..., 5], theta[..., 2] = 0, 1, 0
+    elif case == "no-decay":
+        eta.fill_(1), alpha.fill_(0)
+    elif case == "underflow":
+        eta.fill_(1e-40), alpha.fill_(1 - 1e-300)
+    xs = [x.clone().requires_grad_() for x in (theta, eta, alpha)]
+    gates = chunk.chunk_gates(*xs)
+    d = chunk.ChunkGates(*(torch.randn(x.shape, generator=gen, dtype=F64) for x in gates))
+    ref = torch.autograd.grad(list(gates), xs, list(d), allow_unused=True)
+    ours = chunk.chunk_gates_backward(theta, eta, alpha, d)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=1e-12, atol=1e-12)

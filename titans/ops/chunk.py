@@ -72,16 +72,62 @@ def _segment_products(a: Tensor) -> Tensor:
     return x.cumprod(-1).transpose(-1, -2).tril()  # [..., i, r]
 
 
-def chunk_gates(theta: Tensor, eta: Tensor, alpha: Tensor) -> ChunkGates:
-    """Gate products for chunks laid out on the last dim. theta, eta, alpha: [..., n]."""
+def _raw_gates(theta: Tensor, eta: Tensor, alpha: Tensor):
+    """The gate products before _flush, and the segment products they come from."""
     keep = 1 - alpha
     p_beta = _segment_products(keep)            # beta_i / beta_r
     p_eta = _segment_products(eta)              # e_i / e_m
     e = eta.cumprod(-1)
     g = (p_beta @ e.unsqueeze(-1)).squeeze(-1)
-    G = (p_beta @ p_eta) * theta.unsqueeze(-2)  # lower-triangular: the causal mask is built in
+    M = p_beta @ p_eta
+    G = M * theta.unsqueeze(-2)  # lower-triangular: the causal mask is built in
     gates = ChunkGates(beta=keep.cumprod(-1), g=g, G=G, e_last=e[..., -1], s_last=p_eta[..., -1, :] * theta)
-    return ChunkGates(*(_flush(x) for x in gates))
+    return gates, keep, p_beta, p_eta, e, M
+
+
+def chunk_gates(theta: Tensor, eta: Tensor, alpha: Tensor) -> ChunkGates:
+    """Gate products for chunks laid out on the last dim. theta, eta, alpha: [..., n]."""
+    return ChunkGates(*(_flush(x) for x in _raw_gates(theta, eta, alpha)[0]))
+
+
+def _product_grad(P: Tensor, total: Tensor, dP: Tensor, dtotal: Tensor) -> Tensor:
+    """d/dx_j of every segment product of x, without dividing by x_j (which may be 0).
+
+    P[i, r] = prod_{r<l<=i} x_l (the _segment_products of x), total_i = prod_{l<=i} x_l, with
+    incoming gradients dP [..., n, n] (lower triangle) and dtotal [..., n]. Leaving x_j out of a
+    product that contains it leaves P[j-1, r] P[i, j] (total_{j-1} P[i, j] for total_i), so
+        dx_j = sum_{i>=j} P[i, j] sum_{r<j} dP[i, r] P[j-1, r]   (r = -1: dtotal_i, total_{j-1}).
+    """
+    ext = torch.cat([total.unsqueeze(-1), P], dim=-1)              # [..., n, n+1]: column 0 is r = -1
+    d_ext = torch.cat([dtotal.unsqueeze(-1), dP.tril()], dim=-1)
+    first = torch.zeros_like(ext[..., :1, :])
+    first[..., 0, 0] = 1                                           # row j = 0: the empty product
+    shifted = torch.cat([first, ext[..., :-1, :]], dim=-2)         # row j: ext[j - 1]
+    return (P * (d_ext @ shifted.mT)).sum(-2)
+
+
+def chunk_gates_backward(theta: Tensor, eta: Tensor, alpha: Tensor, d: ChunkGates) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for theta, eta, alpha [..., n] from those of chunk_gates' outputs (d), by hand:
+    the chain rule through the lines of _raw_gates and _flush (a flushed entry passes no
+    gradient), with the segment products' derivatives from _product_grad."""
+    raw, keep, p_beta, p_eta, e, M = _raw_gates(theta, eta, alpha)
+    d = ChunkGates(*(dx.masked_fill(_flushed(x), 0.0) for x, dx in zip(raw, d)))
+    dtheta = (d.G * M).sum(-2) + d.s_last * p_eta[..., -1, :]
+    dM = d.G * theta.unsqueeze(-2)
+    dp_beta = dM @ p_eta.mT + d.g.unsqueeze(-1) * e.unsqueeze(-2)
+    dp_eta = p_beta.mT @ dM
+    dp_eta[..., -1, :] += d.s_last * theta
+    de = (p_beta.mT @ d.g.unsqueeze(-1)).squeeze(-1)
+    de[..., -1] += d.e_last
+    dkeep = _product_grad(p_beta, raw.beta, dp_beta, d.beta)
+    deta = _product_grad(p_eta, e, dp_eta, de)
+    return dtheta, deta, -dkeep
+
+
+def _flushed(x: Tensor) -> Tensor:
+    """Where _flush zeroes x."""
+    tiny = 2.0 ** -900 if x.dtype == torch.float64 else 2.0 ** -80
+    return (x > 0) & (x < tiny)
 
 
 def _flush(x: Tensor) -> Tensor:
@@ -93,8 +139,7 @@ def _flush(x: Tensor) -> Tensor:
     weighs less than 1e-24 against terms of weight 1. All gate products are >= 0; exact zeros
     are left alone so that their gradients still flow.
     """
-    tiny = 2.0 ** -900 if x.dtype == torch.float64 else 2.0 ** -80
-    return x.masked_fill((x > 0) & (x < tiny), 0.0)
+    return x.masked_fill(_flushed(x), 0.0)
 
 
 class Buffers:

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 from .chunk import (ChunkGates, KeptInternals, PieceCache, Plan, Setup, advance_state, all_gates,
-                    checkpoint_interval, gate_columns, gate_groups, group_gates, pair, piece_forward)
+                    checkpoint_interval, chunk_gates_backward, gate_columns, gate_groups, pair, piece_forward)
 
 __all__ = ["ChunkScan", "piece_backward", "scan_forward"]
 
@@ -138,22 +138,22 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
 
 def _gate_backward(plan: Plan, theta: Tensor, eta: Tensor, alpha: Tensor, dgates: list[ChunkGates | None],
                    dfull: ChunkGates):
-    """Gradients for theta, eta, alpha [BH, T] from those of every piece's gate products, by
-    autograd through chunk_gates (small next to the loop's work), one graph per group of
-    gate_groups. A chunk's gates depend only on its own tokens: each group's gradient is a
-    slice of the result. dfull: the gate gradients of all full chunks (fields [BH, n_full, ...]);
-    dgates: those of the other pieces (None for full chunks)."""
-    dtea = [torch.zeros_like(x) for x in (theta, eta, alpha)]
+    """Gradients for theta, eta, alpha [BH, T] from those of every piece's gate products
+    (chunk_gates_backward), one group of gate_groups at a time. A chunk's gates depend only on
+    its own tokens: each group's gradient is a slice of the result. dfull: the gate gradients of
+    all full chunks (fields [BH, n_full, ...]); dgates: those of the other pieces (None for full
+    chunks)."""
+    dtea = [torch.empty_like(x) for x in (theta, eta, alpha)]
     for lo, hi, ps, batched in gate_groups(plan, theta.shape[1]):
-        with torch.enable_grad():
-            tea = [x[:, lo:hi].detach().requires_grad_() for x in (theta, eta, alpha)]
-            gates = group_gates(*tea, len(ps), batched)
+        tea = [x[:, lo:hi] for x in (theta, eta, alpha)]
+        if batched:  # [BH, chunks * n] -> [BH, chunks, n], as group_gates lays them out
+            tea = [x.unflatten(-1, (len(ps), x.shape[-1] // len(ps))) for x in tea]
             c0 = plan.full_index(ps[0])
-            grads = [x[:, c0:c0 + len(ps)] for x in dfull] if batched else dgates[ps[0]]
-            d = torch.autograd.grad(list(gates), tea, list(grads), allow_unused=True)
-        for out, di in zip(dtea, d):
-            if di is not None:
-                out[:, lo:hi] = di
+            grads = ChunkGates(*(x[:, c0:c0 + len(ps)] for x in dfull))
+        else:
+            grads = dgates[ps[0]]
+        for out, di in zip(dtea, chunk_gates_backward(*tea, grads)):
+            out[:, lo:hi] = di.flatten(-2) if batched else di
     return dtea
 
 
