@@ -16,6 +16,10 @@ and 30 MB on the output path, and the memory rule copied q, k, v into its own la
 passes; the input path also works in blocks of tokens, so that its temporaries stay small. `qkv_features` also writes q, k, v into one [3, B, H, T, Dh] buffer, so that the memory
 rule's [B H, T, Dh] layout is a view of it, not a copy. The `_ref` twins are the same math through
 plain autograd, for the tests.
+
+On CPU with fp32 or bf16 tensors both functions run their forward and backward in C++ instead
+(native.py; one pass per token, fp32 inside; 1.7-5x faster at T=4096, ad-hoc timing), with the torch code below as
+the fallback; the tests hold both to the `_ref` twins.
 """
 
 from __future__ import annotations
