@@ -82,7 +82,7 @@ def _raw_gates(theta: Tensor, eta: Tensor, alpha: Tensor):
     M = p_beta @ p_eta
     G = M * theta.unsqueeze(-2)  # lower-triangular: the causal mask is built in
     gates = ChunkGates(beta=keep.cumprod(-1), g=g, G=G, e_last=e[..., -1], s_last=p_eta[..., -1, :] * theta)
-    return gates, keep, p_beta, p_eta, e, M
+    return gates, p_beta, p_eta, e, M
 
 
 def chunk_gates(theta: Tensor, eta: Tensor, alpha: Tensor) -> ChunkGates:
@@ -110,7 +110,7 @@ def chunk_gates_backward(theta: Tensor, eta: Tensor, alpha: Tensor, d: ChunkGate
     """Gradients for theta, eta, alpha [..., n] from those of chunk_gates' outputs (d), by hand:
     the chain rule through the lines of _raw_gates and _flush (a flushed entry passes no
     gradient), with the segment products' derivatives from _product_grad."""
-    raw, keep, p_beta, p_eta, e, M = _raw_gates(theta, eta, alpha)
+    raw, p_beta, p_eta, e, M = _raw_gates(theta, eta, alpha)
     d = ChunkGates(*(dx.masked_fill(_flushed(x), 0.0) for x, dx in zip(raw, d)))
     dtheta = (d.G * M).sum(-2) + d.s_last * p_eta[..., -1, :]
     dM = d.G * theta.unsqueeze(-2)
@@ -176,7 +176,7 @@ class Setup:
     mm_dtype: torch.dtype    # matmul operands (bf16 under autocast)
     acc_dtype: torch.dtype   # everything else: the state's dtype
     mixed: bool = False      # bf16 operands, fp32 results through blas.gemm_into (one pass, no cast)
-    native: bool = False     # the per-piece backward and state update run in C++ (native.py)
+    native: bool = False     # the per-piece forward, state update and backward run in C++ (native.py)
     buffers: Buffers = field(default_factory=Buffers)
 
     def cast(self, x: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
-// The chunk path's per-piece backward and state update in C++ (titans/ops/native.py builds and
-// loads this; titans/ops/chunk_backward.py and chunk.py hold the same math in Python, which the
-// tests compare this against).
+// The memory layer's hot loops in C++ (titans/ops/native.py builds and loads this): the chunk
+// path's per-piece forward, state update and backward (the same math as chunk.py and
+// chunk_backward.py), and the layer's input and output paths (features.py). The Python code stays
+// the definition and the fallback; the tests compare the two.
 //
 // Shape legend (as in chunk.py): BH = B * H; n tokens in the piece; per layer l the state
 // WS = [W; S], [BH, 2 do, di], fp32; a, hq: layer inputs [BH, n, di]; delta, zk, zq, t: [BH, n, do];
@@ -9,15 +10,14 @@
 // Why it exists: in Python each piece's backward is ~300 small torch operations, and the passes
 // over the multi-megabyte state are separate operations each reading the state again. Here the
 // elementwise chains are fused into single loops and the state passes into one, and no Python
-// runs between the products. The products are MKL's (bf16 operands with fp32 accumulation when
-// `mixed`, as titans/ops/blas.py; else torch's fp32 matmuls).
+// runs between the products. The products are MKL's, called directly: bf16 operands with fp32
+// accumulation when `mixed` (as titans/ops/blas.py), else fp32 sgemm.
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 #include <immintrin.h>
@@ -109,8 +109,8 @@ inline uint16_t to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
-// o[j] = bf16(scale * x[j]) for j < n: AVX512-BF16's conversion where the CPU has it (this
-// loop was ~5% of a step at 4 heads of 96 in its scalar form, `perf record`).
+// o[j] = bf16(scale * x[j]) for j < n: AVX512-BF16's conversion (round to nearest even) where the
+// CPU has it, else to_bf16.
 inline void to_bf16_row(const float* x, uint16_t* o, int64_t n, float scale = 1.f) {
   int64_t j = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -124,7 +124,6 @@ inline void to_bf16_row(const float* x, uint16_t* o, int64_t n, float scale = 1.
 }
 
 inline uint16_t* bf16_ptr(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
-
 
 // Rows of a [BH, n, d] tensor whose last dim has unit stride: pointer to row (i, j).
 template <typename T>
