@@ -200,6 +200,24 @@ void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, 
   for (int i = 0; i < used; i++) for (int c = 0; c < 3; c++) dots[c] += part[3 * i + c];
 }
 
+// x * SiLU'(z), [BH, n, d] each. The same roundings as torch's `x * (s * (1 + z * (1 - s)))`
+// with s = sigmoid(z) (KeptInternals.expand rebuilds the key path's delta that way, bit for bit).
+Tensor times_silu_grad(const Tensor& x, const Tensor& z) {
+  const int64_t BH = x.size(0), n = x.size(1), d = x.size(2);
+  const Tensor s = at::sigmoid(z);
+  Tensor out = at::empty({BH, n, d}, x.options());
+  Rows<float> X(x), Z(z), Sg(s), O(out);
+  #pragma omp parallel for collapse(2) schedule(static) if (BH * n * d >= kParallelMin)
+  for (int64_t i = 0; i < BH; i++)
+    for (int64_t r = 0; r < n; r++) {
+      const float *xr = X(i, r), *zr = Z(i, r), *sr = Sg(i, r);
+      float* o = O(i, r);
+#pragma omp simd
+      for (int64_t j = 0; j < d; j++) o[j] = xr[j] * silu_grad(zr[j], sr[j]);
+    }
+  return out;
+}
+
 // A [BH, n, 2 d] factor [x * gx, x * gy] (rows scaled per token), in the products' dtype.
 // x: [BH, n, d]; gx, gy: [BH, n] (any strides along n).
 Tensor pair(const Tensor& x, const Tensor& gx, const Tensor& gy, float sign, bool mixed) {
@@ -336,17 +354,7 @@ void key_path(const Tensor& k, const Tensor& v, const std::vector<Tensor>& Wgc, 
     const int64_t doo = Wgc[l].size(1);
     t[l] = at::empty({BH, n, doo}, opts);
     gemm(t[l], dcs[l + 1], Wgc[l + 1], 1.f, 0.f, mixed);
-    Tensor s = at::sigmoid(zk[l]);
-    delta[l] = at::empty({BH, n, doo}, opts);
-    Rows<float> Tt(t[l]), Z(zk[l]), Sg(s), D(delta[l]);
-    #pragma omp parallel for collapse(2) schedule(static) if (BH * n * doo >= kParallelMin)
-    for (int64_t i = 0; i < BH; i++)
-      for (int64_t r = 0; r < n; r++) {
-        const float *tr = Tt(i, r), *zr = Z(i, r), *sr = Sg(i, r);
-        float* dr = D(i, r);
-#pragma omp simd
-        for (int64_t j = 0; j < doo; j++) dr[j] = tr[j] * silu_grad(zr[j], sr[j]);
-      }
+    delta[l] = times_silu_grad(t[l], zk[l]);
     dcs[l] = to_mm(delta[l], mixed);
   }
 }
@@ -503,19 +511,7 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
   Tensor dz = dy, dh;
   for (int64_t l = L - 1; l >= 0; l--) {
     const int64_t doo = dos[l], di = dis[l];
-    if (l < L - 1) {  // dz = dh * SiLU'(zq)
-      Tensor s = at::sigmoid(zq[l]);
-      dz = at::empty({BH, n, doo}, opts);
-      Rows<float> H(dh), Z(zq[l]), Sg(s), O(dz);
-      #pragma omp parallel for collapse(2) schedule(static) if (BH * n * doo >= kParallelMin)
-      for (int64_t i = 0; i < BH; i++)
-        for (int64_t r = 0; r < n; r++) {
-          const float *hr = H(i, r), *zr = Z(i, r), *sr = Sg(i, r);
-          float* o = O(i, r);
-#pragma omp simd
-          for (int64_t j = 0; j < doo; j++) o[j] = hr[j] * silu_grad(zr[j], sr[j]);
-        }
-    }
+    if (l < L - 1) dz = times_silu_grad(dh, zq[l]);
     Tensor dzc = to_mm(dz, mixed);
     // X = dz W, Y = dz S: [BH, n, di] each
     Tensor X = at::empty({BH, n, di}, opts), Y = at::empty({BH, n, di}, opts);
@@ -663,6 +659,24 @@ void conv_row(const T* u, int64_t su_t, const T* past, int64_t sp_t, int64_t t, 
   }
 }
 
+// The pre-activation z = conv([past; u]) (or u without conv) of token (b, t) and sig = sigmoid(z).
+template <typename T>
+struct InputRows {
+  const Tensor &u, &past;
+  const float *w, *bias;
+  int64_t K, C;
+  void operator()(int64_t b, int64_t t, float* z, float* sig) const {
+    const T* ub = u.data_ptr<T>() + b * u.stride(0);
+    if (w) {
+      const T* pb = past.defined() ? past.data_ptr<T>() + b * past.stride(0) : nullptr;
+      conv_row(ub, u.stride(1), pb, past.defined() ? past.stride(1) : 0, t, K, C, w, bias, z);
+    } else {
+      for (int64_t c = 0; c < C; c++) z[c] = to_f(ub[t * u.stride(1) + c]);
+    }
+    sigmoid_row(z, sig, C);
+  }
+};
+
 template <typename T>
 std::vector<Tensor> qkv_forward_impl(const Tensor& u, const Tensor& past, const Tensor& wT, const Tensor& bias,
                                      int64_t H) {
@@ -671,24 +685,15 @@ std::vector<Tensor> qkv_forward_impl(const Tensor& u, const Tensor& past, const 
   Tensor norm = at::empty({2, B, H, T_, 1}, u.options().dtype(at::kFloat));
   T* po = out.data_ptr<T>();
   float* pn = norm.data_ptr<float>();
-  const T* pu = u.data_ptr<T>();
-  const T* pp = past.defined() ? past.data_ptr<T>() : nullptr;
-  const float* pw = wT.defined() ? wT.data_ptr<float>() : nullptr;
-  const float* pb = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const InputRows<T> rows{u, past, wT.defined() ? wT.data_ptr<float>() : nullptr,
+                           bias.defined() ? bias.data_ptr<float>() : nullptr, K, C};
 #pragma omp parallel
   {
     std::vector<float> z(C), sg(C);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++) {
       for (int64_t t = 0; t < T_; t++) {
-        const T* ub = pu + b * u.stride(0);
-        if (pw) {
-          conv_row(ub, u.stride(1), pp ? pp + b * past.stride(0) : nullptr, pp ? past.stride(1) : 0, t, K, C, pw,
-                   pb, z.data());
-        } else {
-          for (int64_t c = 0; c < C; c++) z[c] = to_f(ub[t * u.stride(1) + c]);
-        }
-        sigmoid_row(z.data(), sg.data(), C);
+        rows(b, t, z.data(), sg.data());
 #pragma omp simd
         for (int64_t c = 0; c < C; c++) z[c] *= sg[c];  // SiLU
         for (int64_t part = 0; part < 3; part++) {
@@ -725,23 +730,16 @@ std::vector<Tensor> qkv_backward_impl(const Tensor& u, const Tensor& past, const
   const T* pu = u.data_ptr<T>();
   const T* pp = past.defined() ? past.data_ptr<T>() : nullptr;
   const float* pw = wT.defined() ? wT.data_ptr<float>() : nullptr;
-  const float* pb = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const float* pn = norm.data_ptr<float>();
   const Tensor* dys[3] = {&dq, &dk, &dv};
+  const InputRows<T> rows{u, past, pw, bias.defined() ? bias.data_ptr<float>() : nullptr, K, C};
 #pragma omp parallel
   {
     std::vector<float> z(C), sg(C);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++) {
       for (int64_t t = 0; t < T_; t++) {
-        const T* ub = pu + b * u.stride(0);
-        if (pw) {
-          conv_row(ub, u.stride(1), pp ? pp + b * past.stride(0) : nullptr, pp ? past.stride(1) : 0, t, K, C, pw,
-                   pb, z.data());
-        } else {
-          for (int64_t c = 0; c < C; c++) z[c] = to_f(ub[t * u.stride(1) + c]);
-        }
-        sigmoid_row(z.data(), sg.data(), C);
+        rows(b, t, z.data(), sg.data());
         float* d = pdu + (b * T_ + t) * C;
         for (int64_t part = 0; part < 3; part++) {
           const Tensor& dyt = *dys[part];
