@@ -9,7 +9,7 @@ and no Python between the products. The arithmetic is the same up to rounding.
 
 Build: the source is compiled against the installed torch (its headers and libraries) with the
 system C++ compiler (`c++`, or $CXX), `-O3 -march=native -fopenmp`, the first time it is needed
-(about 30 s), into ~/.cache/titans (or $TITANS_CACHE), keyed by the source, torch's version, the
+(about 25 s), into ~/.cache/titans (or $TITANS_CACHE), keyed by the source, torch's version, the
 compiler, the flags and the CPU. It links the OpenMP runtime torch has already loaded, so
 `torch.set_num_threads` holds. Without a compiler, off Linux/x86-64, or with TITANS_NATIVE=0,
 `available()` is False and the op runs its Python code; a failed build warns once and does the same.
