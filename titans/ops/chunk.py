@@ -411,18 +411,18 @@ def gate_groups(plan: Plan, T: int) -> list[tuple[int, int, list[int], bool]]:
     return groups
 
 
-def group_gates(theta: Tensor, eta: Tensor, alpha: Tensor, n: int, batched: bool) -> ChunkGates:
-    """chunk_gates of one group (inputs [BH, tokens]); batched: n chunks of equal length (fields [BH, n, ...])."""
-    if batched:
-        return chunk_gates(*(x.unflatten(-1, (n, x.shape[-1] // n)) for x in (theta, eta, alpha)))
-    return chunk_gates(theta, eta, alpha)
+def group_inputs(theta: Tensor, eta: Tensor, alpha: Tensor, n: int, batched: bool) -> list[Tensor]:
+    """One group's gates ([BH, tokens]) laid out for chunk_gates: batched, n chunks of equal length
+    as [BH, n, tokens / n] (the gate products' fields then [BH, n, ...]); else as they are."""
+    xs = [theta, eta, alpha]
+    return [x.unflatten(-1, (n, x.shape[-1] // n)) for x in xs] if batched else xs
 
 
 def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan) -> list[ChunkGates]:
     """Gate products of every piece."""
     out = []
     for lo, hi, ps, batched in gate_groups(plan, theta.shape[1]):
-        gates = group_gates(theta[:, lo:hi], eta[:, lo:hi], alpha[:, lo:hi], len(ps), batched)
+        gates = chunk_gates(*group_inputs(theta[:, lo:hi], eta[:, lo:hi], alpha[:, lo:hi], len(ps), batched))
         out += [ChunkGates(*(x[:, i] for x in gates)) for i in range(len(ps))] if batched else [gates]
     return out
 

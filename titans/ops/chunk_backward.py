@@ -20,7 +20,8 @@ from torch.autograd.function import once_differentiable
 
 from . import native
 from .chunk import (ChunkGates, KeptInternals, PieceCache, Plan, Setup, advance_state, all_gates,
-                    checkpoint_interval, chunk_gates_backward, gate_columns, gate_groups, pair, piece_forward)
+                    checkpoint_interval, chunk_gates_backward, gate_columns, gate_groups, group_inputs, pair,
+                    piece_forward)
 
 __all__ = ["ChunkScan", "piece_backward", "scan_forward"]
 
@@ -145,9 +146,8 @@ def _gate_backward(plan: Plan, theta: Tensor, eta: Tensor, alpha: Tensor, dgates
     chunks)."""
     dtea = [torch.empty_like(x) for x in (theta, eta, alpha)]
     for lo, hi, ps, batched in gate_groups(plan, theta.shape[1]):
-        tea = [x[:, lo:hi] for x in (theta, eta, alpha)]
-        if batched:  # [BH, chunks * n] -> [BH, chunks, n], as group_gates lays them out
-            tea = [x.unflatten(-1, (len(ps), x.shape[-1] // len(ps))) for x in tea]
+        tea = group_inputs(theta[:, lo:hi], eta[:, lo:hi], alpha[:, lo:hi], len(ps), batched)
+        if batched:
             c0 = plan.full_index(ps[0])
             grads = ChunkGates(*(x[:, c0:c0 + len(ps)] for x in dfull))
         else:
@@ -279,7 +279,7 @@ class ChunkScan(torch.autograd.Function):
         WS0, Wg0 = list(states[:L]), list(states[L:]) or None
         pieces = plan.pieces(q.shape[1])
         # the gate products, without a graph while the loop runs (its [BH, chunks, b, b] tensors
-        # would stay alive through the whole backward); autograd redoes them at the end
+        # would stay alive through the whole backward); _gate_backward redoes them at the end
         plain = all_gates(theta, eta, alpha, plan)
         # copies: the backward updates the carried state gradient in place
         dWS = [d.clone(memory_format=torch.contiguous_format) if d is not None else torch.zeros_like(w)

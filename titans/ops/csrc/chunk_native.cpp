@@ -264,12 +264,13 @@ EndGates end_gates(const Tensor& beta, const Tensor& g, const Tensor& e_last) {
 
 }  // namespace
 
-// The state after a piece (chunk.advance_state): per layer
-//   WS' = [b_n W + g_n S; e_n S] - [delta G_n, delta s_n]^T a.
-// out: per layer [BH, 2 do, di] fp32 buffers to write into; returns them.
-std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a, std::vector<Tensor> delta,
-                                  Tensor beta, Tensor g, Tensor G, Tensor e_last, Tensor s_last,
-                                  std::vector<Tensor> out, bool mixed) {
+namespace {
+
+// advance_state with the key-path inputs already in the products' dtype (acs: to_mm of a).
+std::vector<Tensor> advance_state_mm(const std::vector<Tensor>& WS, const std::vector<Tensor>& acs,
+                                     const std::vector<Tensor>& delta, const Tensor& beta, const Tensor& g,
+                                     const Tensor& G, const Tensor& e_last, const Tensor& s_last,
+                                     std::vector<Tensor> out, bool mixed) {
   const int64_t n = beta.size(1), BH = beta.size(0);
   const EndGates eg = end_gates(beta, g, e_last);
   Tensor G_n = G.select(1, n - 1);  // [BH, n]
@@ -279,7 +280,7 @@ std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a,
     // F = -[delta G_n, delta s_n]: [BH, n, 2 r]; the update is F^T a (the sign in the small factor:
     // MKL's bf16 kernel is faster with alpha = beta = 1)
     const Tensor F = pair(delta[l], G_n, s_last, -1.f, mixed);
-    const Tensor A = to_mm(a[l], mixed);
+    const Tensor& A = acs[l];
     TORCH_CHECK(A.stride(2) == 1, "native advance_state: key-path inputs need unit-stride rows");
     const int64_t es = F.element_size(), rows = std::max<int64_t>(8, (1 << 16) / c), blocks = (r + rows - 1) / rows;
     // the carry and the update one block of rows at a time, the block still in cache for the
@@ -307,6 +308,18 @@ std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a,
     }
   }
   return out;
+}
+
+}  // namespace
+
+// The state after a piece (chunk.advance_state): per layer
+//   WS' = [b_n W + g_n S; e_n S] - [delta G_n, delta s_n]^T a.
+// out: per layer [BH, 2 do, di] fp32 buffers to write into; returns them.
+std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a, std::vector<Tensor> delta,
+                                  Tensor beta, Tensor g, Tensor G, Tensor e_last, Tensor s_last,
+                                  std::vector<Tensor> out, bool mixed) {
+  for (auto& x : a) x = to_mm(x, mixed);
+  return advance_state_mm(WS, a, delta, beta, g, G, e_last, s_last, std::move(out), mixed);
 }
 
 // The key path (chunk.key_path): the memory's forward on the keys at Wg and the analytic backward
@@ -414,7 +427,7 @@ piece_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor g, Tensor G, Ten
   Tensor y = residual ? zq[L - 1] + q : zq[L - 1];
   zq.pop_back();  // the last layer's pre-activation is not needed by the backward
   std::vector<Tensor> WS_new;
-  if (!out.empty()) WS_new = advance_state(WS, a, delta, beta, g, G, e_last, s_last, out, mixed);
+  if (!out.empty()) WS_new = advance_state_mm(WS, acs, delta, beta, g, G, e_last, s_last, out, mixed);
   return {y, WS_new, a, zk, delta, t, hq, zq, P};
 }
 
@@ -677,6 +690,23 @@ struct InputRows {
   }
 };
 
+// f(b, t, z, sig) for every token (b, t), in parallel, with the token's pre-activation row z and
+// its sigmoid sig (per-thread buffers of C floats).
+template <typename T, typename F>
+void for_each_token(const InputRows<T>& rows, int64_t B, int64_t T_, F&& f) {
+#pragma omp parallel
+  {
+    std::vector<float> z(rows.C), sg(rows.C);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+      for (int64_t t = 0; t < T_; t++) {
+        rows(b, t, z.data(), sg.data());
+        f(b, t, z.data(), sg.data());
+      }
+    }
+  }
+}
+
 template <typename T>
 std::vector<Tensor> qkv_forward_impl(const Tensor& u, const Tensor& past, const Tensor& wT, const Tensor& bias,
                                      int64_t H) {
@@ -687,34 +717,26 @@ std::vector<Tensor> qkv_forward_impl(const Tensor& u, const Tensor& past, const 
   float* pn = norm.data_ptr<float>();
   const InputRows<T> rows{u, past, wT.defined() ? wT.data_ptr<float>() : nullptr,
                            bias.defined() ? bias.data_ptr<float>() : nullptr, K, C};
-#pragma omp parallel
-  {
-    std::vector<float> z(C), sg(C);
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; b++) {
-      for (int64_t t = 0; t < T_; t++) {
-        rows(b, t, z.data(), sg.data());
+  for_each_token(rows, B, T_, [&](int64_t b, int64_t t, float* z, const float* sg) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; c++) z[c] *= sg[c];  // SiLU
-        for (int64_t part = 0; part < 3; part++) {
-          for (int64_t h = 0; h < H; h++) {
-            const float* a = z.data() + (part * H + h) * Dh;
-            T* o = po + (((part * B + b) * H + h) * T_ + t) * Dh;
-            float inv = 1.f;
-            if (part < 2) {
-              float ss = 0.f;
+    for (int64_t c = 0; c < C; c++) z[c] *= sg[c];  // SiLU
+    for (int64_t part = 0; part < 3; part++) {
+      for (int64_t h = 0; h < H; h++) {
+        const float* a = z + (part * H + h) * Dh;
+        T* o = po + (((part * B + b) * H + h) * T_ + t) * Dh;
+        float inv = 1.f;
+        if (part < 2) {
+          float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-              for (int64_t d = 0; d < Dh; d++) ss += a[d] * a[d];
-              const float nrm = std::max(std::sqrt(ss), kNormEps);
-              pn[((part * B + b) * H + h) * T_ + t] = nrm;
-              inv = 1.f / nrm;
-            }
-            for (int64_t d = 0; d < Dh; d++) o[d] = static_cast<T>(part < 2 ? a[d] * inv : a[d]);
-          }
+          for (int64_t d = 0; d < Dh; d++) ss += a[d] * a[d];
+          const float nrm = std::max(std::sqrt(ss), kNormEps);
+          pn[((part * B + b) * H + h) * T_ + t] = nrm;
+          inv = 1.f / nrm;
         }
+        for (int64_t d = 0; d < Dh; d++) o[d] = static_cast<T>(part < 2 ? a[d] * inv : a[d]);
       }
     }
-  }
+  });
   return {out, norm};
 }
 
@@ -733,44 +755,36 @@ std::vector<Tensor> qkv_backward_impl(const Tensor& u, const Tensor& past, const
   const float* pn = norm.data_ptr<float>();
   const Tensor* dys[3] = {&dq, &dk, &dv};
   const InputRows<T> rows{u, past, pw, bias.defined() ? bias.data_ptr<float>() : nullptr, K, C};
-#pragma omp parallel
-  {
-    std::vector<float> z(C), sg(C);
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; b++) {
-      for (int64_t t = 0; t < T_; t++) {
-        rows(b, t, z.data(), sg.data());
-        float* d = pdu + (b * T_ + t) * C;
-        for (int64_t part = 0; part < 3; part++) {
-          const Tensor& dyt = *dys[part];
-          for (int64_t h = 0; h < H; h++) {
-            float* dd = d + (part * H + h) * Dh;
-            const float *zz = z.data() + (part * H + h) * Dh, *ss = sg.data() + (part * H + h) * Dh;
-            if (!dyt.defined()) {
-              for (int64_t e = 0; e < Dh; e++) dd[e] = 0.f;
-              continue;
-            }
-            const T* dy = dyt.data_ptr<T>() + b * dyt.stride(0) + t * dyt.stride(1) + h * dyt.stride(2);
-            const int64_t sd = dyt.stride(3);
-            if (part < 2) {  // y = a / |a|: da = (dy - y <y, dy>) / |a|  (dy / eps where the norm was clamped)
-              const float nrm = pn[((part * B + b) * H + h) * T_ + t], inv = 1.f / nrm;
-              float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-              for (int64_t e = 0; e < Dh; e++) dot += zz[e] * ss[e] * inv * to_f(dy[e * sd]);
-              if (!(nrm > kNormEps)) dot = 0.f;
-#pragma omp simd
-              for (int64_t e = 0; e < Dh; e++) dd[e] = (to_f(dy[e * sd]) - zz[e] * ss[e] * inv * dot) * inv;
-            } else {
-#pragma omp simd
-              for (int64_t e = 0; e < Dh; e++) dd[e] = to_f(dy[e * sd]);
-            }
-          }
+  for_each_token(rows, B, T_, [&](int64_t b, int64_t t, const float* z, const float* sg) {
+    float* d = pdu + (b * T_ + t) * C;
+    for (int64_t part = 0; part < 3; part++) {
+      const Tensor& dyt = *dys[part];
+      for (int64_t h = 0; h < H; h++) {
+        float* dd = d + (part * H + h) * Dh;
+        const float *zz = z + (part * H + h) * Dh, *ss = sg + (part * H + h) * Dh;
+        if (!dyt.defined()) {
+          for (int64_t e = 0; e < Dh; e++) dd[e] = 0.f;
+          continue;
         }
+        const T* dy = dyt.data_ptr<T>() + b * dyt.stride(0) + t * dyt.stride(1) + h * dyt.stride(2);
+        const int64_t sd = dyt.stride(3);
+        if (part < 2) {  // y = a / |a|: da = (dy - y <y, dy>) / |a|  (dy / eps where the norm was clamped)
+          const float nrm = pn[((part * B + b) * H + h) * T_ + t], inv = 1.f / nrm;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t e = 0; e < Dh; e++) dot += zz[e] * ss[e] * inv * to_f(dy[e * sd]);
+          if (!(nrm > kNormEps)) dot = 0.f;
 #pragma omp simd
-        for (int64_t c = 0; c < C; c++) d[c] *= sg[c] * (1.f + z[c] * (1.f - sg[c]));  // SiLU'
+          for (int64_t e = 0; e < Dh; e++) dd[e] = (to_f(dy[e * sd]) - zz[e] * ss[e] * inv * dot) * inv;
+        } else {
+#pragma omp simd
+          for (int64_t e = 0; e < Dh; e++) dd[e] = to_f(dy[e * sd]);
+        }
       }
     }
-  }
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) d[c] *= sg[c] * (1.f + z[c] * (1.f - sg[c]));  // SiLU'
+  });
   if (!pw) return {du, Tensor(), Tensor(), Tensor()};
   // the conv's backward: dxp[r] = sum_j w[j] du[r - j] (a gather: no two threads write one row);
   // dw[j] = sum_t du[t] xp[t + j], db = sum_t du[t], per thread then summed in thread order
