@@ -118,3 +118,22 @@ def test_native_takes_any_strides(monkeypatch):
         monkeypatch.undo()
     for a, b in zip(*grads):
         assert rel(a, b) <= 1e-5
+
+
+@pytest.mark.skipif(native.module() is None, reason="the C++ chunk path is not built here")
+@pytest.mark.parametrize("rows,cols,n", [(385, 97, 64), (7, 33, 5), (1, 16, 1)])
+def test_native_state_update_odd_shapes(rows, cols, n):
+    # the fp32 update's register tiles (6 rows x 32 columns) with partial tiles on both edges,
+    # several batch entries, against chunk.advance_state's Python code
+    g = torch.Generator().manual_seed(rows)
+    BH = 3
+    WS = [torch.randn(BH, 2 * rows, cols, generator=g), torch.randn(BH, 2 * cols, rows, generator=g)]
+    a = [torch.randn(BH, n, cols, generator=g), torch.randn(BH, n, rows, generator=g)]
+    delta = [torch.randn(BH, n, rows, generator=g), torch.randn(BH, n, cols, generator=g)]
+    theta, eta, alpha = torch.rand(3, BH, n, generator=g)
+    gates = chunk.chunk_gates(theta * 0.1, 0.5 + 0.5 * eta, 0.01 * alpha)
+    setup = chunk.Setup(chunk.ACTIVATIONS["silu"], False, torch.float32, torch.float32)
+    want = chunk.advance_state(WS, a, delta, gates, setup)
+    got = native.module().advance_state(WS, a, delta, *gates, [torch.empty_like(w) for w in WS], False)
+    for x, y in zip(got, want):
+        assert rel(x, y) <= 1e-6
