@@ -264,17 +264,15 @@ class KeptInternals:
     zq: list[Tensor]
     P: list[Tensor]
 
-    def key_factors(self, k: Tensor, act: Activation) -> tuple[list[Tensor], list[Tensor]]:
-        """(a, delta) of the key path: all that the state update (advance_state) needs."""
-        a = [k] + [act.fn(z) for z in self.zk]
-        delta = [t * act.grad(z) for t, z in zip(self.t, self.zk)] + [self.delta_last]
-        return a, delta
-
-    def expand(self, q: Tensor, k: Tensor, act: Activation) -> PieceCache:
+    def expand(self, q: Tensor, k: Tensor, s: Setup) -> PieceCache:
         """The full PieceCache; q, k: this piece's [BH, n, Dk] (as piece_forward got them)."""
-        a, delta = self.key_factors(k, act)
-        hq = [q] + [act.fn(z) for z in self.zq]
-        return PieceCache(a, self.zk, delta, self.t, hq, self.zq, self.P)
+        if s.native:
+            a, delta, hq = native.module().expand(self.zk, self.t, self.zq)
+        else:
+            a = [s.act.fn(z) for z in self.zk]
+            delta = [t * s.act.grad(z) for t, z in zip(self.t, self.zk)]
+            hq = [s.act.fn(z) for z in self.zq]
+        return PieceCache([k] + a, self.zk, delta + [self.delta_last], self.t, [q] + hq, self.zq, self.P)
 
 
 def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):

@@ -228,16 +228,17 @@ def scan_forward(s: Setup, plan: Plan, q, k, v, theta, eta, alpha, WS0: list[Ten
 def _rebuild_segment(s: Setup, pieces, p0: int, p1: int, WS: list[Tensor], Wg0: list[Tensor] | None, q, k, v,
                      gates: list[ChunkGates], internals: list[KeptInternals | None] | None):
     """The (WS, PieceCache) of pieces p0..p1-1 from the state kept at p0. With the forward's kept
-    internals only the states are rebuilt (the caches are None: the backward expands each when
-    its turn comes); otherwise every piece's forward runs again. The segment's last piece needs
-    no end state: it is the next segment's kept start, or the op's output."""
+    internals only the states are rebuilt (each piece's internals expanded, and released from
+    `internals`); otherwise every piece's forward runs again. The segment's last piece needs no
+    end state: it is the next segment's kept start, or the op's output."""
     seg = []
     for p in range(p0, p1):
         lo, hi = pieces[p]
         if internals is not None:
-            seg.append((WS, None))
+            cache, internals[p] = internals[p].expand(q[:, lo:hi], k[:, lo:hi], s), None
+            seg.append((WS, cache))
             if p < p1 - 1:
-                WS = advance_state(WS, *internals[p].key_factors(k[:, lo:hi], s.act), gates[p], s)
+                WS = advance_state(WS, cache.a, cache.delta, gates[p], s)
         else:
             _, WS_next, cache = piece_forward(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], gates[p], WS,
                                               Wg0 if p == 0 else None, s, keep=True, advance=p < p1 - 1)
@@ -307,8 +308,6 @@ class ChunkScan(torch.autograd.Function):
             for p in range(p1 - 1, p0 - 1, -1):
                 lo, hi = pieces[p]
                 WS, cache = seg[p - p0]
-                if cache is None:
-                    cache, internals[p] = internals[p].expand(q[:, lo:hi], k[:, lo:hi], s.act), None
                 full = plan.full_index(p)
                 out = None if full is None else ChunkGates(*(x[:, full] for x in dfull))
                 gq, gk, gv, dg, dWS, dWg = piece_backward(cache, plain[p], WS, Wg0 if p == 0 else None,
