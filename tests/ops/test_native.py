@@ -137,3 +137,30 @@ def test_native_state_update_odd_shapes(rows, cols, n):
     got = native.module().advance_state(WS, a, delta, *gates, [torch.empty_like(w) for w in WS], False)
     for x, y in zip(got, want):
         assert rel(x, y) <= 1e-6
+
+
+@pytest.mark.skipif(native.module() is None, reason="the C++ chunk path is not built here")
+@pytest.mark.parametrize("case", ["random", "zeros", "no-decay", "underflow"])
+def test_native_gates_equal_python(case):
+    # the gate products from their recurrences (C++, fp32) and their hand-written backward
+    # against the Python code in fp64 (itself held to autograd in test_memory_rule.py): zeros of
+    # eta and 1 - alpha, no decay at all, and products that underflow and get flushed
+    g = torch.Generator().manual_seed(11)
+    theta, eta, alpha = (torch.rand(3, 2, 37, generator=g, dtype=torch.float64) for _ in range(3))
+    if case == "zeros":
+        eta[..., 3], alpha[..., 5], theta[..., 2] = 0, 1, 0
+    elif case == "no-decay":
+        eta.fill_(1), alpha.fill_(0)
+    elif case == "underflow":
+        eta.fill_(1e-3), alpha.fill_(0.9)
+    want = chunk.chunk_gates(theta, eta, alpha)
+    got = chunk.chunk_gates(theta.float(), eta.float(), alpha.float(), use_native=True)
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32 and x.shape == y.shape
+        assert (x.double() - y).abs().max() <= 1e-5 * y.abs().max() + 2.0 ** -80
+    d = chunk.ChunkGates(*(torch.randn(x.shape, generator=g, dtype=torch.float64) for x in want))
+    want = chunk.chunk_gates_backward(theta, eta, alpha, d)
+    got = chunk.chunk_gates_backward(theta.float(), eta.float(), alpha.float(),
+                                     chunk.ChunkGates(*(x.float() for x in d)), use_native=True)
+    for x, y in zip(got, want):
+        assert rel(x.double(), y) <= 1e-5

@@ -85,8 +85,13 @@ def _raw_gates(theta: Tensor, eta: Tensor, alpha: Tensor):
     return gates, p_beta, p_eta, e, M
 
 
-def chunk_gates(theta: Tensor, eta: Tensor, alpha: Tensor) -> ChunkGates:
-    """Gate products for chunks laid out on the last dim. theta, eta, alpha: [..., n]."""
+def chunk_gates(theta: Tensor, eta: Tensor, alpha: Tensor, use_native: bool = False) -> ChunkGates:
+    """Gate products for chunks laid out on the last dim. theta, eta, alpha: [..., n].
+
+    use_native: the same products from their recurrences in C++ (native.py; fp32, no autograd).
+    """
+    if use_native:
+        return ChunkGates(*native.module().chunk_gates(theta, eta, alpha))
     return ChunkGates(*(_flush(x) for x in _raw_gates(theta, eta, alpha)[0]))
 
 
@@ -106,10 +111,14 @@ def _product_grad(P: Tensor, total: Tensor, dP: Tensor, dtotal: Tensor) -> Tenso
     return (P * (d_ext @ shifted.mT)).sum(-2)
 
 
-def chunk_gates_backward(theta: Tensor, eta: Tensor, alpha: Tensor, d: ChunkGates) -> tuple[Tensor, Tensor, Tensor]:
+def chunk_gates_backward(theta: Tensor, eta: Tensor, alpha: Tensor, d: ChunkGates, use_native: bool = False
+                         ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for theta, eta, alpha [..., n] from those of chunk_gates' outputs (d), by hand:
     the chain rule through the lines of _raw_gates and _flush (a flushed entry passes no
-    gradient), with the segment products' derivatives from _product_grad."""
+    gradient), with the segment products' derivatives from _product_grad. use_native: as in
+    chunk_gates (the chain rule through its recurrences)."""
+    if use_native:
+        return tuple(native.module().chunk_gates_backward(theta, eta, alpha, *d))
     raw, p_beta, p_eta, e, M = _raw_gates(theta, eta, alpha)
     d = ChunkGates(*(dx.masked_fill(_flushed(x), 0.0) for x, dx in zip(raw, d)))
     dtheta = (d.G * M).sum(-2) + d.s_last * p_eta[..., -1, :]
@@ -416,11 +425,12 @@ def group_inputs(theta: Tensor, eta: Tensor, alpha: Tensor, n: int, batched: boo
     return [x.unflatten(-1, (n, x.shape[-1] // n)) for x in xs] if batched else xs
 
 
-def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan) -> list[ChunkGates]:
+def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan, use_native: bool = False) -> list[ChunkGates]:
     """Gate products of every piece."""
     out = []
     for lo, hi, ps, batched in gate_groups(plan, theta.shape[1]):
-        gates = chunk_gates(*group_inputs(theta[:, lo:hi], eta[:, lo:hi], alpha[:, lo:hi], len(ps), batched))
+        gates = chunk_gates(*group_inputs(theta[:, lo:hi], eta[:, lo:hi], alpha[:, lo:hi], len(ps), batched),
+                            use_native=use_native)
         out += [ChunkGates(*(x[:, i] for x in gates)) for i in range(len(ps))] if batched else [gates]
     return out
 

@@ -138,7 +138,7 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
 
 
 def _gate_backward(plan: Plan, theta: Tensor, eta: Tensor, alpha: Tensor, dgates: list[ChunkGates | None],
-                   dfull: ChunkGates):
+                   dfull: ChunkGates, use_native: bool):
     """Gradients for theta, eta, alpha [BH, T] from those of every piece's gate products
     (chunk_gates_backward), one group of gate_groups at a time. A chunk's gates depend only on
     its own tokens: each group's gradient is a slice of the result. dfull: the gate gradients of
@@ -152,7 +152,7 @@ def _gate_backward(plan: Plan, theta: Tensor, eta: Tensor, alpha: Tensor, dgates
             grads = ChunkGates(*(x[:, c0:c0 + len(ps)] for x in dfull))
         else:
             grads = dgates[ps[0]]
-        for out, di in zip(dtea, chunk_gates_backward(*tea, grads)):
+        for out, di in zip(dtea, chunk_gates_backward(*tea, grads, use_native=use_native)):
             out[:, lo:hi] = di.flatten(-2) if batched else di
     return dtea
 
@@ -190,7 +190,7 @@ def scan_forward(s: Setup, plan: Plan, q, k, v, theta, eta, alpha, WS0: list[Ten
     and, with large memory matrices (KEEP_INTERNALS_MIN_MATRIX), a list of every piece's
     KeptInternals (else None)."""
     pieces = plan.pieces(q.shape[1])
-    gates = all_gates(theta, eta, alpha, plan)
+    gates = all_gates(theta, eta, alpha, plan, s.native)
     keep_every = checkpoint_interval(len(pieces))
     keep_all = track
     keep_internals = track and min(ws[0].numel() // 2 for ws in WS0) >= KEEP_INTERNALS_MIN_MATRIX
@@ -281,7 +281,7 @@ class ChunkScan(torch.autograd.Function):
         pieces = plan.pieces(q.shape[1])
         # the gate products, without a graph while the loop runs (its [BH, chunks, b, b] tensors
         # would stay alive through the whole backward); _gate_backward redoes them at the end
-        plain = all_gates(theta, eta, alpha, plan)
+        plain = all_gates(theta, eta, alpha, plan, s.native)
         # copies: the backward updates the carried state gradient in place
         dWS = [d.clone(memory_format=torch.contiguous_format) if d is not None else torch.zeros_like(w)
                for d, w in zip(dstates[:L], WS0)]
@@ -326,5 +326,5 @@ class ChunkScan(torch.autograd.Function):
                                 for ws in states])
             del seg
         s.buffers.clear()
-        dtea = _gate_backward(plan, theta, eta, alpha, dgates, dfull)
+        dtea = _gate_backward(plan, theta, eta, alpha, dgates, dfull, s.native)
         return (None, None, None, dq, dk, dv, *dtea, *dWS, *(dWg0 or []))

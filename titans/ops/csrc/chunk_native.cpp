@@ -734,6 +734,140 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
 }
 
 // ---------------------------------------------------------------------------------------------
+// The gate products of chunks (chunk.chunk_gates and chunk_gates_backward) for fp32 rows of n
+// tokens: the same quantities from their recurrences, O(n^2) per chunk with no division,
+//   beta_i = beta_{i-1} k_i (k = 1 - alpha),  e_i = e_{i-1} eta_i,  g_i = k_i g_{i-1} + e_i,
+//   Pe[i, m] = eta_i Pe[i-1, m] (Pe[m, m] = 1),  M[i, m] = k_i M[i-1, m] + Pe[i, m] (M[m, m] = 1),
+//   G[i, m] = M[i, m] theta_m,  s_last[m] = Pe[n-1, m] theta_m,  e_last = e_{n-1},
+// where the Python code builds the segment-product matrices and multiplies them (~30 torch
+// operations per group of chunks, forward and backward). Outputs in (0, 2^-80) are flushed to 0 and
+// pass no gradient, as chunk._flush.
+
+inline float flush(float x) { return x > 0.f && x < 0x1p-80f ? 0.f : x; }
+inline bool flushed(float x) { return x > 0.f && x < 0x1p-80f; }
+
+// One chunk's forward values. M, Pe: [n, n] row-major (entries m <= i written).
+void gates_row(int64_t n, const float* th, const float* et, const float* al, float* keep, float* beta, float* e,
+               float* g, float* M, float* Pe) {
+  float b = 1.f, ee = 1.f, gg = 0.f;
+  for (int64_t i = 0; i < n; i++) {
+    keep[i] = 1.f - al[i];
+    beta[i] = b = b * keep[i];
+    e[i] = ee = ee * et[i];
+    g[i] = gg = keep[i] * gg + ee;
+  }
+  for (int64_t m = 0; m < n; m++) {
+    float pe = 1.f, mm = 1.f;
+    Pe[m * n + m] = M[m * n + m] = 1.f;
+    for (int64_t i = m + 1; i < n; i++) {
+      Pe[i * n + m] = pe = pe * et[i];
+      M[i * n + m] = mm = keep[i] * mm + pe;
+    }
+  }
+}
+
+// Rows of [..., n] as a contiguous fp32 [R, n] tensor.
+Tensor gate_rows(const Tensor& x) { return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous(); }
+
+// chunk_gates(theta, eta, alpha) -> [beta, g, G, e_last, s_last]; inputs [..., n].
+std::vector<Tensor> chunk_gates(Tensor theta, Tensor eta, Tensor alpha) {
+  const auto lead = theta.sizes().slice(0, theta.dim() - 1).vec();
+  const int64_t n = theta.size(-1);
+  const Tensor th = gate_rows(theta), et = gate_rows(eta), al = gate_rows(alpha);
+  const int64_t R = th.size(0);
+  Tensor beta = at::empty({R, n}, th.options()), g = at::empty({R, n}, th.options());
+  Tensor G = at::zeros({R, n, n}, th.options()), e_last = at::empty({R}, th.options());
+  Tensor s_last = at::empty({R, n}, th.options());
+#pragma omp parallel if (R * n * n >= kParallelMin)
+  {
+    std::vector<float> keep(n), e(n), M(n * n), Pe(n * n);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+      const float* t = th.data_ptr<float>() + r * n;
+      float *bo = beta.data_ptr<float>() + r * n, *go = g.data_ptr<float>() + r * n;
+      gates_row(n, t, et.data_ptr<float>() + r * n, al.data_ptr<float>() + r * n, keep.data(), bo, e.data(), go,
+                M.data(), Pe.data());
+      float* Go = G.data_ptr<float>() + r * n * n;
+      float* so = s_last.data_ptr<float>() + r * n;
+      for (int64_t i = 0; i < n; i++) {
+        bo[i] = flush(bo[i]);
+        go[i] = flush(go[i]);
+        for (int64_t m = 0; m <= i; m++) Go[i * n + m] = flush(M[i * n + m] * t[m]);
+      }
+      for (int64_t m = 0; m < n; m++) so[m] = flush(Pe[(n - 1) * n + m] * t[m]);
+      e_last.data_ptr<float>()[r] = flush(e[n - 1]);
+    }
+  }
+  auto shaped = [&](const Tensor& x, std::vector<int64_t> tail) {
+    std::vector<int64_t> s = lead;
+    s.insert(s.end(), tail.begin(), tail.end());
+    return x.view(s);
+  };
+  return {shaped(beta, {n}), shaped(g, {n}), shaped(G, {n, n}), shaped(e_last, {}), shaped(s_last, {n})};
+}
+
+// chunk_gates_backward(theta, eta, alpha, dbeta, dg, dG, de_last, ds_last) -> [dtheta, deta, dalpha]:
+// the chain rule through the recurrences above, last token first (a flushed output passes no
+// gradient).
+std::vector<Tensor> chunk_gates_backward(Tensor theta, Tensor eta, Tensor alpha, Tensor dbeta, Tensor dg, Tensor dG,
+                                         Tensor de_last, Tensor ds_last) {
+  const int64_t n = theta.size(-1);
+  const Tensor th = gate_rows(theta), et = gate_rows(eta), al = gate_rows(alpha);
+  const Tensor Db = gate_rows(dbeta), Dg = gate_rows(dg), Ds = gate_rows(ds_last);
+  const Tensor DG = dG.reshape({-1, n, n}).to(at::kFloat).contiguous();
+  const Tensor De = de_last.reshape({-1}).to(at::kFloat).contiguous();
+  const int64_t R = th.size(0);
+  Tensor dth = at::empty({R, n}, th.options()), det = at::empty({R, n}, th.options());
+  Tensor dal = at::empty({R, n}, th.options());
+#pragma omp parallel if (R * n * n >= kParallelMin)
+  {
+    std::vector<float> keep(n), beta(n), e(n), g(n), M(n * n), Pe(n * n), dkeep(n), deta(n), de(n);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+      const float *t = th.data_ptr<float>() + r * n, *eta_ = et.data_ptr<float>() + r * n;
+      gates_row(n, t, eta_, al.data_ptr<float>() + r * n, keep.data(), beta.data(), e.data(), g.data(), M.data(),
+                Pe.data());
+      const float *db = Db.data_ptr<float>() + r * n, *dgv = Dg.data_ptr<float>() + r * n;
+      const float *dGr = DG.data_ptr<float>() + r * n * n, *ds = Ds.data_ptr<float>() + r * n;
+      float* dt = dth.data_ptr<float>() + r * n;
+      std::fill(dkeep.begin(), dkeep.end(), 0.f);
+      std::fill(deta.begin(), deta.end(), 0.f);
+      std::fill(de.begin(), de.end(), 0.f);
+      for (int64_t m = 0; m < n; m++) {  // G and s_last, column m: through M and Pe
+        const float sm = flushed(Pe[(n - 1) * n + m] * t[m]) ? 0.f : ds[m];
+        float dtm = sm * Pe[(n - 1) * n + m], rM = 0.f, rP = 0.f;  // rM, rP: d M[i, m], d Pe[i, m]
+        for (int64_t i = n - 1; i >= m; i--) {
+          const float dGim = flushed(M[i * n + m] * t[m]) ? 0.f : dGr[i * n + m];
+          dtm += dGim * M[i * n + m];
+          if (i == m) break;  // M[m, m] = Pe[m, m] = 1
+          rM = dGim * t[m] + (i < n - 1 ? keep[i + 1] * rM : 0.f);
+          dkeep[i] += rM * M[(i - 1) * n + m];
+          rP = rM + (i == n - 1 ? sm * t[m] : eta_[i + 1] * rP);
+          deta[i] += rP * Pe[(i - 1) * n + m];
+        }
+        dt[m] = dtm;
+      }
+      float u = 0.f, w = 0.f, v = 0.f;  // d g_i, d e_i, d beta_i, all paths
+      for (int64_t i = n - 1; i >= 0; i--) {
+        u = (flushed(g[i]) ? 0.f : dgv[i]) + (i < n - 1 ? keep[i + 1] * u : 0.f);
+        if (i > 0) dkeep[i] += u * g[i - 1];
+        de[i] += u;
+      }
+      de[n - 1] += flushed(e[n - 1]) ? 0.f : De.data_ptr<float>()[r];
+      for (int64_t i = n - 1; i >= 0; i--) {
+        w = de[i] + (i < n - 1 ? eta_[i + 1] * w : 0.f);
+        deta[i] += w * (i > 0 ? e[i - 1] : 1.f);
+        v = (flushed(beta[i]) ? 0.f : db[i]) + (i < n - 1 ? keep[i + 1] * v : 0.f);
+        dkeep[i] += v * (i > 0 ? beta[i - 1] : 1.f);
+      }
+      float *deo = det.data_ptr<float>() + r * n, *dao = dal.data_ptr<float>() + r * n;
+      for (int64_t i = 0; i < n; i++) { deo[i] = deta[i]; dao[i] = -dkeep[i]; }
+    }
+  }
+  return {dth.view(theta.sizes()), det.view(theta.sizes()), dal.view(theta.sizes())};
+}
+
+// ---------------------------------------------------------------------------------------------
 // The layer's input path (features.qkv_features): q, k, v = SiLU(causal depthwise conv([past; u])),
 // q and k L2-normalised per head. u: [B, T, C], C = 3 H Dh (q, k, v channels); past: [B, K-1, C];
 // weight: [C, K] (tap K-1 multiplies the newest token); bias: [C]. Computed in fp32 whatever the
@@ -1109,6 +1243,8 @@ std::vector<Tensor> rms_backward(Tensor r, Tensor weight, Tensor g, Tensor rstd,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advance_state", &advance_state, "the state after a piece (chunk.advance_state)");
   m.def("piece_forward", &piece_forward, "one piece of the chunk path (chunk.piece_forward)");
+  m.def("chunk_gates", &chunk_gates, "the gate products of chunks (chunk.chunk_gates)");
+  m.def("chunk_gates_backward", &chunk_gates_backward, "their backward (chunk.chunk_gates_backward)");
   m.def("expand", &expand, "the elementwise part of KeptInternals.expand (chunk.py)");
   m.def("piece_backward", &piece_backward, "one piece's backward of the chunk path (chunk_backward.py)");
   m.def("qkv_forward", &qkv_forward, "the layer's input path (features.qkv_features)");
