@@ -294,28 +294,33 @@ inline void advance_tile(int64_t n, const float* Fp, const float* A, int64_t lda
   }
 }
 
-// The update for every batch entry; the threads split the tiles' rows. WS, out: [BH, 2 r, c]
-// contiguous; F: [BH, n, 2 r] contiguous; A: [BH, n, c] with unit-stride rows; b, g, e per entry.
-void advance_fused(const Tensor& WS, const Tensor& out, const Tensor& F, const Tensor& A, const std::vector<float>& b,
-                   const std::vector<float>& g, const std::vector<float>& e) {
-  const int64_t BH = WS.size(0), r = WS.size(1) / 2, c = WS.size(2), n = F.size(1);
+// The update for every batch entry, F = -[delta G_n, delta s_n] (as pair() would make it); the
+// threads split the tiles' rows. WS, out: [BH, 2 r, c] contiguous; delta: [BH, n, r], A: [BH, n, c]
+// with unit-stride rows; G_n, s_n: [BH, n]; b, g, e per entry.
+void advance_fused(const Tensor& WS, const Tensor& out, const Tensor& delta, const Tensor& G_n, const Tensor& s_n,
+                   const Tensor& A, const std::vector<float>& b, const std::vector<float>& g,
+                   const std::vector<float>& e) {
+  const int64_t BH = WS.size(0), r = WS.size(1) / 2, c = WS.size(2), n = delta.size(1);
   const int64_t tiles = (r + kTileRows - 1) / kTileRows;
-  TORCH_CHECK(F.is_contiguous() && F.scalar_type() == at::kFloat, "advance_fused: F must be contiguous fp32");
+  const Rows<float> D(delta);
+  const auto Gn = G_n.accessor<float, 2>(), Sn = s_n.accessor<float, 2>();
 #pragma omp parallel
   {
-    // the coefficients of a tile are packed: read in place they touched a new page per token
-    // (rows of F are 2 r floats apart) and the update ran 1.4x slower (ad-hoc timing)
+    // a tile's coefficients, packed [n][2 MR]: read from F in place they touched a new page per
+    // token (rows of F are 2 r floats apart) and the update ran 1.4x slower (ad-hoc timing)
     std::vector<float> Fp(2 * kTileRows * n);
 #pragma omp for schedule(static)
     for (int64_t w = 0; w < BH * tiles; w++) {
       const int64_t i = w / tiles, r0 = (w % tiles) * kTileRows;
       const int mr = (int)std::min<int64_t>(kTileRows, r - r0);
-      const float* f = F.data_ptr<float>() + i * n * 2 * r + r0;
-      for (int64_t k = 0; k < n; k++)
+      for (int64_t k = 0; k < n; k++) {
+        const float* d = D(i, k) + r0;
+        const float cw = -Gn[i][k], cs = -Sn[i][k];
         for (int h = 0; h < mr; h++) {
-          Fp[k * 2 * mr + h] = f[k * 2 * r + h];
-          Fp[k * 2 * mr + mr + h] = f[k * 2 * r + r + h];
+          Fp[k * 2 * mr + h] = cw * d[h];
+          Fp[k * 2 * mr + mr + h] = cs * d[h];
         }
+      }
       const float* W = WS.data_ptr<float>() + i * 2 * r * c + r0 * c;
       float* O = out.data_ptr<float>() + i * 2 * r * c + r0 * c;
       const float* a = A.data_ptr<float>() + i * A.stride(0);
@@ -338,8 +343,8 @@ void advance_fused(const Tensor& WS, const Tensor& out, const Tensor& F, const T
 }
 #else
 constexpr bool kFusedUpdate = false;
-void advance_fused(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::vector<float>&,
-                   const std::vector<float>&, const std::vector<float>&) {
+void advance_fused(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                   const std::vector<float>&, const std::vector<float>&, const std::vector<float>&) {
   TORCH_CHECK(false, "advance_fused needs AVX-512");
 }
 #endif
@@ -377,15 +382,15 @@ std::vector<Tensor> advance_state_mm(const std::vector<Tensor>& WS, const std::v
   for (size_t l = 0; l < WS.size(); l++) {
     const int64_t r = WS[l].size(1) / 2, c = WS[l].size(2);
     TORCH_CHECK(WS[l].is_contiguous() && out[l].is_contiguous(), "native advance_state: states must be contiguous");
-    // F = -[delta G_n, delta s_n]: [BH, n, 2 r]; the update is F^T a (the sign in the small factor:
-    // MKL's bf16 kernel is faster with alpha = beta = 1)
-    const Tensor F = pair(delta[l], G_n, s_last, -1.f, mixed);
     const Tensor& A = acs[l];
     TORCH_CHECK(A.stride(2) == 1, "native advance_state: key-path inputs need unit-stride rows");
     if (kFusedUpdate && !mixed) {
-      advance_fused(WS[l], out[l], F, A, eg.b, eg.g, eg.e);
+      advance_fused(WS[l], out[l], delta[l], G_n, s_last, A, eg.b, eg.g, eg.e);
       continue;
     }
+    // F = -[delta G_n, delta s_n]: [BH, n, 2 r]; the update is F^T a (the sign in the small factor:
+    // MKL's bf16 kernel is faster with alpha = beta = 1)
+    const Tensor F = pair(delta[l], G_n, s_last, -1.f, mixed);
     const int64_t es = F.element_size(), rows = std::max<int64_t>(8, (1 << 16) / c), blocks = (r + rows - 1) / rows;
     // the carry and the update one block of rows at a time, the block still in cache for the
     // product, one thread per block (the products run on the calling thread inside the region)
