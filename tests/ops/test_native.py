@@ -164,3 +164,19 @@ def test_native_gates_equal_python(case):
                                      chunk.ChunkGates(*(x.float() for x in d)), use_native=True)
     for x, y in zip(got, want):
         assert rel(x.double(), y) <= 1e-5
+
+
+@pytest.mark.skipif(native.module() is None, reason="the C++ chunk path is not built here")
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_native_equals_python_at_full_size(monkeypatch, bf16):
+    # config (a)'s memory (1 head of 384, hidden 1536) on two threads: the sizes at which the C++
+    # path splits the state into several cache-sized blocks per thread (the tests above fit in one)
+    monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 0)  # the rebuild with kept internals, as at this size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tensors, weights = make_inputs(B=1, T=70, H=1, Dk=384, Dv=384, expansion=4, dtype=torch.float32, seed=2)
+        runs = [_run(monkeypatch, use_native, tensors, weights, bf16, chunk_size=64) for use_native in (True, False)]
+    finally:
+        torch.set_num_threads(threads)
+    _assert_close(*runs, 2e-3 if bf16 else 1e-5)

@@ -168,14 +168,9 @@ constexpr int64_t kBlock = 4096;  // entries summed in fp32 before the running s
 //   dots += (<dW, W>, <dW, S>, <dS, S>) (per thread, in a fixed order: deterministic);
 //   dEc, WSc (if not null): bf16 copies of dE (before the carry below) and of WS;
 //   carry: then in place dE <- [b dW; g dW + e dS] (the carry, transposed).
-void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, float e, uint16_t* dEc,
-                    uint16_t* WSc, bool carry, double* dots) {
-  std::vector<double> part(3 * omp_get_max_threads(), 0.0);
-  int used = 1;
-#pragma omp parallel
-  {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t lo = half * t / T, hi = half * (t + 1) / T;
+// The pass over entries [lo, hi) of each half; s: its three inner products, added to.
+inline void chunk_end_range(float* dE, const float* WS, int64_t half, int64_t lo, int64_t hi, float b, float g,
+                            float e, uint16_t* dEc, uint16_t* WSc, bool carry, double* s) {
     float *dW = dE, *dS = dE + half;
     const float *W = WS, *S = WS + half;
     double s0 = 0, s1 = 0, s2 = 0;
@@ -194,7 +189,17 @@ void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, 
       }
       s0 += a0; s1 += a1; s2 += a2;
     }
-    part[3 * t] = s0; part[3 * t + 1] = s1; part[3 * t + 2] = s2;
+    s[0] += s0; s[1] += s1; s[2] += s2;
+}
+
+void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, float e, uint16_t* dEc,
+                    uint16_t* WSc, bool carry, double* dots) {
+  std::vector<double> part(3 * omp_get_max_threads(), 0.0);
+  int used = 1;
+#pragma omp parallel
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    chunk_end_range(dE, WS, half, half * t / T, half * (t + 1) / T, b, g, e, dEc, WSc, carry, &part[3 * t]);
     if (t == 0) used = T;
   }
   for (int i = 0; i < used; i++) for (int c = 0; c < 3; c++) dots[c] += part[3 * i + c];
@@ -370,6 +375,51 @@ EndGates end_gates(const Tensor& beta, const Tensor& g, const Tensor& e_last) {
 }  // namespace
 
 namespace {
+
+// The fp32 chunk end of one layer in one pass over the state, a block of rows (of both halves) at
+// a time while it is in cache: X = a dE^T (the block's columns of it), da = F dE (each thread sums
+// its blocks' terms, then the threads' sums are added in a fixed order), the inner products of
+// chunk_end_pass and then the transposed carry. As two products and chunk_end_pass, each read the
+// multi-megabyte state from memory again. dE, WS: [BH, 2 r, c] contiguous; a: [BH, n, c] and F:
+// [BH, n, 2 r] with unit-stride rows; X: [BH, n, 2 r] and da: [BH, n, c] written (contiguous);
+// dots: 3 per batch entry, added to.
+void chunk_end_blocked(const Tensor& dE, const Tensor& WS, const Tensor& a, const Tensor& F, const Tensor& X,
+                       const Tensor& da, const EndGates& eg, double* dots) {
+  const int64_t BH = dE.size(0), r = dE.size(1) / 2, c = dE.size(2), n = a.size(1);
+  const int T = omp_get_max_threads();
+  // blocks of at most ~384 KB per half (a block's both halves and the products' operands fit in
+  // a core's 2 MB L2), their number a multiple of the thread count
+  const int64_t most = std::max<int64_t>(8, (96 * 1024) / c);
+  int64_t nb = ((r + most - 1) / most + T - 1) / T * T;
+  const int64_t rows = (r + nb - 1) / nb;
+  nb = (r + rows - 1) / rows;
+  Tensor part = at::zeros({T, BH, n, c}, X.options());
+  std::vector<double> dpart((size_t)T * BH * 3, 0.0);
+#pragma omp parallel
+  {
+    const int t = omp_get_thread_num();
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < BH * nb; w++) {
+      const int64_t i = w / nb, r0 = (w % nb) * rows, m = std::min(rows, r - r0);
+      float* dW = dE.data_ptr<float>() + i * 2 * r * c;
+      const float* ai = a.data_ptr<float>() + i * a.stride(0);
+      const float* Fi = F.data_ptr<float>() + i * F.stride(0);
+      float* Xi = X.data_ptr<float>() + i * n * 2 * r;
+      float* P = part.data_ptr<float>() + (t * BH + i) * n * c;
+      for (int64_t h = 0; h < 2; h++) {  // the block's rows of the W half, then of the S half
+        const float* block = dW + (h * r + r0) * c;
+        gemm_raw(false, kNoTrans, kTrans, n, m, c, 1.f, ai, a.stride(1), block, c, 0.f, Xi + h * r + r0, 2 * r);
+        gemm_raw(false, kNoTrans, kNoTrans, n, c, m, 1.f, Fi + h * r + r0, F.stride(1), block, c, 1.f, P, c);
+      }
+      chunk_end_range(dW, WS.data_ptr<float>() + i * 2 * r * c, r * c, r0 * c, (r0 + m) * c, eg.b[i], eg.g[i],
+                      eg.e[i], nullptr, nullptr, true, &dpart[(t * BH + i) * 3]);
+    }
+  }
+  for (int t = 0; t < T; t++) {
+    for (int64_t i = 0; i < 3 * BH; i++) dots[i] += dpart[t * BH * 3 + i];
+  }
+  at::sum_out(const_cast<Tensor&>(da), part, {0});
+}
 
 // advance_state with the key-path inputs already in the products' dtype (acs: to_mm of a).
 std::vector<Tensor> advance_state_mm(const std::vector<Tensor>& WS, const std::vector<Tensor>& acs,
@@ -598,9 +648,15 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
                        bf16_ptr(dEc[i]), bf16_ptr(WSc[l][i]), true, &dots[3 * i]);
       }
     }
-    // X = a dE^T = -(d coef): [BH, n, 2 do]
+    // X = a dE^T = -(d coef): [BH, n, 2 do]; da = -coef dE (fp32: with the carry, in one pass)
     Tensor X = at::empty({BH, n, 2 * doo}, opts);
-    gemm(X, ac[l], dEc.transpose(1, 2), 1.f, 0.f, mixed);
+    da[l] = at::empty({BH, n, di}, opts);
+    if (mixed) {
+      gemm(X, ac[l], dEc.transpose(1, 2), 1.f, 0.f, mixed);
+      gemm(da[l], pair(delta[l], G_n, s_last, -1.f, mixed), dEc, 1.f, 0.f, mixed);
+    } else {
+      chunk_end_blocked(dWS[l], WS[l], a[l], pair(delta[l], G_n, s_last, -1.f, mixed), X, da[l], eg, dots.data());
+    }
     // ddelta = -(G_n XW + s_n XS); dG[n-1] -= rowdot(delta, XW); ds -= rowdot(delta, XS)
     ddelta[l] = at::empty({BH, n, doo}, opts);
     {
@@ -624,14 +680,6 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
           dGa[i][n - 1][r] -= u;
           dSa[i][r] -= v;
         }
-      }
-    }
-    da[l] = at::empty({BH, n, di}, opts);
-    gemm(da[l], pair(delta[l], G_n, s_last, -1.f, mixed), dEc, 1.f, 0.f, mixed);
-    if (!mixed) {  // the products above read dE before the carry: the pass comes after them
-      for (int64_t i = 0; i < BH; i++) {
-        chunk_end_pass(dWS[l][i].data_ptr<float>(), WS[l][i].data_ptr<float>(), half, eg.b[i], eg.g[i], eg.e[i],
-                       nullptr, nullptr, true, &dots[3 * i]);
       }
     }
     for (int64_t i = 0; i < BH; i++) {
