@@ -21,8 +21,8 @@ chunk state (K ~ sqrt(number of chunks)), rebuilding the others one segment at a
 either recomputes each chunk's internals too or, for large memories, gets them from what the
 forward kept (KeptInternals). Memory is O(T + sqrt(T/b) * |W|) instead of O(T/b * |W|).
 
-On CPU with the SiLU memory and fp32 states, piece_forward, advance_state and piece_backward
-hand their work to the same math in C++ (native.py, csrc/chunk_native.cpp; README.md beside
+On CPU with the SiLU memory and fp32 states, piece_forward, advance_state, piece_backward, the
+gate products and KeptInternals.expand hand their work to the same math in C++ (native.py, csrc/chunk_native.cpp; README.md beside
 this file, section 8); the Python below stays the definition, the fallback and the tests' twin.
 """
 

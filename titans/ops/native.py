@@ -1,11 +1,12 @@
-"""The chunk path's per-piece work and the layer's input path in C++ (csrc/chunk_native.cpp), built on first use.
+"""The chunk path's per-piece work and the layer's input and output paths in C++ (csrc/chunk_native.cpp), built on first use.
 
 The Python functions they replace (chunk.piece_forward, chunk.advance_state,
-chunk_backward.piece_backward, and the forward and backward of features.qkv_features) stay the
-readable definition and the fallback; the tests compare the two. What the C++ does differently
-is only how: the elementwise chains fused into single loops, the passes over the state (three
-inner products, the bf16 copies of the state and of its gradient, the transposed carry) in one,
-and no Python between the products. The arithmetic is the same up to rounding.
+chunk_backward.piece_backward, chunk.chunk_gates and chunk_gates_backward, the elementwise part
+of chunk.KeptInternals.expand, and the forward and backward of features.qkv_features and
+features.gated_rms_norm) stay the readable definition and the fallback; the tests compare the
+two. What the C++ does differently is only how: the elementwise chains fused into single loops,
+the passes over the state (its update, the backward's chunk end) fused into one each, and no
+Python between the products. The arithmetic is the same up to rounding.
 
 Build: the source is compiled against the installed torch (its headers and libraries) with the
 system C++ compiler (`c++`, or $CXX), `-O3 -march=native -fopenmp`, the first time it is needed
