@@ -22,8 +22,9 @@ either recomputes each chunk's internals too or, for large memories, gets them f
 forward kept (KeptInternals). Memory is O(T + sqrt(T/b) * |W|) instead of O(T/b * |W|).
 
 On CPU with the SiLU memory and fp32 states, piece_forward, advance_state, piece_backward, the
-gate products and KeptInternals.expand hand their work to the same math in C++ (native.py, csrc/chunk_native.cpp; README.md beside
-this file, section 8); the Python below stays the definition, the fallback and the tests' twin.
+gate products and KeptInternals.expand hand their work to the same math in C++ (native.py,
+csrc/chunk_native.cpp; README.md beside this file, section 8); the Python below stays the
+definition, the fallback and the tests' twin.
 """
 
 from __future__ import annotations

@@ -164,34 +164,35 @@ constexpr int64_t kParallelMin = 1 << 15;
 
 constexpr int64_t kBlock = 4096;  // entries summed in fp32 before the running sum moves to double
 
+// chunk_end_pass over entries [lo, hi) of each half, on the calling thread; sums: its three inner
+// products, added to.
+inline void chunk_end_range(float* dE, const float* WS, int64_t half, int64_t lo, int64_t hi, float b, float g,
+                            float e, uint16_t* dEc, uint16_t* WSc, bool carry, double* sums) {
+  float *dW = dE, *dS = dE + half;
+  const float *W = WS, *S = WS + half;
+  double s0 = 0, s1 = 0, s2 = 0;
+  for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
+    const int64_t j1 = std::min(j0 + kBlock, hi), len = j1 - j0;
+    if (WSc) { to_bf16_row(W + j0, WSc + j0, len); to_bf16_row(S + j0, WSc + half + j0, len); }
+    if (dEc) { to_bf16_row(dW + j0, dEc + j0, len); to_bf16_row(dS + j0, dEc + half + j0, len); }
+    float a0 = 0, a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2)
+    for (int64_t j = j0; j < j1; j++) {
+      const float w = W[j], s = S[j], dw = dW[j], ds = dS[j];
+      a0 += dw * w;
+      a1 += dw * s;
+      a2 += ds * s;
+      if (carry) { dS[j] = e * ds + g * dw; dW[j] = b * dw; }
+    }
+    s0 += a0; s1 += a1; s2 += a2;
+  }
+  sums[0] += s0; sums[1] += s1; sums[2] += s2;
+}
+
 // The backward's chunk end for one batch entry of one layer, in one pass over the state:
 //   dots += (<dW, W>, <dW, S>, <dS, S>) (per thread, in a fixed order: deterministic);
 //   dEc, WSc (if not null): bf16 copies of dE (before the carry below) and of WS;
 //   carry: then in place dE <- [b dW; g dW + e dS] (the carry, transposed).
-// The pass over entries [lo, hi) of each half; s: its three inner products, added to.
-inline void chunk_end_range(float* dE, const float* WS, int64_t half, int64_t lo, int64_t hi, float b, float g,
-                            float e, uint16_t* dEc, uint16_t* WSc, bool carry, double* s) {
-    float *dW = dE, *dS = dE + half;
-    const float *W = WS, *S = WS + half;
-    double s0 = 0, s1 = 0, s2 = 0;
-    for (int64_t j0 = lo; j0 < hi; j0 += kBlock) {
-      const int64_t j1 = std::min(j0 + kBlock, hi), len = j1 - j0;
-      if (WSc) { to_bf16_row(W + j0, WSc + j0, len); to_bf16_row(S + j0, WSc + half + j0, len); }
-      if (dEc) { to_bf16_row(dW + j0, dEc + j0, len); to_bf16_row(dS + j0, dEc + half + j0, len); }
-      float a0 = 0, a1 = 0, a2 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2)
-      for (int64_t j = j0; j < j1; j++) {
-        const float w = W[j], s = S[j], dw = dW[j], ds = dS[j];
-        a0 += dw * w;
-        a1 += dw * s;
-        a2 += ds * s;
-        if (carry) { dS[j] = e * ds + g * dw; dW[j] = b * dw; }
-      }
-      s0 += a0; s1 += a1; s2 += a2;
-    }
-    s[0] += s0; s[1] += s1; s[2] += s2;
-}
-
 void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, float e, uint16_t* dEc,
                     uint16_t* WSc, bool carry, double* dots) {
   std::vector<double> part(3 * omp_get_max_threads(), 0.0);
