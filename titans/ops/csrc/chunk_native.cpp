@@ -167,7 +167,7 @@ constexpr int64_t kBlock = 4096;  // entries summed in fp32 before the running s
 // chunk_end_pass over entries [lo, hi) of each half, on the calling thread; sums: its three inner
 // products, added to.
 inline void chunk_end_range(float* dE, const float* WS, int64_t half, int64_t lo, int64_t hi, float b, float g,
-                            float e, uint16_t* dEc, uint16_t* WSc, bool carry, double* sums) {
+                            float e, uint16_t* dEc, uint16_t* WSc, double* sums) {
   float *dW = dE, *dS = dE + half;
   const float *W = WS, *S = WS + half;
   double s0 = 0, s1 = 0, s2 = 0;
@@ -182,7 +182,8 @@ inline void chunk_end_range(float* dE, const float* WS, int64_t half, int64_t lo
       a0 += dw * w;
       a1 += dw * s;
       a2 += ds * s;
-      if (carry) { dS[j] = e * ds + g * dw; dW[j] = b * dw; }
+      dS[j] = e * ds + g * dw;
+      dW[j] = b * dw;
     }
     s0 += a0; s1 += a1; s2 += a2;
   }
@@ -192,15 +193,15 @@ inline void chunk_end_range(float* dE, const float* WS, int64_t half, int64_t lo
 // The backward's chunk end for one batch entry of one layer, in one pass over the state:
 //   dots += (<dW, W>, <dW, S>, <dS, S>) (per thread, in a fixed order: deterministic);
 //   dEc, WSc (if not null): bf16 copies of dE (before the carry below) and of WS;
-//   carry: then in place dE <- [b dW; g dW + e dS] (the carry, transposed).
+//   then in place dE <- [b dW; g dW + e dS] (the carry, transposed).
 void chunk_end_pass(float* dE, const float* WS, int64_t half, float b, float g, float e, uint16_t* dEc,
-                    uint16_t* WSc, bool carry, double* dots) {
+                    uint16_t* WSc, double* dots) {
   std::vector<double> part(3 * omp_get_max_threads(), 0.0);
   int used = 1;
 #pragma omp parallel
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    chunk_end_range(dE, WS, half, half * t / T, half * (t + 1) / T, b, g, e, dEc, WSc, carry, &part[3 * t]);
+    chunk_end_range(dE, WS, half, half * t / T, half * (t + 1) / T, b, g, e, dEc, WSc, &part[3 * t]);
     if (t == 0) used = T;
   }
   for (int i = 0; i < used; i++) for (int c = 0; c < 3; c++) dots[c] += part[3 * i + c];
@@ -385,7 +386,7 @@ namespace {
 // [BH, n, 2 r] with unit-stride rows; X: [BH, n, 2 r] and da: [BH, n, c] written (contiguous);
 // dots: 3 per batch entry, added to.
 void chunk_end_blocked(const Tensor& dE, const Tensor& WS, const Tensor& a, const Tensor& F, const Tensor& X,
-                       const Tensor& da, const EndGates& eg, double* dots) {
+                       Tensor da, const EndGates& eg, double* dots) {
   const int64_t BH = dE.size(0), r = dE.size(1) / 2, c = dE.size(2), n = a.size(1);
   const int T = omp_get_max_threads();
   // blocks of at most ~384 KB per half (a block's both halves and the products' operands fit in
@@ -413,13 +414,13 @@ void chunk_end_blocked(const Tensor& dE, const Tensor& WS, const Tensor& a, cons
         gemm_raw(false, kNoTrans, kNoTrans, n, c, m, 1.f, Fi + h * r + r0, F.stride(1), block, c, 1.f, P, c);
       }
       chunk_end_range(dW, WS.data_ptr<float>() + i * 2 * r * c, r * c, r0 * c, (r0 + m) * c, eg.b[i], eg.g[i],
-                      eg.e[i], nullptr, nullptr, true, &dpart[(t * BH + i) * 3]);
+                      eg.e[i], nullptr, nullptr, &dpart[(t * BH + i) * 3]);
     }
   }
   for (int t = 0; t < T; t++) {
     for (int64_t i = 0; i < 3 * BH; i++) dots[i] += dpart[t * BH * 3 + i];
   }
-  at::sum_out(const_cast<Tensor&>(da), part, {0});
+  at::sum_out(da, part, {0});
 }
 
 // advance_state with the key-path inputs already in the products' dtype (acs: to_mm of a).
@@ -637,25 +638,24 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
   for (int64_t l = 0; l < L; l++) {
     const int64_t doo = dos[l], di = dis[l], half = doo * di;
     TORCH_CHECK(WS[l].is_contiguous() && dWS[l].is_contiguous(), "native chunk path: states must be contiguous");
-    auto bf16_like = [&](const Tensor& x, size_t i) {
-      return scratch.empty() ? at::empty_like(x, x.options().dtype(at::kBFloat16)) : scratch[i];
-    };
-    Tensor dEc = mixed ? bf16_like(dWS[l], 2 * l + 1) : dWS[l];
-    WSc[l] = mixed ? bf16_like(WS[l], 2 * l) : WS[l];
-    std::vector<double> dots(3 * BH, 0.0);
-    if (mixed) {  // one pass: the inner products, both bf16 copies and the transposed carry
-      for (int64_t i = 0; i < BH; i++) {
-        chunk_end_pass(dWS[l][i].data_ptr<float>(), WS[l][i].data_ptr<float>(), half, eg.b[i], eg.g[i], eg.e[i],
-                       bf16_ptr(dEc[i]), bf16_ptr(WSc[l][i]), true, &dots[3 * i]);
-      }
-    }
-    // X = a dE^T = -(d coef): [BH, n, 2 do]; da = -coef dE (fp32: with the carry, in one pass)
+    // X = a dE^T = -(d coef): [BH, n, 2 do]; da = -coef dE; the inner products and the carry
     Tensor X = at::empty({BH, n, 2 * doo}, opts);
     da[l] = at::empty({BH, n, di}, opts);
-    if (mixed) {
+    std::vector<double> dots(3 * BH, 0.0);
+    if (mixed) {  // one pass for the inner products, both bf16 copies and the carry; the products read the copies
+      auto bf16_like = [&](const Tensor& x, size_t i) {
+        return scratch.empty() ? at::empty_like(x, x.options().dtype(at::kBFloat16)) : scratch[i];
+      };
+      const Tensor dEc = bf16_like(dWS[l], 2 * l + 1);
+      WSc[l] = bf16_like(WS[l], 2 * l);
+      for (int64_t i = 0; i < BH; i++) {
+        chunk_end_pass(dWS[l][i].data_ptr<float>(), WS[l][i].data_ptr<float>(), half, eg.b[i], eg.g[i], eg.e[i],
+                       bf16_ptr(dEc[i]), bf16_ptr(WSc[l][i]), &dots[3 * i]);
+      }
       gemm(X, ac[l], dEc.transpose(1, 2), 1.f, 0.f, mixed);
       gemm(da[l], pair(delta[l], G_n, s_last, -1.f, mixed), dEc, 1.f, 0.f, mixed);
-    } else {
+    } else {  // all in one blocked pass over dE
+      WSc[l] = WS[l];
       chunk_end_blocked(dWS[l], WS[l], a[l], pair(delta[l], G_n, s_last, -1.f, mixed), X, da[l], eg, dots.data());
     }
     // ddelta = -(G_n XW + s_n XS); dG[n-1] -= rowdot(delta, XW); ds -= rowdot(delta, XS)
