@@ -81,6 +81,23 @@ def test_chunk_equals_reference_float64(chunk_size, T, depth, residual):
     assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=chunk_size, residual=residual)
 
 
+@pytest.mark.parametrize("chunk_size,T", [(1, 23), (16, 53), (64, 150)])
+@pytest.mark.parametrize("depth,residual", [(1, False), (2, False), (3, True)])
+def test_normalized_step_chunk_equals_reference_float64(chunk_size, T, depth, residual):
+    # large steps, where the scale is far from 1 (and the plain rule would diverge)
+    tensors, weights = make_inputs(T=T, depth=depth, seed=depth * 7 + chunk_size, theta_max=0.5)
+    assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=chunk_size, residual=residual,
+                 normalize_step=True)
+
+
+def test_normalized_step_is_the_plain_step_for_a_linear_memory_and_smaller_for_a_deep_one():
+    for depth in (1, 2):
+        tensors, weights = make_inputs(T=40, depth=depth, seed=2, theta_max=0.5)
+        y_n, _ = memory_rule(*tensors, weights, chunk_size=8, normalize_step=True, impl="ref")
+        y_p, _ = memory_rule(*tensors, weights, chunk_size=8, impl="ref")
+        assert (rel(y_n, y_p) <= 1e-12) == (depth == 1)
+
+
 @pytest.mark.parametrize("chunk_size,T", [(16, 53), (64, 150)])
 @pytest.mark.parametrize("depth", [1, 2])
 def test_chunk_float32_against_float64_reference(chunk_size, T, depth):
@@ -268,7 +285,8 @@ def _bad(**changes):
     (lambda a: {"theta": a["theta"][..., 0]}, "theta must be"),
     (lambda a: {"theta": -a["theta"]}, "theta must be finite and >= 0"),
     (lambda a: {"eta": a["eta"] + 1.5}, "eta must lie in"),
-    (lambda a: {"alpha": a["alpha"] * float("nan")}, "alpha must lie in"),
+    (lambda a: {"alpha": a["alpha"] - 1}, "alpha must lie in"),
+    (lambda a: {"theta": a["theta"] + float("inf")}, "theta must be finite"),
     (lambda a: {"chunk_size": 0}, "chunk_size"),
     (lambda a: {"chunk_size": 2.0}, "chunk_size"),
     (lambda a: {"weights": []}, "weights must be"),
@@ -283,6 +301,18 @@ def test_bad_input_raises_value_error_naming_the_argument(change, match):
     tensors = [args.pop(n) for n in NAMES]
     with pytest.raises(ValueError, match=match):
         memory_rule(*tensors, **args)
+
+
+@pytest.mark.parametrize("gate", ["theta", "eta", "alpha"])
+def test_nan_gates_propagate_instead_of_raising(gate):
+    """A NaN born in a diverging training step reaches the output (and the trainer's non-finite
+    handling), never an argument error from inside the model."""
+    args = _bad()
+    args[gate] = args[gate].clone()
+    args[gate][:, 2] = float("nan")
+    tensors = [args.pop(n) for n in NAMES]
+    y, _ = memory_rule(*tensors, **args)
+    assert y[:, 4:].isnan().all()  # from the next chunk on (inside its chunk it may reach earlier tokens)
 
 
 def test_residual_needs_equal_dims():
@@ -377,6 +407,8 @@ def test_checkpointed_backward_equals_reference(monkeypatch, chunk_size, T, dept
         monkeypatch.setattr(cb, "KEEP_INTERNALS_MAX_BYTES", 0)
     tensors, weights = make_inputs(T=T, depth=depth, seed=21)
     assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=chunk_size, residual=residual)
+    assert_match("chunk", "ref", tensors, weights, 1e-9, chunk_size=chunk_size, residual=residual,
+                 normalize_step=True)
     # and resuming mid-chunk in that mode
     _, state = memory_rule(*(t[:, :3] for t in tensors), weights, chunk_size=chunk_size + 2)
     a = [t[:, 3:].clone().requires_grad_() for t in tensors]

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from .common import UserError, default_corpus, load_run, parse_overrides, token_file
 
+DEFAULT_SEQ_LEN = 256  # tokens per training sequence of the corpus (--task lm) and babilong
+
+
 def cmd_data_prepare(a: argparse.Namespace) -> None:
     if a.dna:
         from ..data.dna import fetch_genomes
@@ -37,6 +40,7 @@ def _task_data(a: argparse.Namespace, vocab_size: int, tokenizer):
 
     if a.task == "babilong":
         from ..data import load_documents, split_documents
+        a.seq_len = a.seq_len or DEFAULT_SEQ_LEN
         train_docs, _ = split_documents(load_documents(None if a.text else ["shakespeare", "wiki"], a.text))
         tasks = tuple(a.babilong_tasks.split(","))
         train = babilong_batches(tokenizer, a.seq_len, a.batch_size, documents=train_docs, tasks=tasks, seed=a.seed)
@@ -44,8 +48,17 @@ def _task_data(a: argparse.Namespace, vocab_size: int, tokenizer):
                                     tasks=tasks, seed=a.seed + 1)
     else:
         kw = parse_overrides(a.task_arg)
+        if a.task == "mqar" and a.seq_len is not None:
+            if kw.setdefault("seq_len", a.seq_len) != a.seq_len:
+                raise UserError(f"--seq-len {a.seq_len} and --task-arg seq_len={kw['seq_len']} disagree: give one")
         train = recall_batches(a.task, a.batch_size, vocab_size, seed=a.seed, **kw)
         held_out = recall_batches(a.task, a.batch_size, vocab_size, seed=a.seed + 1, **kw)
+        # the task's own arguments fix its length (copy: n_tokens and delay); --seq-len must agree
+        length = train.batch(0)[0].shape[1]
+        if a.seq_len is not None and a.seq_len != length:
+            raise UserError(f"--seq-len {a.seq_len}, but task {a.task} with these --task-arg values makes "
+                            f"sequences of {length} tokens: drop --seq-len or change the task arguments")
+        a.seq_len = length
     return train, [held_out.batch(i) for i in range(a.eval_batches)]
 
 
@@ -66,6 +79,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     else:
         config = TitansConfig.from_preset(a.preset, variant=a.variant, **overrides)
     if a.task == "lm":
+        a.seq_len = a.seq_len or DEFAULT_SEQ_LEN
         if a.data and Path(a.data).is_file():  # pre-tokenized .npy / .bin files
             from ..data import TokenFile
             if not a.val_data:
@@ -219,7 +233,8 @@ def register(sub, ev) -> None:
                    help="recall task argument, e.g. n_pairs=16 (mqar), n_tokens=32 (copy)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per training sequence (default {DEFAULT_SEQ_LEN}; a recall task's own length)")
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--warmup", type=int, default=20)

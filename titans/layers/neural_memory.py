@@ -87,7 +87,9 @@ class NeuralMemory(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 2,
                  expansion: int = 4, chunk_size: int = 64, activation: str = "silu", residual: bool = False,
                  conv: bool = True, conv_kernel: int = 4, momentum: bool = True, forgetting: bool = True,
-                 gate_mode: str = "token", max_lr: float = 0.002) -> None:
+                 gate_mode: str = "token", max_lr: float = 0.5, momentum_form: str = "bounded",
+                 normalize_step: bool = True,
+                 theta_init: float = 0.8, alpha_init: tuple[float, float] = (1e-4, 3e-3)) -> None:
         super().__init__()
         for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
                                 ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
@@ -104,6 +106,14 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"gate_mode must be 'token' or 'chunk', got {gate_mode!r}")
         if not max_lr > 0:
             raise ValueError(f"max_lr must be > 0, got {max_lr!r}")
+        if momentum_form not in ("bounded", "plain"):
+            raise ValueError(f"momentum_form must be 'bounded' or 'plain', got {momentum_form!r}")
+        if not 0 < theta_init < 1:
+            raise ValueError(f"theta_init must lie in (0, 1), got {theta_init!r}")
+        if len(alpha_init) != 2 or not 0 < alpha_init[0] <= alpha_init[1] < 1:
+            raise ValueError(f"alpha_init must be (low, high) with 0 < low <= high < 1, got {alpha_init!r}")
+        self.momentum_form, self.theta_init, self.alpha_init = momentum_form, theta_init, tuple(alpha_init)
+        self.normalize_step = normalize_step
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.chunk_size, self.activation, self.residual = chunk_size, activation, residual
         self.momentum, self.forgetting, self.gate_mode, self.max_lr = momentum, forgetting, gate_mode, max_lr
@@ -141,9 +151,12 @@ class NeuralMemory(nn.Module):
         nn.init.zeros_(self.wgates.weight)
         with torch.no_grad():
             bias = self.wgates.bias.view(3, self.heads)
-            bias[0] = _inv_sigmoid(0.1)
+            bias[0] = _inv_sigmoid(self.theta_init)
             bias[1] = _inv_sigmoid(0.9)
-            bias[2] = _inv_sigmoid(0.01)
+            # forget rates spread log-uniformly over the heads: every head a different time scale
+            lo, hi = (math.log(a) for a in self.alpha_init)
+            spread = torch.linspace(lo, hi, self.heads) if self.heads > 1 else torch.tensor([lo])
+            bias[2] = torch.logit(spread.exp())
         for w in self.memory:  # fan-in scaling keeps the memory's output O(1) for unit-norm keys
             nn.init.normal_(w, std=w.shape[-1] ** -0.5)
         nn.init.ones_(self.out_norm)
@@ -172,6 +185,9 @@ class NeuralMemory(nn.Module):
             carry = g[:, -1] if T else state.chunk_gates
         theta = self.max_lr * g[:, :, 0]
         eta = g[:, :, 1] if self.momentum else torch.zeros_like(g[:, :, 1])
+        if self.momentum and self.momentum_form == "bounded":
+            # S_t = eta S_{t-1} - (1 - eta) theta u_t: momentum as an average, the total step stays theta
+            theta = theta * (1 - eta)
         alpha = g[:, :, 2] if self.forgetting else torch.zeros_like(g[:, :, 2])
         return theta, eta, alpha, carry
 
@@ -201,7 +217,8 @@ class NeuralMemory(nn.Module):
         q, k, v, conv = self._qkv(x, state)
         theta, eta, alpha, chunk_gates = self._gates(x, state)
         y, memory = memory_rule(q, k, v, theta, eta, alpha, list(self.memory), chunk_size=self.chunk_size,
-                                activation=self.activation, residual=self.residual, state=state.memory)
+                                activation=self.activation, residual=self.residual,
+                                normalize_step=self.normalize_step, state=state.memory)
         return self.read_out(y, x), NeuralMemoryState(memory, conv, chunk_gates, state.position + T)
 
     def read_out(self, r: Tensor, x: Tensor) -> Tensor:

@@ -44,7 +44,9 @@ class TitansConfig:
     momentum: bool = True
     forgetting: bool = True
     gate_mode: str = "token"
-    max_lr: float = 0.002
+    max_lr: float = 0.5
+    momentum_form: str = "bounded"        # "bounded": S = eta S - (1 - eta) theta u; "plain": paper eq. 10
+    normalize_step: bool = True            # theta scaled per token by the memory's gradient (memory_rule)
     # attention and persistent memory (DESIGN.md §2-3)
     window: int = 256                      # sliding window w (swa, mag, mal)
     segment_len: int = 128                 # MAC segment length C, a multiple of chunk_size
@@ -112,6 +114,8 @@ class TitansConfig:
         need(self.gate_mode in ("token", "chunk"), f"gate_mode must be 'token' or 'chunk', got {self.gate_mode!r}")
         need(self.memory_activation in ("silu", "gelu", "tanh"),
              f"memory_activation must be silu, gelu or tanh, got {self.memory_activation!r}")
+        need(self.momentum_form in ("bounded", "plain"),
+             f"momentum_form must be 'bounded' or 'plain', got {self.momentum_form!r}")
         need(self.max_lr > 0, f"max_lr must be > 0, got {self.max_lr!r}")
         if self.block_pattern is not None:
             need(len(self.block_pattern) >= 1, "block_pattern must not be empty")

@@ -187,6 +187,7 @@ class Setup:
     acc_dtype: torch.dtype   # everything else: the state's dtype
     mixed: bool = False      # bf16 operands, fp32 results through blas.gemm_into (one pass, no cast)
     native: bool = False     # the per-piece forward, state update and backward run in C++ (native.py)
+    normalize: bool = False  # the normalised step: delta scaled per token by step_scale (deep memories)
     buffers: Buffers = field(default_factory=Buffers)
 
     def cast(self, x: Tensor) -> Tensor:
@@ -259,9 +260,10 @@ class PieceCache:
     hq: list[Tensor]      # query-path inputs per layer, hq[0] = q         [BH, n, di]
     zq: list[Tensor]      # query-path pre-activations of layers 0..L-2    [BH, n, do]
     P: list[Tensor]       # hq[l] @ a[l]^T                                 [BH, n, n]
+    scale: Tensor | None = None  # the normalised step's per-token scale (delta, t hold it)  [BH, n]
 
     def compact(self) -> "KeptInternals":
-        return KeptInternals(self.zk, self.t, self.delta[-1], self.zq, self.P)
+        return KeptInternals(self.zk, self.t, self.delta[-1], self.zq, self.P, self.scale)
 
 
 @dataclass
@@ -273,6 +275,7 @@ class KeptInternals:
     delta_last: Tensor
     zq: list[Tensor]
     P: list[Tensor]
+    scale: Tensor | None
 
     def expand(self, q: Tensor, k: Tensor, s: Setup) -> PieceCache:
         """The full PieceCache; q, k: this piece's [BH, n, Dk] (as piece_forward got them)."""
@@ -282,14 +285,32 @@ class KeptInternals:
             a = [s.act.fn(z) for z in self.zk]
             delta = [t * s.act.grad(z) for t, z in zip(self.t, self.zk)]
             hq = [s.act.fn(z) for z in self.zq]
-        return PieceCache([k] + a, self.zk, delta + [self.delta_last], self.t, [q] + hq, self.zq, self.P)
+        return PieceCache([k] + a, self.zk, delta + [self.delta_last], self.t, [q] + hq, self.zq, self.P,
+                          self.scale)
+
+
+def step_scale(a: Sequence[Tensor], delta: Sequence[Tensor]) -> Tensor:
+    """The normalised step's per-token factor [BH, n] from the key path at the chunk-start weights:
+
+        s_m = min(1, ||delta^L_m||^2 ||k_m||^2 / ||u_m||^2),   ||u_m||^2 = sum_l ||delta^l_m||^2 ||a^l_m||^2
+
+    (1 where u_m = 0). theta_m s_m is the step at which the first-order change of f(k_m) along
+    its error equals a linear memory's at theta_m: for a linear memory s = 1 exactly; a deep
+    memory whose gradient has grown takes a proportionally smaller step. A constant for the outer
+    gradient (not differentiated), in the reference loop too.
+    """
+    un = sum((d * d).sum(-1) * (x * x).sum(-1) for d, x in zip(delta, a))
+    num = (delta[-1] * delta[-1]).sum(-1) * (a[0] * a[0]).sum(-1)
+    return torch.where(un > 0, num / un.clamp_min(torch.finfo(un.dtype).tiny), 1.0).clamp(max=1.0)
 
 
 def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
     """Forward of the memory on the keys at Wg, then the analytic backward of ||f(k) - v||^2.
 
-    Wg: per layer [BH, do, di], already in mm_dtype. Returns (a, zk, delta, t): the gradient of
-    token m for layer l is delta[l]_m a[l]_m^T; t[l] = delta[l+1] @ Wg[l+1] (kept for the backward).
+    Wg: per layer [BH, do, di], already in mm_dtype. Returns (a, zk, delta, t, scale): the gradient
+    of token m for layer l is delta[l]_m a[l]_m^T; t[l] = delta[l+1] @ Wg[l+1] (kept for the
+    backward). With s.normalize (deep memories) delta and t come multiplied by the per-token
+    step_scale, returned as scale [BH, n] (else None): scaling u_m is scaling theta_m.
     """
     L = len(Wg)
     a, zk, t = [k], [], []
@@ -302,7 +323,12 @@ def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
     for l in range(L - 2, -1, -1):
         t.insert(0, s.mm(delta[0], Wg[l + 1]))
         delta.insert(0, t[0] * s.act.grad(zk[l]))
-    return a, zk, delta, t
+    scale = None
+    if s.normalize:
+        scale = step_scale(a, delta)
+        col = scale.unsqueeze(-1)
+        delta, t = [d * col for d in delta], [x * col for x in t]
+    return a, zk, delta, t, scale
 
 
 def gate_columns(gates: ChunkGates):
@@ -337,7 +363,7 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
     dos = [ws.shape[1] // 2 for ws in WS]
     WSc = s.cast_states(WS)
     Wgc = [ws[:, :do] for ws, do in zip(WSc, dos)] if Wg is None else [s.cast(w) for w in Wg]
-    a, zk, delta, t = key_path(k, v, Wgc, s)
+    a, zk, delta, t, scale = key_path(k, v, Wgc, s)
     beta, g, *_ = gate_columns(gates)
 
     hq, zq, Ps = [q], [], []
@@ -355,7 +381,7 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
 
     WS_new = advance_state(WS, a, delta, gates, s) if advance else None
     # the last layer's pre-activation is not needed by the backward
-    cache = PieceCache(a, zk, delta, t, hq, zq[:-1], Ps) if keep else None
+    cache = PieceCache(a, zk, delta, t, hq, zq[:-1], Ps, scale) if keep else None
     return y, WS_new, cache
 
 
@@ -438,7 +464,7 @@ def all_gates(theta: Tensor, eta: Tensor, alpha: Tensor, plan: Plan, use_native:
 
 def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
                       weights: Sequence[Tensor], *, chunk_size: int = 64, activation: str = "silu",
-                      residual: bool = False, state: MemoryState | None = None
+                      residual: bool = False, normalize_step: bool = False, state: MemoryState | None = None
                       ) -> tuple[Tensor, MemoryState]:
     """Same contract as `titans.ops.memory_rule` (inputs are assumed valid)."""
     from .chunk_backward import ChunkScan, scan_forward  # the loop over pieces and its autograd wrapper
@@ -468,8 +494,10 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
                                                      or min(w[0].numel() for w in weights) >= BF16_MIN_MATRIX):
         mm_dtype = torch.get_autocast_dtype(q.device.type)
     mixed = can_mix and mm_dtype == torch.bfloat16
-    use_native = use_native and (mixed or mm_dtype == acc_dtype)
-    setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype, mixed, use_native)
+    use_native = use_native and (mixed or mm_dtype == acc_dtype) and not (normalize_step and L > 1)
+    # a linear memory's normalised step is its plain one (step_scale == 1): no work for it
+    setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype, mixed, use_native,
+                  normalize=normalize_step and L > 1)
     inputs = [flat(x).to(acc_dtype) for x in (q, k, v, theta, eta, alpha)]
     # the native path reads token rows with unit stride (a view of the features' buffer has it)
     inputs[:3] = [x if x.stride(-1) == 1 else x.contiguous() for x in inputs[:3]]

@@ -121,8 +121,10 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
         dzk.append(ddelta[l] * c.t[l] * s.act.grad2(c.zk[l]))
         ddelta[l + 1] += s.mm(dt, Wgc[l + 1].mT)
         s.outer_into(dWg[l + 1], c.delta[l + 1].mT, dt)
-    # then delta_L = 2 (out - v) and the memory's forward on the keys
-    dout = 2 * ddelta[L - 1]
+    # then delta_L = 2 (out - v) and the memory's forward on the keys. With the normalised step
+    # the cache holds scale * delta and scale * t, so ddelta is the gradient of the unscaled
+    # delta over scale all the way down (the products with t and delta above come out right)
+    dout = 2 * ddelta[L - 1] if c.scale is None else 2 * c.scale.unsqueeze(-1) * ddelta[L - 1]
     dv = -dout
     dzl = dout
     for l in range(L - 1, -1, -1):

@@ -25,28 +25,34 @@ IMPLS = {"ref": memory_rule_ref, "chunk": memory_rule_chunk}
 
 def memory_rule(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
                 weights: Sequence[Tensor], *, chunk_size: int = 64, activation: str = "silu",
-                residual: bool = False, state: MemoryState | None = None, impl: str = "chunk"
-                ) -> tuple[Tensor, MemoryState]:
+                residual: bool = False, normalize_step: bool = False, state: MemoryState | None = None,
+                impl: str = "chunk") -> tuple[Tensor, MemoryState]:
     """The Titans neural-memory update and read (DESIGN.md §1, paper eq. 13-16).
 
     For each batch element and head, token t (absolute position, chunks of `chunk_size`
     counted from the start of the sequence) does
 
         u_t = grad_W ||f(k_t; W_{c(t)}) - v_t||^2      (gradient at the chunk-start weights)
-        S_t = eta_t S_{t-1} - theta_t u_t
+        S_t = eta_t S_{t-1} - theta_t s_t u_t        (s_t = 1 unless normalize_step)
         W_t = (1 - alpha_t) W_{t-1} + S_t
         y_t = f(q_t; W_t)
 
     Args:
         q, k: [B, T, H, Dk] queries and keys.  v: [B, T, H, Dv] values.
         theta: [B, T, H] step sizes (>= 0).  eta: [B, T, H] momentum in [0, 1].
-        alpha: [B, T, H] forget rates in [0, 1].
+        alpha: [B, T, H] forget rates in [0, 1]. A NaN in a gate is not an argument error: it
+            propagates to y (a training step that diverged is then skipped by the trainer).
         weights: the learned initial memory W_0, L tensors of shape [H, d_out, d_in];
             layer 1 takes Dk, layer L gives Dv. L = 1 is the linear memory; for L >= 2 every
             layer but the last is followed by `activation`.
         chunk_size: b, the number of tokens whose gradients share one point (>= 1).
         activation: one of "silu", "gelu" (exact erf), "tanh".
         residual: f(x) = x + MLP(x) (requires Dk == Dv).
+        normalize_step: the normalised step: s_t = min(1, ||dl_t/df||^2 ||k_t||^2 / ||u_t||^2), at
+            the chunk-start weights like u_t, and a constant for the outer gradient. Its first-order
+            change of f(k_t) along the error is a linear memory's at the same theta (for which
+            s_t = 1 exactly); a deep memory whose gradients grow takes smaller steps instead of
+            diverging (docs/models.md, "The inner loop's parameterisation").
         state: a MemoryState to continue from; None starts at W_0, zero momentum, position 0.
         impl: "chunk" (the chunk-parallel dual form) or "ref" (the literal token loop).
 
@@ -56,7 +62,7 @@ def memory_rule(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alp
     """
     _check(q, k, v, theta, eta, alpha, weights, chunk_size, activation, residual, state, impl)
     return IMPLS[impl](q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size,
-                       activation=activation, residual=residual, state=state)
+                       activation=activation, residual=residual, normalize_step=normalize_step, state=state)
 
 
 def _check(q, k, v, theta, eta, alpha, weights, chunk_size, activation, residual, state, impl) -> None:
@@ -92,12 +98,13 @@ def _check(q, k, v, theta, eta, alpha, weights, chunk_size, activation, residual
         raise ValueError(f"the last memory layer must output Dv={Dv}, got d_out={d_in}")
     if residual and Dk != Dv:
         raise ValueError(f"residual memory needs Dk == Dv, got Dk={Dk}, Dv={Dv}")
-    # written so that NaN fails too
+    # NaN is let through on purpose: inside training it is a diverging step's value, which must
+    # reach the trainer's non-finite handling (skip the update) rather than stop the run here
     if T:
-        if not bool((theta >= 0).all() & theta.isfinite().all()):
+        if bool((theta < 0).any() | (theta == float("inf")).any()):
             raise ValueError("theta must be finite and >= 0")
         for name, x in (("eta", eta), ("alpha", alpha)):
-            if not bool(((x >= 0) & (x <= 1)).all()):
+            if bool(((x < 0) | (x > 1)).any()):
                 raise ValueError(f"{name} must lie in [0, 1]")
     if state is not None:
         _check_state(state, weights, B)

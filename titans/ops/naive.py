@@ -24,7 +24,7 @@ __all__ = ["memory_rule_ref"]
 
 def memory_rule_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
                     weights: Sequence[Tensor], *, chunk_size: int = 64, activation: str = "silu",
-                    residual: bool = False, state: MemoryState | None = None
+                    residual: bool = False, normalize_step: bool = False, state: MemoryState | None = None
                     ) -> tuple[Tensor, MemoryState]:
     """Same contract as `titans.ops.memory_rule` (inputs are assumed valid)."""
     B, T = q.shape[:2]
@@ -43,9 +43,18 @@ def memory_rule_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor,
         with torch.enable_grad():
             # autograd needs a graph to W_grad; when none exists (no outer training), make leaves
             at = [w if w.requires_grad else w.detach().requires_grad_() for w in W_grad]
-            loss = (f(k[:, t], at) - v[:, t]).pow(2).sum()  # sum over (B, H) keeps them independent
-            u = torch.autograd.grad(loss, at, create_graph=outer_grad)  # u_t = grad l_t(W_{c(t)})
+            losses = (f(k[:, t], at) - v[:, t]).pow(2).sum(-1)   # [B, H]
+            # summed over (B, H): each (b, h) has its own weights, so the gradients stay apart
+            u = torch.autograd.grad(losses.sum(), at, create_graph=outer_grad)  # u_t = grad l_t(W_{c(t)})
         th, et, al = (g[:, t, :, None, None] for g in (theta, eta, alpha))  # [B, H, 1, 1]
+        if normalize_step:
+            # theta_t * min(1, ||dl/df||^2 ||k_t||^2 / ||u_t||^2) with ||dl/df||^2 = 4 l_t: a constant
+            # for the outer gradient
+            with torch.no_grad():
+                un = sum(x.pow(2).sum((-1, -2)) for x in u)
+                ratio = 4 * losses * k[:, t].pow(2).sum(-1) / un.clamp_min(torch.finfo(un.dtype).tiny)
+                scale = torch.where(un > 0, ratio, 1.0).clamp(max=1.0)
+            th = th * scale[..., None, None]
         S = [et * s - th * ut for s, ut in zip(S, u)]             # eq. 10/14
         W = [(1 - al) * w + s for w, s in zip(W, S)]              # eq. 13
         ys.append(f(q[:, t], W))                                  # eq. 15
