@@ -150,3 +150,30 @@ def test_hybrid_pattern_builds_the_listed_kinds():
     names = [type(b.mixer).__name__ for b in model.blocks]
     assert names == ["Attention", "MAC", "NeuralMemory", "MAG", "MAL", "Attention"]
     assert model.blocks[0].mixer.window == 32 and model.blocks[5].mixer.window is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_stream_scale_at_init(variant):
+    """At init every block's mixer writes an update of the embeddings' order into the residual
+    stream (GPT-2 scaling; MAC's and MAG's gated product alone has RMS ~0.5, 25x the embeddings),
+    and MAL's attention sees normalised inputs (the memory's output alone has RMS ~1e-4)."""
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig.from_preset("tiny", variant=variant)).eval()
+    seen = {}
+    rms = lambda t: t.float().pow(2).mean().sqrt().item()
+    hooks = [b.mixer.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (rms(i[0]), rms(o[0]))))
+             for n, b in enumerate(model.blocks)]
+    if variant == "mal":
+        for n, b in enumerate(model.blocks):
+            hooks.append(b.mixer.attention.register_forward_hook(
+                lambda m, i, o, n=n: seen.__setitem__(f"attn{n}", rms(i[0]))))
+    with torch.no_grad():
+        model(ids(B=2, T=96))
+    for h in hooks:
+        h.remove()
+    embed = model.embed.weight.std().item()
+    for n in range(len(model.blocks)):
+        _, out = seen[n]
+        assert 0 < out < 3 * embed, f"block {n}: mixer output RMS {out:.3g} against embeddings {embed:.3g}"
+        if variant == "mal":
+            assert 0.5 < seen[f"attn{n}"] < 2, f"MAL attention input RMS {seen[f'attn{n}']:.3g}"

@@ -57,7 +57,8 @@ def _assert_close(a, b, tol):
 @pytest.mark.parametrize("depth,residual,chunk_size,T", [(1, False, 8, 61), (2, False, 8, 61), (2, True, 64, 150),
                                                          (3, True, 5, 37)])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_native_equals_python(monkeypatch, mode, depth, residual, chunk_size, T, bf16):
+@pytest.mark.parametrize("normalize_step", [False, True], ids=["plain", "normalized"])
+def test_native_equals_python(monkeypatch, mode, depth, residual, chunk_size, T, bf16, normalize_step):
     # outputs, final state and every gradient; bf16 matmuls forced at test sizes. Both paths
     # round the same operands to bf16 and use the same products: they differ by fp32 summation
     # order, and under bf16 by the operands that order rounds the other way (bf16 against fp32
@@ -68,7 +69,8 @@ def test_native_equals_python(monkeypatch, mode, depth, residual, chunk_size, T,
         monkeypatch.setattr(chunk, "BF16_MIN_MATRIX", 0)
         monkeypatch.setattr(cb, "KEEP_ALL_BYTES", 2 ** 28 if mode == "keep-all" else 0)
         monkeypatch.setattr(cb, "KEEP_INTERNALS_MIN_MATRIX", 0 if mode == "keep-internals" else 2 ** 62)
-        runs.append(_run(monkeypatch, use_native, tensors, weights, bf16, chunk_size=chunk_size, residual=residual))
+        runs.append(_run(monkeypatch, use_native, tensors, weights, bf16, chunk_size=chunk_size, residual=residual,
+                         normalize_step=normalize_step))
     _assert_close(*runs, 2e-3 if bf16 else 1e-5)
 
 

@@ -222,3 +222,27 @@ def test_non_finite_validation_stops_with_a_clear_error(tmp_path):
     trainer = Trainer(NaNInEval(), iter(()), windows, cfg)
     with _pytest.raises(RuntimeError, match="validation loss is nan: the model diverged"):
         trainer.evaluate()
+
+
+def test_a_diverging_inner_loop_is_skipped_not_a_crash(tmp_path):
+    """A memory whose inner loop blows up inside a step (NaN born in the forward, reaching the
+    next layer's gates) is the trainer's non-finite case: updates skipped, then a one-line stop;
+    never a ValueError from the op's argument checks."""
+    import pytest as _pytest
+
+    from titans import TitansConfig, TitansLM
+    from titans.data.tasks import recall_batches
+    from titans.train import TrainConfig, Trainer
+    from titans.train import trainer as trainer_module
+
+    torch.manual_seed(0)
+    config = TitansConfig.from_preset("tiny", variant="lmm", max_lr=1e6, normalize_step=False,
+                                      momentum_form="plain", forgetting=False)
+    model = TitansLM(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(steps=trainer_module.MAX_BAD_STEPS + 2, batch_size=2, seq_len=64, warmup=0,
+                      eval_every=0, ckpt_every=0, out_dir=str(tmp_path / "run"), progress=False)
+    batches = recall_batches("mqar", 2, config.vocab_size, seed=0, seq_len=64, n_pairs=4)
+    with _pytest.warns(UserWarning, match="update skipped"), _pytest.raises(RuntimeError, match="diverged"):
+        Trainer(model, batches, None, cfg).fit()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -203,10 +203,10 @@ _PAPER_SHAPES = {"170M": dict(dim=768, heads=12), "340M": dict(dim=1024, heads=1
                  "400M": dict(dim=1024, heads=16), "760M": dict(dim=1536, heads=16)}
 # layers per (size, variant): mac, mag and mal blocks hold attention and memory, so they are fewer
 _PAPER_LAYERS = {
-    "170M": dict(lmm=18, mac=14, mag=14, mal=14, transformer=21, swa=21),
-    "340M": dict(lmm=22, mac=17, mag=17, mal=17, transformer=24, swa=24),
-    "400M": dict(lmm=26, mac=20, mag=20, mal=20, transformer=29, swa=29),
-    "760M": dict(lmm=22, mac=17, mag=17, mal=17, transformer=25, swa=25),
+    "170M": dict(lmm=18, mac=13, mag=13, mal=14, transformer=21, swa=21),
+    "340M": dict(lmm=22, mac=16, mag=16, mal=17, transformer=24, swa=24),
+    "400M": dict(lmm=26, mac=19, mag=19, mal=20, transformer=29, swa=29),
+    "760M": dict(lmm=22, mac=16, mag=16, mal=17, transformer=25, swa=25),
 }
 PRESET_VARIANT_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {}
 for _size, _shape in _PAPER_SHAPES.items():

@@ -28,18 +28,22 @@ __all__ = ["MAC", "MAG", "MAL", "MACState", "AttnMemoryState", "BranchGate"]
 
 
 class BranchGate(nn.Module):
-    """o = RMSNorm_y(y) * sigmoid(RMSNorm_m(m)): the (x) of eq. 25 and 28.
+    """o = W_o (RMSNorm_y(y) * sigmoid(RMSNorm_m(m))): the (x) of eq. 25 and 28.
 
     Each branch is normalised with its own learnable vector weight, then the memory branch
-    gates the attention branch through a sigmoid (the paper's "non-linearity").
+    gates the attention branch through a sigmoid (the paper's "non-linearity"). The gated
+    product has RMS about 0.5 whatever the branches' scales; the projection W_o after it is a
+    residual-stream writer like every mixer's last linear (initialised small, TitansLM.init_weights),
+    so the block starts near the identity as the other blocks do.
     """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.norm_y, self.norm_m = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.wo = nn.Linear(dim, dim, bias=False)
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
-        return self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+        return self.wo(self.norm_y(y) * torch.sigmoid(self.norm_m(m)))
 
 
 def _with_prefix(memory: nn.Module, p: Tensor, x: Tensor, state: NeuralMemoryState | None):
@@ -92,16 +96,19 @@ class MAG(nn.Module):
 
 # --------------------------------------------------------------------------------------------
 class MAL(nn.Module):
-    """Memory as a Layer (eq. 29-31): y = LMM(p || x), o = SWA(y).
+    """Memory as a Layer (eq. 29-31): y = LMM(p || x), o = SWA(RMSNorm(y)).
 
     The prefix's memory outputs are the first Np positions of y, so the attention sees them
     as the sequence's first tokens (RoPE positions 0..Np-1; x starts at Np), literally eq. 31.
+    The memory's output is a residual-stream writer (small at init), so the attention, a layer
+    of its own in the paper, gets its own pre-norm.
     """
 
     def __init__(self, c: TitansConfig) -> None:
         super().__init__()
         self.persistent = PersistentMemory(c.n_persistent, c.dim)
         self.memory = neural_memory_from_config(c)
+        self.norm = RMSNorm(c.dim, c.norm_eps)
         self.attention = attention_from_config(c, window=c.window)
 
     def init_state(self, batch_size: int) -> AttnMemoryState:
@@ -110,7 +117,7 @@ class MAL(nn.Module):
     def forward(self, x: Tensor, state: AttnMemoryState | None = None) -> tuple[Tensor, AttnMemoryState]:
         state = state or self.init_state(x.shape[0])
         yp, y, mem = _with_prefix(self.memory, self.persistent(), x, state.memory)
-        o, attn = self.attention(torch.cat([yp, y], dim=1), state.attention)
+        o, attn = self.attention(self.norm(torch.cat([yp, y], dim=1)), state.attention)
         return o[:, yp.shape[1]:], AttnMemoryState(attn, mem)
 
 

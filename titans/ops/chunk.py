@@ -356,7 +356,7 @@ def piece_forward(q: Tensor, k: Tensor, v: Tensor, gates: ChunkGates, WS: Sequen
         out = [s.buffers.take(ws.shape, ws) for ws in WS] if advance else []
         scratch = s.scratch(WS)
         y, WS_new, *internals = native.module().piece_forward(q, k, v, *gates, list(WS), list(Wg or []), out,
-                                                              scratch, s.residual, s.mixed)
+                                                              scratch, s.residual, s.mixed, s.normalize)
         s.buffers.give(scratch)
         return y, (WS_new if advance else None), (PieceCache(*internals) if keep else None)
     L = len(WS)
@@ -494,7 +494,7 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
                                                      or min(w[0].numel() for w in weights) >= BF16_MIN_MATRIX):
         mm_dtype = torch.get_autocast_dtype(q.device.type)
     mixed = can_mix and mm_dtype == torch.bfloat16
-    use_native = use_native and (mixed or mm_dtype == acc_dtype) and not (normalize_step and L > 1)
+    use_native = use_native and (mixed or mm_dtype == acc_dtype)
     # a linear memory's normalised step is its plain one (step_scale == 1): no work for it
     setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype, mixed, use_native,
                   normalize=normalize_step and L > 1)

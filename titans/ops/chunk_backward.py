@@ -50,7 +50,7 @@ def piece_backward(c: PieceCache, gates: ChunkGates, WS: list[Tensor], Wg_given:
     if s.native:
         scratch = s.scratch([x for ws in WS for x in (ws, ws)])  # per layer: copies of WS and of dWS
         dq, dk, dv, *dWg = native.module().piece_backward(
-            c.a, c.zk, c.delta, c.t, c.hq, c.zq, c.P, *gates, WS, Wg_given or [], dy, dWS_end, *dgates,
+            c.a, c.zk, c.delta, c.t, c.hq, c.zq, c.P, c.scale, *gates, WS, Wg_given or [], dy, dWS_end, *dgates,
             scratch, s.residual, s.mixed)
         s.buffers.give(scratch)
         return dq, dk, dv, dgates, dWS_end, (dWg if Wg_given is not None else None)

@@ -487,8 +487,8 @@ std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a,
 // of ||f(k) - v||^2. Wgc: per layer [BH, do, di] in the products' dtype. Fills a (a[0] = k), zk,
 // delta, t, and acs, dcs: a and delta as product operands.
 void key_path(const Tensor& k, const Tensor& v, const std::vector<Tensor>& Wgc, bool residual, bool mixed,
-              std::vector<Tensor>& a, std::vector<Tensor>& zk, std::vector<Tensor>& delta, std::vector<Tensor>& t,
-              std::vector<Tensor>& acs, std::vector<Tensor>& dcs) {
+              bool normalize, std::vector<Tensor>& a, std::vector<Tensor>& zk, std::vector<Tensor>& delta,
+              std::vector<Tensor>& t, std::vector<Tensor>& acs, std::vector<Tensor>& dcs, Tensor& scale) {
   const int64_t L = (int64_t)Wgc.size(), BH = k.size(0), n = k.size(1);
   auto opts = k.options();
   a = {k};
@@ -531,18 +531,31 @@ void key_path(const Tensor& k, const Tensor& v, const std::vector<Tensor>& Wgc, 
     delta[l] = times_silu_grad(t[l], zk[l]);
     dcs[l] = to_mm(delta[l], mixed);
   }
+  if (normalize) {  // chunk.step_scale: delta and t times s_m = min(1, |delta^L_m|^2 |k_m|^2 / |u_m|^2)
+    Tensor un = at::zeros({BH, n}, opts);
+    for (int64_t l = 0; l < L; l++) un.add_(delta[l].square().sum(-1) * a[l].square().sum(-1));
+    Tensor num = delta[L - 1].square().sum(-1) * k.square().sum(-1);
+    scale = at::where(un > 0, num / un.clamp_min(std::numeric_limits<float>::min()), at::ones_like(un)).clamp_max_(1.f);
+    Tensor col = scale.unsqueeze(-1);
+    for (int64_t l = 0; l < L; l++) {
+      delta[l].mul_(col);
+      dcs[l] = to_mm(delta[l], mixed);
+    }
+    for (auto& x : t) x.mul_(col);
+  }
 }
 
 // One piece inside one chunk (chunk.piece_forward). WS: per layer [BH, 2 do, di] fp32, the state at
 // the piece start; Wg_given: where the gradients are taken (empty: W itself, the piece starts a
 // chunk); out: buffers for the state after the piece (empty: do not advance); scratch: per layer a
 // bf16 buffer shaped like WS for its copy (mixed; empty: allocate).
-// Returns (y, WS after the piece or [], a, zk, delta, t, hq, zq (layers 0..L-2), P).
+// normalize: the normalised step (delta and t come scaled, the scale is returned; else None).
+// Returns (y, WS after the piece or [], a, zk, delta, t, hq, zq (layers 0..L-2), P, scale).
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
-           std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+           std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, c10::optional<Tensor>>
 piece_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor g, Tensor G, Tensor e_last, Tensor s_last,
               std::vector<Tensor> WS, std::vector<Tensor> Wg_given, std::vector<Tensor> out,
-              std::vector<Tensor> scratch, bool residual, bool mixed) {
+              std::vector<Tensor> scratch, bool residual, bool mixed, bool normalize) {
   const int64_t L = (int64_t)WS.size(), BH = q.size(0), n = q.size(1);
   auto opts = q.options();
   std::vector<Tensor> WSc(L), Wgc(L);
@@ -552,7 +565,8 @@ piece_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor g, Tensor G, Ten
     Wgc[l] = Wg_given.empty() ? WSc[l].narrow(1, 0, doo) : to_mm(Wg_given[l], mixed);
   }
   std::vector<Tensor> a, zk, delta, t, acs, dcs;
-  key_path(k, v, Wgc, residual, mixed, a, zk, delta, t, acs, dcs);
+  Tensor scale;
+  key_path(k, v, Wgc, residual, mixed, normalize, a, zk, delta, t, acs, dcs, scale);
 
   // query path: z_i = beta_i W h_i + g_i S h_i - sum_{m<=i} G_{i,m} (a_m . h_i) delta_m
   auto Be = beta.accessor<float, 2>(), Ga = g.accessor<float, 2>();
@@ -589,7 +603,9 @@ piece_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor g, Tensor G, Ten
   zq.pop_back();  // the last layer's pre-activation is not needed by the backward
   std::vector<Tensor> WS_new;
   if (!out.empty()) WS_new = advance_state_mm(WS, acs, delta, beta, g, G, e_last, s_last, out, mixed);
-  return {y, WS_new, a, zk, delta, t, hq, zq, P};
+  c10::optional<Tensor> scale_out;
+  if (normalize) scale_out = scale;
+  return {y, WS_new, a, zk, delta, t, hq, zq, P, scale_out};
 }
 
 // The elementwise part of KeptInternals.expand: a[l + 1] = SiLU(zk[l]), delta[l] = t[l] * SiLU'(zk[l]),
@@ -612,7 +628,8 @@ std::vector<std::vector<Tensor>> expand(std::vector<Tensor> zk, std::vector<Tens
 // Returns [dq, dk, dv, dWg per layer (only when Wg_given is not empty)].
 std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk, std::vector<Tensor> delta,
                                    std::vector<Tensor> t, std::vector<Tensor> hq, std::vector<Tensor> zq,
-                                   std::vector<Tensor> P, Tensor beta, Tensor g, Tensor G, Tensor e_last,
+                                   std::vector<Tensor> P, c10::optional<Tensor> scale, Tensor beta, Tensor g,
+                                   Tensor G, Tensor e_last,
                                    Tensor s_last, std::vector<Tensor> WS, std::vector<Tensor> Wg_given,
                                    Tensor dy, std::vector<Tensor> dWS, Tensor dbeta, Tensor dg, Tensor dG,
                                    Tensor de, Tensor ds, std::vector<Tensor> scratch, bool residual, bool mixed) {
@@ -768,8 +785,10 @@ std::vector<Tensor> piece_backward(std::vector<Tensor> a, std::vector<Tensor> zk
     gemm(ddelta[l + 1], dtc, Wgc[l + 1].transpose(1, 2), 1.f, 1.f, mixed);
     gemm(dWg[l + 1], dc[l + 1].transpose(1, 2), dtc, 1.f, 1.f, mixed);
   }
-  // then delta_L = 2 (out - v) and the memory's forward on the keys
+  // then delta_L = 2 (out - v) and the memory's forward on the keys; with the normalised step the
+  // cache holds scaled delta and t, so only dout takes the scale (chunk_backward.piece_backward)
   Tensor dout = ddelta[L - 1].mul_(2.f);
+  if (scale) dout.mul_(scale->unsqueeze(-1));
   Tensor dv = dout.neg();
   Tensor dzl = dout;
   for (int64_t l = L - 1; l >= 0; l--) {
