@@ -69,23 +69,30 @@ class NeuralMemory(nn.Module):
         gate_mode: "token" (a gate per token) or "chunk" (each chunk uses the gates computed
             at its first token, so the gates stay causal).
         max_lr: the largest step size theta.
+        momentum_form: "bounded" (default): S_t = eta S_{t-1} - (1 - eta) theta u_t, momentum as
+            an average, so a write's total step is theta whatever eta; "plain": paper eq. 10,
+            S_t = eta S_{t-1} - theta u_t (total step theta / (1 - eta)).
+        normalize_step: scale each token's step so a deep memory moves f(k) no further than a
+            linear memory at the same theta (memory_rule; no effect on a linear memory).
+        theta_init: the initial theta as a fraction of max_lr (the gate biases).
+        alpha_init: (low, high) initial forget rates, spread log-uniformly over the heads.
 
     Initialisation (all here, see reset_memory_parameters): the gate maps start at zero weight,
-    so every token starts with the same gates, set by the biases: theta = max_lr / 10 (small
-    steps while the outer loop learns what to store), eta = 0.9 (the usual momentum) and
-    alpha = 0.01 (slow forgetting: the memory must keep long context). W_0 ~ N(0, 1/d_in).
+    so every token starts with the same gates, set by the biases: theta = theta_init * max_lr
+    (0.4: a pair written once is stored, tests/layers/test_neural_memory.py), eta = 0.9 and
+    alpha from alpha_init[0] on the first head to alpha_init[1] on the last (every head its
+    own time scale, the way Mamba and Gated DeltaNet spread their decays). W_0 ~ N(0, 1/d_in).
 
-    Stability: inside a chunk every gradient is taken at the chunk-start weights, so a chunk
-    moves W by about theta * n / (1 - eta) gradient steps from one point (n tokens). Large
-    max_lr, eta near 1 and long chunks together make the inner loop diverge even where the
-    token-by-token (b = 1) rule is stable. The outer loop can also learn its way there (large
-    values, eta near 1): with max_lr = 0.01 the small MAC preset's memory diverged to inf in
-    training (seeds 0 and 1 within 100 steps), with the default max_lr = 0.002 it did not
-    (docs/models.md).
+    Stability: inside a chunk every gradient is taken at the chunk-start weights, so with
+    correlated keys a chunk of b tokens acts on W with a gain growing towards theta * b. The
+    defaults keep it alive: chunks of 16 (a linear memory at theta 0.4 diverges in chunks of 64
+    on random inputs), bounded momentum and the normalised step. The paper's exact rule is
+    momentum_form="plain", normalize_step=False with a small max_lr (docs/models.md, "The inner
+    loop's parameterisation", has what was tried with its numbers).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 2,
-                 expansion: int = 4, chunk_size: int = 64, activation: str = "silu", residual: bool = False,
+                 expansion: int = 4, chunk_size: int = 16, activation: str = "silu", residual: bool = False,
                  conv: bool = True, conv_kernel: int = 4, momentum: bool = True, forgetting: bool = True,
                  gate_mode: str = "token", max_lr: float = 0.5, momentum_form: str = "bounded",
                  normalize_step: bool = True,

@@ -36,7 +36,7 @@ class TitansConfig:
     memory_head_dim: int | None = None     # default head_dim
     memory_depth: int = 2
     memory_expansion: int = 4
-    chunk_size: int = 64
+    chunk_size: int = 16
     memory_activation: str = "silu"
     memory_residual: bool = False
     conv: bool = True
@@ -195,10 +195,10 @@ class TitansConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, dim=64, n_layers=2, heads=2, chunk_size=16, window=32, segment_len=32,
                  n_persistent=4),
-    "small": dict(vocab_size=256, dim=256, n_layers=4, heads=4, chunk_size=32, window=128, segment_len=128,
+    "small": dict(vocab_size=256, dim=256, n_layers=4, heads=4, chunk_size=16, window=128, segment_len=128,
                   n_persistent=8),
 }
-_PAPER = dict(vocab_size=32000, chunk_size=64, segment_len=512, window=1024, n_persistent=16)
+_PAPER = dict(vocab_size=32000, chunk_size=16, segment_len=512, window=1024, n_persistent=16)
 _PAPER_SHAPES = {"170M": dict(dim=768, heads=12), "340M": dict(dim=1024, heads=16),
                  "400M": dict(dim=1024, heads=16), "760M": dict(dim=1536, heads=16)}
 # layers per (size, variant): mac, mag and mal blocks hold attention and memory, so they are fewer
