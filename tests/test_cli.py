@@ -47,6 +47,10 @@ def test_prepare_train_eval_generate_info(corpus, capsys):
     (["train", "--preset", "tiny", "--set", "dim", "--steps", "1"], "key=value"),
     (["info", "--preset", "tiny", "--set", "dim=30", "--set", "heads=4"], "divisible"),
     (["train", "--config", "/nonexistent.yaml", "--steps", "1"], None),
+    (["train", "--preset", "tiny", "--task", "mqar", "--seq-len", "64", "--task-arg", "seq_len=128", "--steps", "1"],
+     "disagree"),
+    (["train", "--preset", "tiny", "--task", "copy", "--task-arg", "n_tokens=8", "--seq-len", "999", "--steps", "1"],
+     "makes sequences of"),
 ])
 def test_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("TITANS_DATA", str(tmp_path))
@@ -75,7 +79,8 @@ def test_long_context_commands(corpus, capsys):
                  "--checkpoints", "1K,2K", "--piece", "512"]) == 0
     assert "tokens" in capsys.readouterr().out
     run = corpus / "mqar"
-    assert main(["train", "--preset", "tiny", "--variant", "lmm", "--task", "mqar", "--task-arg", "seq_len=64",
+    # --seq-len alone sets the recall task's length
+    assert main(["train", "--preset", "tiny", "--variant", "lmm", "--task", "mqar",
                  "--task-arg", "n_pairs=4", "--steps", "2", "--batch-size", "4", "--seq-len", "64",
                  "--eval-every", "2", "--eval-batches", "1", "--out", str(run)]) == 0
     assert main(["eval", "recall", "--model", str(run), "--task", "mqar", "--task-arg", "seq_len=64",

@@ -47,6 +47,7 @@ class TitansConfig:
     max_lr: float = 0.5
     momentum_form: str = "bounded"        # "bounded": S = eta S - (1 - eta) theta u; "plain": paper eq. 10
     normalize_step: bool = True            # theta scaled per token by the memory's gradient (memory_rule)
+    theta_init: float = 0.8                # initial theta as a fraction of max_lr
     # attention and persistent memory (DESIGN.md §2-3)
     window: int = 256                      # sliding window w (swa, mag, mal)
     segment_len: int = 128                 # MAC segment length C, a multiple of chunk_size
@@ -117,6 +118,7 @@ class TitansConfig:
         need(self.momentum_form in ("bounded", "plain"),
              f"momentum_form must be 'bounded' or 'plain', got {self.momentum_form!r}")
         need(self.max_lr > 0, f"max_lr must be > 0, got {self.max_lr!r}")
+        need(0 < self.theta_init < 1, f"theta_init must lie in (0, 1), got {self.theta_init!r}")
         if self.block_pattern is not None:
             need(len(self.block_pattern) >= 1, "block_pattern must not be empty")
             bad = [k for k in self.block_pattern if k not in BLOCK_KINDS]
