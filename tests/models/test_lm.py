@@ -26,6 +26,10 @@ def test_presets_and_overrides():
     (dict(memory_depth=0), "memory_depth"),
     (dict(n_persistent=-1), "n_persistent"),
     (dict(max_lr=0.0), "max_lr"),
+    (dict(momentum_form="heavy"), "momentum_form"),
+    (dict(theta_init=0.0), "theta_init"),
+    (dict(alpha_init=(0.1, 0.01)), "alpha_init"),
+    (dict(alpha_init=(0.1,)), "alpha_init"),
 ])
 def test_config_validation_errors_are_clear(kw, match):
     with pytest.raises(ValueError, match=match):

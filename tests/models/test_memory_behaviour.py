@@ -8,17 +8,6 @@ import pytest
 import torch
 
 from titans import TitansConfig, TitansLM
-from titans.layers import NeuralMemoryState
-
-
-def memory_states(state) -> list[NeuralMemoryState]:
-    """Every NeuralMemoryState inside a ModelState (LMM blocks hold one; MAC, MAG, MAL one each)."""
-    out = []
-    for s in state.layers.values():
-        s = s if isinstance(s, NeuralMemoryState) else getattr(s, "memory", None)
-        if isinstance(s, NeuralMemoryState):
-            out.append(s)
-    return out
 
 
 @pytest.mark.parametrize("variant", ["lmm", "mac", "mag", "mal"])
@@ -65,7 +54,7 @@ def test_a_trained_model_keeps_its_memories_over_32k_streamed_tokens():
             out = model(val[None, i:i + 2048], state=state, labels=val[None, i + 1:i + 2049])
             state, _ = out.state, nll.append(out.loss.item())
     assert all(torch.isfinite(torch.tensor(nll))), nll
-    memories = memory_states(state)
+    memories = list(state.memories().values())
     assert len(memories) == len(model.blocks)
     for block, s in zip(model.blocks, memories):
         for w, w0 in zip(s.memory.weights, block.mixer.memory.memory):

@@ -91,9 +91,9 @@ class NeuralMemory(nn.Module):
     loop's parameterisation", has what was tried with its numbers).
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 2,
+    def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 1,
                  expansion: int = 4, chunk_size: int = 16, activation: str = "silu", residual: bool = False,
-                 conv: bool = True, conv_kernel: int = 4, momentum: bool = True, forgetting: bool = True,
+                 conv: bool = True, conv_kernel: int = 4, momentum: bool = False, forgetting: bool = True,
                  gate_mode: str = "token", max_lr: float = 0.5, momentum_form: str = "bounded",
                  normalize_step: bool = True,
                  theta_init: float = 0.8, alpha_init: tuple[float, float] = (1e-4, 3e-3)) -> None:

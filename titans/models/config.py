@@ -34,20 +34,21 @@ class TitansConfig:
     # neural memory (DESIGN.md §1-2; ablations of §4)
     memory_heads: int | None = None        # default heads
     memory_head_dim: int | None = None     # default head_dim
-    memory_depth: int = 2
+    memory_depth: int = 1
     memory_expansion: int = 4
     chunk_size: int = 16
     memory_activation: str = "silu"
     memory_residual: bool = False
     conv: bool = True
     conv_kernel: int = 4
-    momentum: bool = True
+    momentum: bool = False
     forgetting: bool = True
     gate_mode: str = "token"
     max_lr: float = 0.5
     momentum_form: str = "bounded"        # "bounded": S = eta S - (1 - eta) theta u; "plain": paper eq. 10
     normalize_step: bool = True            # theta scaled per token by the memory's gradient (memory_rule)
     theta_init: float = 0.8                # initial theta as a fraction of max_lr
+    alpha_init: tuple[float, float] = (1e-4, 3e-3)  # initial forget rates, spread over the memory heads
     # attention and persistent memory (DESIGN.md §2-3)
     window: int = 256                      # sliding window w (swa, mag, mal)
     segment_len: int = 128                 # MAC segment length C, a multiple of chunk_size
@@ -62,6 +63,8 @@ class TitansConfig:
     def __post_init__(self) -> None:
         if self.block_pattern is not None:
             self.block_pattern = tuple(self.block_pattern)
+        if isinstance(self.alpha_init, list):  # from JSON, YAML or TOML
+            self.alpha_init = tuple(self.alpha_init)
         self.validate()
 
     # -- derived values --------------------------------------------------------------------
@@ -119,6 +122,9 @@ class TitansConfig:
              f"momentum_form must be 'bounded' or 'plain', got {self.momentum_form!r}")
         need(self.max_lr > 0, f"max_lr must be > 0, got {self.max_lr!r}")
         need(0 < self.theta_init < 1, f"theta_init must lie in (0, 1), got {self.theta_init!r}")
+        need(isinstance(self.alpha_init, tuple) and len(self.alpha_init) == 2
+             and 0 < self.alpha_init[0] <= self.alpha_init[1] < 1,
+             f"alpha_init must be [low, high] with 0 < low <= high < 1, got {self.alpha_init!r}")
         if self.block_pattern is not None:
             need(len(self.block_pattern) >= 1, "block_pattern must not be empty")
             bad = [k for k in self.block_pattern if k not in BLOCK_KINDS]
@@ -141,6 +147,7 @@ class TitansConfig:
         d = dataclasses.asdict(self)
         if d["block_pattern"] is not None:
             d["block_pattern"] = list(d["block_pattern"])
+        d["alpha_init"] = list(d["alpha_init"])
         return d
 
     @classmethod

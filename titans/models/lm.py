@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import NeuralMemory, RMSNorm
+from ..layers import NeuralMemory, NeuralMemoryState, RMSNorm
 from .blocks import Block
 from .config import TitansConfig
 
@@ -31,6 +31,16 @@ class ModelState:
     def detach(self) -> "ModelState":
         return ModelState({k: (v.detach() if v is not None else None) for k, v in self.layers.items()},
                           self.position)
+
+    def memories(self) -> dict[str, NeuralMemoryState]:
+        """The neural memory's state in every block that has one and has started, by block name
+        (an LMM block's state is one; MAC, MAG and MAL keep it as their `.memory`)."""
+        out = {}
+        for name, s in self.layers.items():
+            s = s if isinstance(s, NeuralMemoryState) else getattr(s, "memory", None)
+            if isinstance(s, NeuralMemoryState):
+                out[name] = s
+        return out
 
 
 @dataclass

@@ -292,8 +292,8 @@ class Trainer:
         mean = (nll / count).item()
         if not math.isfinite(mean):
             raise RuntimeError(f"step {self.step}: the validation loss is {mean}: the model diverged (lower the "
-                               "learning rate; for Titans memory layers also max_lr, docs/models.md 'Stability "
-                               f"and max_lr'); earlier checkpoints are in {self.ckpt_dir}")
+                               "learning rate; for Titans memory layers also max_lr, docs/models.md 'The inner "
+                               f"loop's parameterisation'); earlier checkpoints are in {self.ckpt_dir}")
         return {"val_loss": mean, "val_ppl": perplexity(mean)}
 
     # ------------------------------------------------------------------ checkpoints
