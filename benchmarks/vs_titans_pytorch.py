@@ -7,7 +7,7 @@ the two goes first), every case in a fresh subprocess so that its peak RSS is it
     python benchmarks/vs_titans_pytorch.py --json vs.json --markdown vs.md    # full grid
     python benchmarks/vs_titans_pytorch.py --quick         # one tiny case (b, T=256, B=1, fp32)
 
-Configs (model dim 384, depth-2 MLP memory, expansion 4, chunk 64 on both sides):
+Configs (model dim 384, depth-2 MLP memory, expansion 4, chunk 64, momentum on, on both sides):
     a: 1 head of 384        b: 4 heads of 96
 Grid: T in {1024, 4096, 16384} x B in {1, 4} x {fp32, bf16 autocast}. Measured per case and
 side: forward tokens/s (under no_grad), forward+backward tokens/s (loss mean(y^2), gradients
@@ -108,7 +108,9 @@ def _build(case: dict[str, Any]) -> Any:
         if not hasattr(mod, name) and module == "titans":  # not re-exported yet
             mod = importlib.import_module("titans.layers")
         cls = getattr(mod, name)
-        return cls(DIM, heads, head_dim, memory_depth=DEPTH, expansion=EXPANSION, chunk_size=CHUNK)
+        # momentum on as the peer's (our default is off); the rest at our defaults (bounded
+        # momentum, the normalised step)
+        return cls(DIM, heads, head_dim, memory_depth=DEPTH, expansion=EXPANSION, chunk_size=CHUNK, momentum=True)
     from titans_pytorch import NeuralMemory
     return NeuralMemory(DIM, chunk_size=CHUNK, batch_size=case["peer_batch_size"], heads=heads,
                         dim_head=head_dim, momentum=True, mem_model_norm_add_residual=False,

@@ -91,11 +91,27 @@ def test_normalized_step_chunk_equals_reference_float64(chunk_size, T, depth, re
 
 
 def test_normalized_step_is_the_plain_step_for_a_linear_memory_and_smaller_for_a_deep_one():
+    no_momentum = lambda th, et, al: (th, et * 0, al)   # keeps every error below the clip
     for depth in (1, 2):
-        tensors, weights = make_inputs(T=40, depth=depth, seed=2, theta_max=0.5)
+        tensors, weights = make_inputs(T=40, depth=depth, seed=2, theta_max=0.2, gates=no_momentum)
         y_n, _ = memory_rule(*tensors, weights, chunk_size=8, normalize_step=True, impl="ref")
         y_p, _ = memory_rule(*tensors, weights, chunk_size=8, impl="ref")
         assert (rel(y_n, y_p) <= 1e-12) == (depth == 1)
+
+
+def test_normalized_step_keeps_a_runaway_memory_bounded():
+    """Steps too large for the chunk (theta 0.9 of 1, momentum, chunks of 32 over correlated keys):
+    the plain rule blows up, the normalised step's clip keeps the memory finite and bounded."""
+    gen = torch.Generator().manual_seed(4)
+    B, T, H, D = 1, 2048, 2, 8
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=gen, dtype=F64) + 2.0, dim=-1)
+    v = torch.randn(B, T, H, D, generator=gen, dtype=F64)
+    gates = [torch.full((B, T, H), x, dtype=F64) for x in (0.9, 0.9, 0.001)]
+    weights = [torch.randn(H, D, D, generator=gen, dtype=F64) / D ** 0.5]
+    _, plain = memory_rule(k, k, v, *gates, weights, chunk_size=32)
+    _, normed = memory_rule(k, k, v, *gates, weights, chunk_size=32, normalize_step=True)
+    assert not torch.isfinite(plain.weights[0]).all() or plain.weights[0].norm() > 1e6
+    assert torch.isfinite(normed.weights[0]).all() and normed.weights[0].norm() < 1e5   # 3.2e3 here
 
 
 @pytest.mark.parametrize("chunk_size,T", [(16, 53), (64, 150)])

@@ -187,7 +187,7 @@ class Setup:
     acc_dtype: torch.dtype   # everything else: the state's dtype
     mixed: bool = False      # bf16 operands, fp32 results through blas.gemm_into (one pass, no cast)
     native: bool = False     # the per-piece forward, state update and backward run in C++ (native.py)
-    normalize: bool = False  # the normalised step: delta scaled per token by step_scale (deep memories)
+    normalize: bool = False  # the normalised step: delta scaled per token by step_scale
     buffers: Buffers = field(default_factory=Buffers)
 
     def cast(self, x: Tensor) -> Tensor:
@@ -289,19 +289,26 @@ class KeptInternals:
                           self.scale)
 
 
-def step_scale(a: Sequence[Tensor], delta: Sequence[Tensor]) -> Tensor:
+def step_scale(a: Sequence[Tensor], delta: Sequence[Tensor], v: Tensor) -> Tensor:
     """The normalised step's per-token factor [BH, n] from the key path at the chunk-start weights:
 
-        s_m = min(1, ||delta^L_m||^2 ||k_m||^2 / ||u_m||^2),   ||u_m||^2 = sum_l ||delta^l_m||^2 ||a^l_m||^2
+        s_m = min(1, ||delta^L_m||^2 ||k_m||^2 / ||u_m||^2,  4 max(||v_m||, ||k_m||) / ||delta^L_m||)
 
-    (1 where u_m = 0). theta_m s_m is the step at which the first-order change of f(k_m) along
-    its error equals a linear memory's at theta_m: for a linear memory s = 1 exactly; a deep
-    memory whose gradient has grown takes a proportionally smaller step. A constant for the outer
-    gradient (not differentiated), in the reference loop too.
+    with ||u_m||^2 = sum_l ||delta^l_m||^2 ||a^l_m||^2 (each term 1 where its denominator is 0).
+    The first bound makes the first-order change of f(k_m) along its error at most a linear
+    memory's at the same theta (1 exactly for a linear memory); the second clips the gradient of a
+    token whose error ||f(k) - v|| = ||delta^L|| / 2 exceeds twice the larger of its value and key
+    norms, which only a memory that has run away has: its updates then stay bounded instead of
+    growing with the error. A constant for the outer gradient (not differentiated), in the
+    reference loop too.
     """
+    tiny = torch.finfo(a[0].dtype).tiny
+    dl = (delta[-1] * delta[-1]).sum(-1)
     un = sum((d * d).sum(-1) * (x * x).sum(-1) for d, x in zip(delta, a))
-    num = (delta[-1] * delta[-1]).sum(-1) * (a[0] * a[0]).sum(-1)
-    return torch.where(un > 0, num / un.clamp_min(torch.finfo(un.dtype).tiny), 1.0).clamp(max=1.0)
+    ratio = torch.where(un > 0, dl * (a[0] * a[0]).sum(-1) / un.clamp_min(tiny), 1.0)
+    bound = 16 * torch.maximum((v * v).sum(-1), (a[0] * a[0]).sum(-1))
+    clip = torch.where(dl > 0, (bound / dl.clamp_min(tiny)).sqrt(), 1.0)
+    return torch.minimum(ratio, clip).clamp(max=1.0)
 
 
 def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
@@ -309,7 +316,7 @@ def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
 
     Wg: per layer [BH, do, di], already in mm_dtype. Returns (a, zk, delta, t, scale): the gradient
     of token m for layer l is delta[l]_m a[l]_m^T; t[l] = delta[l+1] @ Wg[l+1] (kept for the
-    backward). With s.normalize (deep memories) delta and t come multiplied by the per-token
+    backward). With s.normalize delta and t come multiplied by the per-token
     step_scale, returned as scale [BH, n] (else None): scaling u_m is scaling theta_m.
     """
     L = len(Wg)
@@ -325,7 +332,7 @@ def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):
         delta.insert(0, t[0] * s.act.grad(zk[l]))
     scale = None
     if s.normalize:
-        scale = step_scale(a, delta)
+        scale = step_scale(a, delta, v)
         col = scale.unsqueeze(-1)
         delta, t = [d * col for d in delta], [x * col for x in t]
     return a, zk, delta, t, scale
@@ -495,9 +502,8 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
         mm_dtype = torch.get_autocast_dtype(q.device.type)
     mixed = can_mix and mm_dtype == torch.bfloat16
     use_native = use_native and (mixed or mm_dtype == acc_dtype)
-    # a linear memory's normalised step is its plain one (step_scale == 1): no work for it
     setup = Setup(ACTIVATIONS[activation], residual, mm_dtype, acc_dtype, mixed, use_native,
-                  normalize=normalize_step and L > 1)
+                  normalize=normalize_step)
     inputs = [flat(x).to(acc_dtype) for x in (q, k, v, theta, eta, alpha)]
     # the native path reads token rows with unit stride (a view of the features' buffer has it)
     inputs[:3] = [x if x.stride(-1) == 1 else x.contiguous() for x in inputs[:3]]

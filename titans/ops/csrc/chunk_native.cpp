@@ -531,11 +531,15 @@ void key_path(const Tensor& k, const Tensor& v, const std::vector<Tensor>& Wgc, 
     delta[l] = times_silu_grad(t[l], zk[l]);
     dcs[l] = to_mm(delta[l], mixed);
   }
-  if (normalize) {  // chunk.step_scale: delta and t times s_m = min(1, |delta^L_m|^2 |k_m|^2 / |u_m|^2)
+  if (normalize) {  // chunk.step_scale: delta and t times its s_m
+    const float tiny = std::numeric_limits<float>::min();
     Tensor un = at::zeros({BH, n}, opts);
     for (int64_t l = 0; l < L; l++) un.add_(delta[l].square().sum(-1) * a[l].square().sum(-1));
-    Tensor num = delta[L - 1].square().sum(-1) * k.square().sum(-1);
-    scale = at::where(un > 0, num / un.clamp_min(std::numeric_limits<float>::min()), at::ones_like(un)).clamp_max_(1.f);
+    Tensor dl = delta[L - 1].square().sum(-1), k2 = k.square().sum(-1);
+    Tensor ratio = at::where(un > 0, dl * k2 / un.clamp_min(tiny), at::ones_like(un));
+    Tensor bound = at::maximum(v.square().sum(-1), k2).mul_(16.f);
+    Tensor clip = at::where(dl > 0, (bound / dl.clamp_min(tiny)).sqrt(), at::ones_like(dl));
+    scale = at::minimum(ratio, clip).clamp_max_(1.f);
     Tensor col = scale.unsqueeze(-1);
     for (int64_t l = 0; l < L; l++) {
       delta[l].mul_(col);
