@@ -236,8 +236,8 @@ def test_a_diverging_inner_loop_is_skipped_not_a_crash(tmp_path):
     from titans.train import trainer as trainer_module
 
     torch.manual_seed(0)
-    config = TitansConfig.from_preset("tiny", variant="lmm", max_lr=1e6, normalize_step=False,
-                                      momentum_form="plain", forgetting=False)
+    config = TitansConfig.from_preset("tiny", variant="lmm", max_lr=1e6, normalize_step=False, memory_depth=2,
+                                      momentum=True, momentum_form="plain", forgetting=False)
     model = TitansLM(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(steps=trainer_module.MAX_BAD_STEPS + 2, batch_size=2, seq_len=64, warmup=0,

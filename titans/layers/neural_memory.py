@@ -73,7 +73,8 @@ class NeuralMemory(nn.Module):
             an average, so a write's total step is theta whatever eta; "plain": paper eq. 10,
             S_t = eta S_{t-1} - theta u_t (total step theta / (1 - eta)).
         normalize_step: scale each token's step so a deep memory moves f(k) no further than a
-            linear memory at the same theta (memory_rule; no effect on a linear memory).
+            linear memory at the same theta, and clip the step of a token whose error has run
+            away (memory_rule).
         theta_init: the initial theta as a fraction of max_lr (the gate biases).
         alpha_init: (low, high) initial forget rates, spread log-uniformly over the heads.
 
@@ -86,7 +87,7 @@ class NeuralMemory(nn.Module):
     Stability: inside a chunk every gradient is taken at the chunk-start weights, so with
     correlated keys a chunk of b tokens acts on W with a gain growing towards theta * b. The
     defaults keep it alive: chunks of 16 (a linear memory at theta 0.4 diverges in chunks of 64
-    on random inputs), bounded momentum and the normalised step. The paper's exact rule is
+    on random inputs) and the normalised step, whose clip bounds a memory that runs away. The paper's exact rule is
     momentum_form="plain", normalize_step=False with a small max_lr (docs/models.md, "The inner
     loop's parameterisation", has what was tried with its numbers).
     """

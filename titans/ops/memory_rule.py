@@ -48,11 +48,13 @@ def memory_rule(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alp
         chunk_size: b, the number of tokens whose gradients share one point (>= 1).
         activation: one of "silu", "gelu" (exact erf), "tanh".
         residual: f(x) = x + MLP(x) (requires Dk == Dv).
-        normalize_step: the normalised step: s_t = min(1, ||dl_t/df||^2 ||k_t||^2 / ||u_t||^2), at
-            the chunk-start weights like u_t, and a constant for the outer gradient. Its first-order
-            change of f(k_t) along the error is a linear memory's at the same theta (for which
-            s_t = 1 exactly); a deep memory whose gradients grow takes smaller steps instead of
-            diverging (docs/models.md, "The inner loop's parameterisation").
+        normalize_step: the normalised step, s_t = min(1, ||dl_t/df||^2 ||k_t||^2 / ||u_t||^2,
+            4 max(||v_t||, ||k_t||) / ||dl_t/df||) (chunk.step_scale), at the chunk-start weights like
+            u_t and a constant for the outer gradient. The first bound moves f(k_t) along its error
+            no further than a linear memory at the same theta (for which it is 1); the second clips
+            the step of a token whose error exceeds twice its value or key norm, so a memory that
+            runs away takes bounded steps instead of diverging (docs/models.md, "The inner loop's
+            parameterisation").
         state: a MemoryState to continue from; None starts at W_0, zero momentum, position 0.
         impl: "chunk" (the chunk-parallel dual form) or "ref" (the literal token loop).
 
