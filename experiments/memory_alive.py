@@ -17,6 +17,7 @@ import argparse
 import numpy as np
 import torch
 
+from titans import NeuralMemory
 from titans.cli.common import load_run, token_file
 
 
@@ -31,8 +32,10 @@ def main() -> None:
     ids = torch.from_numpy(np.asarray(token_file(args.data, "val").tokens[:args.tokens + 1], dtype=np.int64))
     if ids.numel() < args.tokens + 1:
         raise SystemExit(f"the validation split has {ids.numel()} tokens, fewer than --tokens {args.tokens} + 1")
-    init = {f"blocks.{i}": [w.norm().item() for w in b.mixer.memory.memory]
-            for i, b in enumerate(model.blocks) if hasattr(b.mixer, "memory")}
+    # an LMM block's mixer is the memory; MAC, MAG and MAL hold it as .memory
+    layers = {f"blocks.{i}": b.mixer if isinstance(b.mixer, NeuralMemory) else getattr(b.mixer, "memory", None)
+              for i, b in enumerate(model.blocks)}
+    init = {k: [w.norm().item() for w in m.memory] for k, m in layers.items() if isinstance(m, NeuralMemory)}
     if not init:
         raise SystemExit("this model has no memory layers")
     print("W_0 norms: " + "  ".join(f"{k}: " + ",".join(f"{x:.3g}" for x in v) for k, v in init.items()))

@@ -87,9 +87,10 @@ class NeuralMemory(nn.Module):
     Stability: inside a chunk every gradient is taken at the chunk-start weights, so with
     correlated keys a chunk of b tokens acts on W with a gain growing towards theta * b. The
     defaults keep it alive: chunks of 16 (a linear memory at theta 0.4 diverges in chunks of 64
-    on random inputs) and the normalised step, whose clip bounds a memory that runs away. The paper's exact rule is
-    momentum_form="plain", normalize_step=False with a small max_lr (docs/models.md, "The inner
-    loop's parameterisation", has what was tried with its numbers).
+    on random inputs) and the normalised step, whose clip bounds a memory that runs away. The
+    paper's exact rule is memory_depth=2, momentum=True, momentum_form="plain",
+    normalize_step=False with a small max_lr (docs/models.md, "The inner loop's
+    parameterisation", has what was tried with its numbers).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 1,

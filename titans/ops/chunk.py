@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import blas, native
-from .nets import ACTIVATIONS, Activation
+from .nets import ACTIVATIONS, Activation, normalized_step
 from .state import MemoryState
 
 __all__ = ["memory_rule_chunk", "chunk_gates", "ChunkGates", "BF16_MIN_MATRIX"]
@@ -290,25 +290,13 @@ class KeptInternals:
 
 
 def step_scale(a: Sequence[Tensor], delta: Sequence[Tensor], v: Tensor) -> Tensor:
-    """The normalised step's per-token factor [BH, n] from the key path at the chunk-start weights:
-
-        s_m = min(1, ||delta^L_m||^2 ||k_m||^2 / ||u_m||^2,  4 max(||v_m||, ||k_m||) / ||delta^L_m||)
-
-    with ||u_m||^2 = sum_l ||delta^l_m||^2 ||a^l_m||^2 (each term 1 where its denominator is 0).
-    The first bound makes the first-order change of f(k_m) along its error at most a linear
-    memory's at the same theta (1 exactly for a linear memory); the second clips the gradient of a
-    token whose error ||f(k) - v|| = ||delta^L|| / 2 exceeds twice the larger of its value and key
-    norms, which only a memory that has run away has: its updates then stay bounded instead of
-    growing with the error. A constant for the outer gradient (not differentiated), in the
-    reference loop too.
+    """The normalised step's per-token factor [BH, n] (nets.normalized_step) from the key path at
+    the chunk-start weights: |u_m|^2 = sum_l |delta^l_m|^2 |a^l_m|^2 and dl/df = delta^L.
+    A constant for the outer gradient (not differentiated), in the reference loop too.
     """
-    tiny = torch.finfo(a[0].dtype).tiny
-    dl = (delta[-1] * delta[-1]).sum(-1)
-    un = sum((d * d).sum(-1) * (x * x).sum(-1) for d, x in zip(delta, a))
-    ratio = torch.where(un > 0, dl * (a[0] * a[0]).sum(-1) / un.clamp_min(tiny), 1.0)
-    bound = 16 * torch.maximum((v * v).sum(-1), (a[0] * a[0]).sum(-1))
-    clip = torch.where(dl > 0, (bound / dl.clamp_min(tiny)).sqrt(), 1.0)
-    return torch.minimum(ratio, clip).clamp(max=1.0)
+    sq = lambda x: (x * x).sum(-1)
+    u2 = sum(sq(d) * sq(x) for d, x in zip(delta, a))
+    return normalized_step(u2, sq(delta[-1]), sq(a[0]), sq(v))
 
 
 def key_path(k: Tensor, v: Tensor, Wg: Sequence[Tensor], s: Setup):

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .nets import memory_forward
+from .nets import memory_forward, normalized_step
 from .state import MemoryState
 
 __all__ = ["memory_rule_ref"]
@@ -48,15 +48,11 @@ def memory_rule_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor,
             u = torch.autograd.grad(losses.sum(), at, create_graph=outer_grad)  # u_t = grad l_t(W_{c(t)})
         th, et, al = (g[:, t, :, None, None] for g in (theta, eta, alpha))  # [B, H, 1, 1]
         if normalize_step:
-            # theta_t * chunk.step_scale at the chunk-start weights, with ||delta^L||^2 = 4 l_t
-            # (||dl/df|| = 2 ||f(k) - v||): a constant for the outer gradient
+            # theta_t times the factor of nets.normalized_step, with |u_t|^2 from autograd and
+            # |dl/df|^2 = 4 l_t: a constant for the outer gradient
             with torch.no_grad():
-                un = sum(x.pow(2).sum((-1, -2)) for x in u)
-                k2, v2 = k[:, t].pow(2).sum(-1), v[:, t].pow(2).sum(-1)
-                tiny = torch.finfo(un.dtype).tiny
-                ratio = torch.where(un > 0, 4 * losses * k2 / un.clamp_min(tiny), 1.0)
-                clip = torch.where(losses > 0, (4 * torch.maximum(v2, k2) / losses.clamp_min(tiny)).sqrt(), 1.0)
-                scale = torch.minimum(ratio, clip).clamp(max=1.0)
+                u2 = sum(x.pow(2).sum((-1, -2)) for x in u)
+                scale = normalized_step(u2, 4 * losses, k[:, t].pow(2).sum(-1), v[:, t].pow(2).sum(-1))
             th = th * scale[..., None, None]
         S = [et * s - th * ut for s, ut in zip(S, u)]             # eq. 10/14
         W = [(1 - al) * w + s for w, s in zip(W, S)]              # eq. 13

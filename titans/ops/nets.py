@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "Activation", "memory_forward"]
+__all__ = ["ACTIVATIONS", "Activation", "memory_forward", "normalized_step"]
 
 
 def _silu_grad(z: Tensor) -> Tensor:
@@ -76,3 +76,20 @@ def memory_forward(x: Tensor, weights: Sequence[Tensor], activation: str = "silu
         if l < len(weights) - 1:
             h = act(h)
     return h + x if residual else h
+
+
+def normalized_step(u2: Tensor, d2: Tensor, k2: Tensor, v2: Tensor) -> Tensor:
+    """The normalised step's per-token factor (memory_rule's normalize_step) from squared norms:
+    u2 of the token's gradient u, d2 of dl/df = 2 (f(k) - v), k2 of its key, v2 of its value:
+
+        s = min(1, d2 k2 / u2,  4 max(|v|, |k|) / |dl/df|)      (a bound is 1 where its denominator is 0)
+
+    The first bound moves f(k) along its error no further than a linear memory at the same theta
+    (for which it is 1); the second clips the step of a token whose error |f(k) - v| exceeds twice
+    the larger of its value and key norms, which only a memory that has run away has. The
+    reference loop takes u2 from autograd, the chunk path from its per-layer factors.
+    """
+    tiny = torch.finfo(u2.dtype).tiny
+    ratio = torch.where(u2 > 0, d2 * k2 / u2.clamp_min(tiny), 1.0)
+    clip = torch.where(d2 > 0, (16 * torch.maximum(v2, k2) / d2.clamp_min(tiny)).sqrt(), 1.0)
+    return torch.minimum(ratio, clip).clamp(max=1.0)
