@@ -43,7 +43,7 @@ Fairness:
   extra n x n products per chunk). The peer materialises per-chunk gradients, momenta and
   weights for the whole sequence (memory grows as T/64 copies of the memory parameters),
   ours carries one state. Ours also does the depthwise conv, q/k L2 norm, per-head output
-  RMSNorm and SiLU output gate of DESIGN.md §2; the peer pre-RMSNorms its input and (H > 1)
+  RMSNorm and SiLU output gate of docs/design.md §2; the peer pre-RMSNorms its input and (H > 1)
   gates and projects its heads.
 - The peer's per-head initial memories are stride-0 views of one tensor (all heads start
   equal; an in-place optimizer step on them fails). Left as shipped: it does not change the

@@ -17,7 +17,8 @@ def corpus(tmp_path, monkeypatch):
     docs.mkdir()
     for i in range(4):
         (docs / f"d{i}.txt").write_text(TEXT[i * 50:] + f" document {i}.")
-    assert main(["data", "prepare", "--text", str(docs), "--val-fraction", "0.3"]) == 0
+    assert main(["data", "prepare", "--text", str(docs), "--val-fraction", "0.3",
+                 "--out", str(tmp_path / "cache" / "corpus" / "byte")]) == 0  # where train and eval look by default
     return tmp_path
 
 
@@ -37,17 +38,18 @@ def test_prepare_train_eval_generate_info(corpus, capsys):
     assert main(["info", "--model", str(run)]) == 0
     assert "parameters:" in capsys.readouterr().out
     # resuming a finished run with more steps continues from its checkpoint
-    assert main(["train", "--preset", "tiny", "--variant", "mac", "--steps", "4", "--batch-size", "2",
-                 "--seq-len", "32", "--eval-every", "4", "--eval-batches", "2", "--out", str(run), "--resume"]) == 0
+    assert main(["train", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-every", "4",
+                 "--eval-batches", "2", "--out", str(run), "--resume"]) == 0
 
 
 @pytest.mark.parametrize("argv,message", [
     (["eval", "ppl", "--model", "/nonexistent/run"], "does not exist"),
     (["train", "--preset", "tiny", "--data", "/nonexistent/corpus", "--steps", "1"], "no prepared corpus"),
-    (["train", "--preset", "tiny", "--set", "dim", "--steps", "1"], "key=value"),
+    (["train", "--preset", "tiny", "--set", "dim", "--steps", "1"], "KEY=VALUE"),
     (["info", "--preset", "tiny", "--set", "dim=30", "--set", "heads=4"], "divisible"),
     (["train", "--config", "/nonexistent.yaml", "--steps", "1"], None),
-    (["train", "--preset", "tiny", "--task", "mqar", "--seq-len", "64", "--task-arg", "seq_len=128", "--steps", "1"],
+    (["train", "--preset", "tiny", "--task", "mqar", "--seq-len", "64", "--task-arg", "seq_len=128",
+      "--task-arg", "n_pairs=4", "--steps", "1"],
      "disagree"),
     (["train", "--preset", "tiny", "--task", "copy", "--task-arg", "n_tokens=8", "--seq-len", "999", "--steps", "1"],
      "makes sequences of"),

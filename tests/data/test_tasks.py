@@ -287,7 +287,12 @@ def test_masked_accuracy_and_recall_evaluation():
     batches = recall_batches("mqar", 2, 64, seed=7, **kw)
     first = next(batches)
     assert torch.equal(first[0], mqar_batch(2, vocab_size=64, seed=7, step=0, **kw)[0])
-    with pytest.raises(ValueError, match="bad arguments"):
+    with pytest.raises(ValueError, match=r"task copy: unknown argument\(s\) \['seq_len'\]"):
         recall_batches("copy", 2, 64, seq_len=10)
+    with pytest.raises(ValueError, match=r"task copy: argument\(s\) \['n_tokens'\] must be given"):
+        recall_batches("copy", 2, 64)
+    with pytest.raises(ValueError, match="task mqar n_pairs must be an integer, got 'four'"):
+        recall_batches("mqar", 2, 64, seq_len=32, n_pairs="four")
+    assert torch.equal(next(recall_batches("mqar", 2, 64, seed=7, seq_len="32", n_pairs="4"))[0], first[0])
     with pytest.raises(ValueError, match="task"):
         recall_batches("sort", 2, 64)

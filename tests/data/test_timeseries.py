@@ -41,6 +41,16 @@ def test_load_csv_pick_columns_and_date_elsewhere(tmp_path):
     assert none.dates is None
 
 
+def test_load_csv_finds_the_date_column_or_none(tmp_path):
+    named = load_csv(write(tmp_path, "temp,Timestamp\n1.5,t1\n2.5,t2\n", "named.csv"))
+    assert named.columns == ["temp"] and named.dates == ["t1", "t2"]
+    # no date column: a numeric first column is a variable, never taken for the dates
+    numeric = load_csv(write(tmp_path, "a,b\n1,2\n3,4\n", "numeric.csv"))
+    assert numeric.columns == ["a", "b"] and numeric.dates is None
+    first = load_csv(write(tmp_path, "when,a\nmonday,1\ntuesday,2\n", "first.csv"))
+    assert first.columns == ["a"] and first.dates == ["monday", "tuesday"]
+
+
 def test_load_csv_errors_and_ffill(tmp_path):
     p = write(tmp_path, "date,a,b\nd1,,1\nd2,2,NaN\nd3,3,4\n")
     with pytest.raises(ValueError, match="column 'a', line 2: missing value"):

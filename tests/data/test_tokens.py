@@ -92,10 +92,11 @@ def test_prepare_errors(tmp_path):
         prepare(tmp_path, text=tmp_path / "nope")
 
 
-def test_single_document_gives_empty_val(tmp_path):
-    meta = prepare(tmp_path, DOCS[:1])
+def test_a_split_left_empty_is_an_error_that_says_how_to_fix_it(tmp_path):
+    with pytest.raises(ValueError, match="validation split is empty.*split_paragraphs=True"):
+        prepare(tmp_path, DOCS[:1])
+    meta = prepare(tmp_path, DOCS[:1], val_fraction=0.0)  # no validation asked for: allowed
     assert meta["splits"]["val"]["tokens"] == 0
-    assert len(TokenFile(tmp_path, "val")) == 0
     with pytest.raises(ValueError, match="at least 2 tokens"):
         EvalWindows(TokenFile(tmp_path, "val"), seq_len=4)
 

@@ -135,6 +135,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="NeuralMemoryState"):
         layer(torch.randn(2, 5, 24, dtype=torch.float64), state={"memory": None})
     assert isinstance(layer(torch.randn(1, 3, 24, dtype=torch.float64))[1], NeuralMemoryState)
+    for x in (torch.ones(1, 3, 24, dtype=torch.long), torch.randn(1, 3, 24)):  # layer is float64
+        with pytest.raises(ValueError, match="floating-point tensor matching the layer's torch.float64"):
+            layer(x)
 
 
 def one_shot_progress(depth: int, seed: int, others: int = 64) -> torch.Tensor:

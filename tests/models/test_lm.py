@@ -93,6 +93,37 @@ def test_bad_model_inputs():
         model.generate(torch.tensor([[1]]), 3, top_p=1.5)
     with pytest.raises(ValueError, match="prompt"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"one prompt: ids\[None\]"):
+        model.generate(torch.tensor([1, 2]), 3)
+    with pytest.raises(ValueError, match="nothing to score"):
+        model(torch.tensor([[1, 2]]), labels=torch.full((1, 2), -100))
+
+
+@pytest.mark.parametrize("other,match", [
+    (dict(), "batch of 2 sequences, input_ids has 3"),
+    (dict(variant="mag"), "another architecture"),
+    (dict(dim=32), "another architecture"),
+])
+def test_a_state_from_elsewhere_is_refused(other, match):
+    torch.manual_seed(0)
+    state = TitansLM(TitansConfig.from_preset("tiny", **{"variant": "mac", **other}))(torch.randint(0, 256, (2, 8))).state
+    model = TitansLM(TitansConfig.from_preset("tiny", variant="mac"))
+    with pytest.raises(ValueError, match=match):
+        model(torch.randint(0, 256, (3 if not other else 2, 8)), state=state)
+
+
+def test_config_values_are_typed_from_text_and_files(tmp_path):
+    c = TitansConfig.from_dict({"momentum": "False", "conv": "TRUE", "dim": "64", "heads": 2, "max_lr": 1,
+                                "alpha_init": [1e-3, 2e-3], "block_pattern": "swa,lmm"})
+    assert (c.momentum, c.conv, c.dim, c.max_lr) == (False, True, 64, 1.0)
+    assert c.alpha_init == (1e-3, 2e-3) and c.block_pattern == ("swa", "lmm")
+    for bad, match in (({"momentum": "maybe"}, "momentum must be true or false"), ({"dim": 64.5}, "dim must be an integer"),
+                       ({"variant": 3}, "variant must be a string"), ({"forgetting": 1}, "forgetting must be true or false")):
+        with pytest.raises(ValueError, match=match):
+            TitansConfig.from_dict(bad)
+    (tmp_path / "c.toml").write_text('momentum = "yes"\n')
+    with pytest.raises(ValueError, match="momentum must be true or false, got 'yes'"):
+        TitansConfig.load(tmp_path / "c.toml")
 
 
 def test_generate_greedy_matches_argmax_of_forward():

@@ -1,5 +1,5 @@
 """Every variant and baseline through TitansLM: causality, streaming, decoding, bounded state,
-learning, and MAC's write-from-y (DESIGN.md §3)."""
+learning, and MAC's write-from-y (docs/design.md §3)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from titans import TitansConfig, TitansLM
-from titans.models.variants import MAC
+from titans.models.variants import MAC, MAL
 
 VARIANTS = ["lmm", "mac", "mag", "mal", "transformer", "swa"]
 HYBRID = dict(block_pattern=("swa", "mac", "lmm", "mag", "mal", "attn"), n_layers=6)
@@ -122,27 +122,46 @@ def test_overfits_a_tiny_repeated_sequence(variant, kw):
     assert loss.item() < 0.1 * first, (first, loss.item())
 
 
-def test_mac_writes_the_memory_with_the_attention_output():
+@pytest.mark.parametrize("write", ["y", "residual", "x"])
+def test_mac_writes_the_chosen_stream(write):
     torch.manual_seed(0)
-    cfg = TitansConfig.from_preset("tiny", variant="mac")
+    cfg = TitansConfig.from_preset("tiny", variant="mac", mac_write=write)
     mac = MAC(cfg).double()
     x = torch.randn(1, 2 * cfg.segment_len, cfg.dim, dtype=torch.float64)
     C = cfg.segment_len
-    seen = []
+    seen, ys = [], []
     hook = mac.memory.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    wo = mac.wo.register_forward_hook(lambda mod, args, out: ys.append(out.detach()))
     _, state = mac(x[:, :C])
     hook.remove()
-    # the memory state after segment 1 is exactly what writing y (the attention output) gives
+    wo.remove()
+    expected = {"y": ys[0], "residual": x[:, :C] + ys[0], "x": x[:, :C]}[write]
+    assert torch.equal(seen[0], expected)
+    # the memory state after segment 1 is exactly what writing that stream gives
     _, direct = mac.memory(seen[0])
     for a, b in zip(state.memory.memory.weights, direct.memory.weights):
         assert torch.allclose(a, b, atol=1e-12)
     h_ref = mac.retrieve(x[:, C:], state.memory.memory.weights)
-    # change y in segment 1 (through the attention's output projection): segment 2's retrieval moves
-    bump = mac.wo.register_forward_hook(lambda mod, args, out: out + 0.5)
-    _, state2 = mac(x[:, :C])
-    bump.remove()
+    # change segment 1's input: segment 2's retrieval moves (whatever is written depends on x)
+    _, state2 = mac(x[:, :C] + 0.5)
     h_new = mac.retrieve(x[:, C:], state2.memory.memory.weights)
     assert not torch.allclose(h_new, h_ref)
+
+
+def test_mal_residual_passes_the_memory_output_past_the_attention():
+    torch.manual_seed(0)
+    x = torch.randn(1, 40, 64, dtype=torch.float64)
+    for residual in (True, False):
+        mal = MAL(TitansConfig.from_preset("tiny", variant="mal", mal_residual=residual)).double()
+        outs = []
+        hook = mal.memory.register_forward_hook(lambda mod, args, out: outs.append(out[0].detach()))
+        o, _ = mal(x)
+        hook.remove()
+        y = outs[0][:, mal.persistent().shape[0]:]
+        # zero the attention's output projection: what is left is the memory's own output, or nothing
+        torch.nn.init.zeros_(mal.attention.wo.weight)
+        o0, _ = mal(x)
+        assert torch.allclose(o0, y if residual else torch.zeros_like(y), atol=1e-12)
 
 
 def test_hybrid_pattern_builds_the_listed_kinds():

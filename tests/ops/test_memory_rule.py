@@ -1,4 +1,4 @@
-"""The memory rule against DESIGN.md §1: chunk path == reference loop, streaming == one call."""
+"""The memory rule against docs/design.md §1: chunk path == reference loop, streaming == one call."""
 
 from __future__ import annotations
 

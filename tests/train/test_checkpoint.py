@@ -94,8 +94,11 @@ def test_temp_dirs_are_ignored_and_cleaned(tiny, tmp_path):
 
 
 def _rewrite_size(path, name):
+    """Record the file as it is now (size and sha256): a manifest that agrees with a bad file."""
+    import hashlib
     state = json.loads((path / "trainer_state.json").read_text())
-    state["files"][name] = (path / name).stat().st_size
+    state["files"][name] = {"size": (path / name).stat().st_size,
+                            "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
     (path / "trainer_state.json").write_text(json.dumps(state))
 
 
@@ -130,6 +133,34 @@ def test_damaged_checkpoint_names_the_file(tiny, tmp_path, damage, match):
         _rewrite_size(path, "optimizer.pt")
     with pytest.raises(CheckpointError, match=match):
         load_checkpoint(path)
+
+
+def test_weights_changed_in_place_are_caught_and_the_previous_checkpoint_used(tiny, tmp_path):
+    _save(tiny, tmp_path, 1)
+    path, _, _ = _save(tiny, tmp_path, 2)
+    model = path / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-64:] = bytes(64)  # tensor bytes zeroed: same size, header intact, parses fine
+    model.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors' is corrupt: its sha256 differs"):
+        load_checkpoint(path)
+    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
+        assert load_latest(tmp_path).step == 1
+
+
+def test_inference_reads_only_the_weights(tiny, tmp_path):
+    path, ms, _ = _save(tiny, tmp_path, 1)
+    (path / "optimizer.pt").write_bytes(b"x" * (path / "optimizer.pt").stat().st_size)
+    ck = load_checkpoint(path, load_optimizer=False)
+    assert ck.optim_state is None and torch.equal(ck.model_state["embed.weight"], ms["embed.weight"])
+    with pytest.raises(CheckpointError, match="optimizer"):
+        load_checkpoint(path)
+
+
+def test_files_are_written_with_the_same_permissions(tiny, tmp_path):
+    path, _, _ = _save(tiny, tmp_path, 1)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert len(set(modes.values())) == 1, modes
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

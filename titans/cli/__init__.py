@@ -23,14 +23,44 @@ from .common import UserError, load_run
 __all__ = ["main", "build_parser", "load_run", "UserError"]
 
 
+def _shows_default(action: argparse.Action) -> bool:
+    return bool(action.option_strings) and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default (unless it is None or False, or the help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if _shows_default(action) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _parsers(p: argparse.ArgumentParser):
+    """p and every subcommand parser under it."""
+    yield p
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
     from . import domains, lm, long_context
 
     p = argparse.ArgumentParser(prog="titans", description="Titans: learning to memorize at test time.")
+    p.add_argument("--version", action="version", version=f"titans {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="action", required=True)
     for module in (lm, long_context, domains):
         module.register(sub, ev)
+    for parser in _parsers(p):
+        parser.formatter_class = _HelpFormatter
+        for action in parser._actions:
+            if action.help is None and _shows_default(action):
+                action.help = "(default: %(default)s)"  # argparse prints nothing for help=None
     return p
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-__all__ = ["UserError", "parse_overrides", "load_run", "token_file", "default_corpus", "haystack_documents"]
+__all__ = ["UserError", "parse_overrides", "load_run", "token_file", "default_corpus", "haystack_documents",
+           "check_tokenizer"]
 
 
 class UserError(Exception):
@@ -19,23 +18,23 @@ def default_corpus(tokenizer: str) -> Path:
     return default_data_dir() / "corpus" / Path(tokenizer).stem
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """--set key=value pairs; values parse as JSON when they can (numbers, booleans, lists)."""
+def parse_overrides(pairs: list[str] | None, flag: str = "--set") -> dict[str, str]:
+    """KEY=VALUE pairs as text; the config or task they go to parses each value by its field's
+    type (titans.typed), so `momentum=False` is the boolean False."""
     out = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise UserError(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        if key.strip() in out:
+            raise UserError(f"{flag} {key.strip()} is given twice")
+        out[key.strip()] = raw.strip()
     return out
 
 
 def load_run(path: str | Path):
     """(model, tokenizer, checkpoint) from a run directory (its newest good checkpoint) or a
-    checkpoint directory. Loading reads safetensors and JSON only."""
+    checkpoint directory. Loading reads safetensors and JSON only, never the optimizer state."""
     from ..data.tokenizer import load_tokenizer
     from ..models import TitansConfig, TitansLM
     from ..train import load_checkpoint, load_latest
@@ -43,7 +42,8 @@ def load_run(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise UserError(f"--model: {path} does not exist")
-    ckpt = load_checkpoint(path) if (path / "model.safetensors").exists() else load_latest(path / "checkpoints")
+    ckpt = (load_checkpoint(path, load_optimizer=False) if (path / "model.safetensors").exists()
+            else load_latest(path / "checkpoints", load_optimizer=False))
     if ckpt is None:
         raise UserError(f"--model: no checkpoint under {path}")
     if ckpt.config is None:
@@ -61,6 +61,20 @@ def token_file(data: str | None, split: str):
     if not (root / "meta.json").exists():
         raise UserError(f"no prepared corpus at {root}: run `titans data prepare` first (or pass --data)")
     return TokenFile(root, split=split)
+
+
+def check_tokenizer(fingerprint: str | None, data, who: str) -> None:
+    """Refuse prepared data (a TokenFile) made with another tokenizer than `who` uses (its
+    fingerprint; None: unknown, not checked)."""
+    from ..data import tokenizer_fingerprint
+    if fingerprint is None or data.meta is None:
+        return
+    made_with = data.meta.get("tokenizer_fingerprint") or tokenizer_fingerprint(data.tokenizer())
+    if made_with != fingerprint:
+        root = data.path.parent
+        raise UserError(f"the data in {root} was prepared with tokenizer {data.meta['tokenizer']} ({made_with}), "
+                        f"but {who} uses {fingerprint}: prepare the data with the run's tokenizer "
+                        f"(titans data prepare --tokenizer <checkpoint>/tokenizer.json --out DIR) and pass --data DIR")
 
 
 def haystack_documents(text: list[str] | None = None, data_dir: str | None = None):

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import UserError, default_corpus, load_run, parse_overrides, token_file
+from .common import UserError, check_tokenizer, default_corpus, load_run, parse_overrides, token_file
 
 DEFAULT_SEQ_LEN = 256  # tokens per training sequence of the corpus (--task lm) and babilong
 
@@ -22,15 +22,25 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
         print(f"{len(sources)} genomes ready")
         return
     from ..data import prepare
-    out = Path(a.out) if a.out else default_corpus(a.tokenizer)
+    if a.out:
+        out = Path(a.out)
+    elif a.text:  # never over the default corpus that train and eval ppl read
+        out = default_corpus(a.tokenizer).parent / f"text-{Path(a.text[0]).stem}-{Path(a.tokenizer).stem}"
+    else:
+        out = default_corpus(a.tokenizer)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
     sources = a.source if a.source else (None if a.text else ["shakespeare", "wiki"])
     t0 = time.perf_counter()
     meta = prepare(out, sources=sources, text=a.text, data_dir=a.data_dir, tokenizer=a.tokenizer,
-                   vocab_size=a.vocab_size, val_fraction=a.val_fraction, seed=a.seed)
+                   vocab_size=a.vocab_size, val_fraction=a.val_fraction, seed=a.seed,
+                   split_paragraphs=a.split_paragraphs)
     for split, info in meta["splits"].items():
         print(f"{split:5s}: {info['documents']:,} documents, {info['tokens']:,} tokens")
     print(f"tokenizer {meta['tokenizer']} (vocab {meta['vocab_size']}), written to {out} "
           f"in {time.perf_counter() - t0:.1f}s")
+    if out != default_corpus(a.tokenizer):
+        print(f"train on it with: titans train --data {out}")
 
 
 def _task_data(a: argparse.Namespace, vocab_size: int, tokenizer):
@@ -47,10 +57,7 @@ def _task_data(a: argparse.Namespace, vocab_size: int, tokenizer):
         held_out = babilong_batches(tokenizer, a.seq_len, a.batch_size, documents=haystack_documents(a.text),
                                     tasks=tasks, seed=a.seed + 1)
     else:
-        kw = parse_overrides(a.task_arg)
-        if a.task == "mqar" and a.seq_len is not None:
-            if kw.setdefault("seq_len", a.seq_len) != a.seq_len:
-                raise UserError(f"--seq-len {a.seq_len} and --task-arg seq_len={kw['seq_len']} disagree: give one")
+        kw = a.task_args
         train = recall_batches(a.task, a.batch_size, vocab_size, seed=a.seed, **kw)
         held_out = recall_batches(a.task, a.batch_size, vocab_size, seed=a.seed + 1, **kw)
         # the task's own arguments fix its length (copy: n_tokens and delay); --seq-len must agree
@@ -62,22 +69,103 @@ def _task_data(a: argparse.Namespace, vocab_size: int, tokenizer):
     return train, [held_out.batch(i) for i in range(a.eval_batches)]
 
 
+def _flag_config(a: argparse.Namespace, overrides: dict):
+    """The model config the flags ask for (--config or --preset/--variant, plus --set)."""
+    from ..models import TitansConfig
+    if "variant" in overrides:
+        raise UserError(f"--set variant={overrides['variant']}: choose the variant with --variant")
+    if getattr(a, "config", None):
+        return TitansConfig.from_dict({**TitansConfig.load(a.config).to_dict(), **overrides})
+    return TitansConfig.from_preset(a.preset or "small", variant=a.variant or "mac", **overrides)
+
+
+def _resume_run(a: argparse.Namespace, overrides: dict):
+    """The newest checkpoint of the run in --out (None: nothing to resume). The config, task,
+    task arguments and data come from it (set on `a`); a flag that asks for something else is
+    an error naming both values."""
+    from ..models import TitansConfig
+    from ..train import load_latest
+
+    ckpt = load_latest(Path(a.out) / "checkpoints", load_optimizer=False)
+    if ckpt is None:
+        return None
+    if a.init:
+        raise UserError("--init and --resume: a resumed run keeps its own weights; drop --init")
+    if a.steps < ckpt.step:
+        raise UserError(f"--steps {a.steps} is below the run's step {ckpt.step} ({ckpt.path}): "
+                        f"--resume continues up to --steps")
+    if ckpt.config is None:
+        raise UserError(f"--resume: checkpoint {ckpt.path} has no config.json")
+    config = TitansConfig.from_dict(ckpt.config)
+    if a.preset or a.variant or a.config or overrides:
+        if a.preset or a.config:
+            asked = _flag_config(a, overrides).to_dict()
+        else:  # --variant or --set alone change the run's own config
+            if "variant" in overrides:
+                raise UserError(f"--set variant={overrides['variant']}: choose the variant with --variant")
+            asked = TitansConfig.from_dict({**ckpt.config, **overrides, "variant": a.variant or config.variant}).to_dict()
+        asked["vocab_size"] = config.vocab_size  # the data sets it, not the flags
+        diff = [f"{k}={asked[k]!r} (flags) vs {v!r} (the run)" for k, v in config.to_dict().items() if asked[k] != v]
+        if diff:
+            raise UserError(f"--resume: the flags ask for another model than the run in {a.out}: {'; '.join(diff)}; "
+                            f"drop --preset/--variant/--config/--set to continue it")
+    run = ckpt.state.get("run") or {}
+    task, task_args = run.get("task", "lm"), run.get("task_args") or {}
+    asked = [("--task", a.task, task)]
+    if a.data and run.get("data"):  # runs from before the run facts were kept have none
+        asked.append(("--data", str(Path(a.data).resolve()), run["data"]))
+    if a.task_args:
+        from ..data.tasks import task_arguments
+        given = task_arguments(task, {**task_args, **a.task_args})
+        asked += [(f"--task-arg {k}=", given[k], task_args.get(k)) for k in a.task_args]
+    for flag, value, trained in asked:
+        if value is not None and value != trained:
+            raise UserError(f"--resume: {flag}{'' if flag.endswith('=') else ' '}{value} but the run in {a.out} "
+                            f"was trained with {trained}")
+    a.task, a.task_args = task, task_args
+    a.data = a.data or run.get("data")
+    return ckpt
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
-    from ..data import EvalWindows, TokenBatches, load_tokenizer
+    from ..data import EvalWindows, TokenBatches, load_tokenizer, tokenizer_fingerprint
+    from ..data.tasks import task_arguments
     from ..models import TitansConfig, TitansLM
-    from ..train import TrainConfig, Trainer
+    from ..train import TrainConfig, Trainer, list_checkpoints
 
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run directory")
+    if list_checkpoints(out / "checkpoints") and not a.resume:
+        raise UserError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
     overrides = parse_overrides(a.set)
+    a.task_args = parse_overrides(a.task_arg, "--task-arg")
+    if a.task not in (None, "mqar", "copy", "selective_copy") and a.task_args:
+        raise UserError(f"--task-arg is for the recall tasks, not --task {a.task}")
     init = None
-    if a.init:  # fine-tune: the architecture and weights come from the checkpoint
+    resumed = _resume_run(a, overrides) if a.resume else None
+    if resumed is not None:
+        config = TitansConfig.from_dict(resumed.config)
+    elif a.init:  # fine-tune: the architecture and weights come from the checkpoint
+        if "variant" in overrides:
+            raise UserError(f"--set variant={overrides['variant']}: --init keeps the run's variant")
         init, tokenizer, _ = load_run(a.init)
         config = TitansConfig.from_dict({**init.config.to_dict(), **overrides})
-    elif a.config:
-        config = TitansConfig.from_dict({**TitansConfig.load(a.config).to_dict(), **overrides})
     else:
-        config = TitansConfig.from_preset(a.preset, variant=a.variant, **overrides)
+        config = _flag_config(a, overrides)
+    a.task = a.task or "lm"
+    if a.task in ("mqar", "copy", "selective_copy"):
+        kw = dict(a.task_args)
+        if a.task == "mqar" and a.seq_len is not None:  # --seq-len alone sets the length
+            kw.setdefault("seq_len", a.seq_len)
+        try:
+            a.task_args = task_arguments(a.task, kw)
+        except ValueError as e:
+            raise UserError(f"--task-arg: {e}") from None
+        if a.task == "mqar" and a.seq_len is not None and a.task_args["seq_len"] != a.seq_len:
+            raise UserError(f"--seq-len {a.seq_len} and --task-arg seq_len={a.task_args['seq_len']} disagree: give one")
     if a.task == "lm":
         a.seq_len = a.seq_len or DEFAULT_SEQ_LEN
         if a.data and Path(a.data).is_file():  # pre-tokenized .npy / .bin files
@@ -92,6 +180,10 @@ def cmd_train(a: argparse.Namespace) -> None:
                 raise UserError(f"token id {top} in the data is outside the tokenizer's vocabulary ({vocab})")
         else:
             train_file, val_file = token_file(a.data, "train"), token_file(a.data, "val")
+            if init is not None:
+                check_tokenizer(tokenizer_fingerprint(tokenizer), train_file, f"the --init model {a.init}")
+            if resumed is not None:
+                check_tokenizer(resumed.state.get("tokenizer_fingerprint"), train_file, f"the run in {a.out}")
             tokenizer, vocab = train_file.tokenizer(), train_file.vocab_size
         batches = TokenBatches(train_file, a.batch_size, a.seq_len, seed=a.seed)
         val = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size)
@@ -115,7 +207,9 @@ def cmd_train(a: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {config.variant} ({','.join(sorted(set(config.layer_kinds)))}), {n_params / 1e6:.2f}M "
           f"parameters; {what}", flush=True)
-    trainer = Trainer(model, batches, val, cfg, config_dict=config.to_dict(), tokenizer=tokenizer)
+    run_info = {"task": a.task, "task_args": a.task_args,
+                "data": str(Path(a.data).resolve()) if a.task == "lm" and a.data else None}
+    trainer = Trainer(model, batches, val, cfg, config_dict=config.to_dict(), tokenizer=tokenizer, run_info=run_info)
     rows = trainer.fit()
     last_val = next((r for r in reversed(rows) if r.get("val_loss") is not None), None)
     speed = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
@@ -133,8 +227,12 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
     from ..data import EvalWindows
     from ..eval.metrics import perplexity
 
-    model, _, ckpt = load_run(a.model)
-    val_file = token_file(a.data, a.split)
+    from ..data import tokenizer_fingerprint
+
+    model, tokenizer, ckpt = load_run(a.model)
+    data = a.data or (ckpt.state.get("run") or {}).get("data") or default_corpus(tokenizer.name)
+    val_file = token_file(data, a.split)
+    check_tokenizer(tokenizer_fingerprint(tokenizer), val_file, f"the model {a.model}")
     windows = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size, max_windows=a.max_windows)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -181,7 +279,7 @@ def cmd_info(a: argparse.Namespace) -> None:
         config = model.config
         print(f"checkpoint: {ckpt.path} (step {ckpt.step})")
     else:
-        config = TitansConfig.from_preset(a.preset, variant=a.variant, **parse_overrides(a.set))
+        config = _flag_config(a, parse_overrides(a.set))
         with torch.device("meta"):
             model = TitansLM(config)
     groups: dict[str, int] = {}
@@ -210,22 +308,26 @@ def register(sub, ev) -> None:
     dp.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     dp.add_argument("--val-fraction", type=float, default=0.1, help="held-out documents (default 0.1)")
     dp.add_argument("--seed", type=int, default=0)
-    dp.add_argument("--out", help="output directory (default $TITANS_DATA/corpus/<tokenizer>)")
+    dp.add_argument("--out", help="output directory (default $TITANS_DATA/corpus/<tokenizer>; with --text "
+                    "$TITANS_DATA/corpus/text-<file>-<tokenizer>, never the default corpus)")
+    dp.add_argument("--split-paragraphs", action="store_true",
+                    help="cut each --text file into documents at blank lines (one file can then be split "
+                         "into train and validation)")
     dp.add_argument("--data-dir", help="download cache (default $TITANS_DATA or ~/.cache/titans)")
     dp.add_argument("--dna", action="store_true", help="fetch the reference genomes instead")
     dp.set_defaults(func=cmd_data_prepare)
 
     t = sub.add_parser("train", help="train a language model")
-    t.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    t.add_argument("--variant", default="mac", choices=sorted(VARIANTS))
+    t.add_argument("--preset", choices=sorted(PRESETS), help="model size (default small; --resume: the run's)")
+    t.add_argument("--variant", choices=sorted(VARIANTS), help="model variant (default mac; --resume: the run's)")
     t.add_argument("--config", help="a model config file (.json/.yaml/.toml) instead of a preset")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     t.add_argument("--data", help="prepared corpus directory (default: the byte corpus), or a .npy/.bin token file")
     t.add_argument("--val-data", help="with a token file as --data: the held-out token file")
     t.add_argument("--dtype", default="uint16", help="integer dtype of raw .bin token files (default uint16)")
     t.add_argument("--tokenizer", default="byte", help="with token files: the tokenizer (byte or a tokenizer.json)")
-    t.add_argument("--task", default="lm", choices=["lm", "babilong", "mqar", "copy", "selective_copy"],
-                   help="lm (the corpus), babilong QA fine-tuning, or a synthetic recall task")
+    t.add_argument("--task", choices=["lm", "babilong", "mqar", "copy", "selective_copy"],
+                   help="lm (the corpus; the default), babilong QA fine-tuning, or a synthetic recall task")
     t.add_argument("--init", help="start from this run's weights and architecture (fine-tuning)")
     t.add_argument("--babilong-tasks", default="qa1,qa2,qa3", help="with --task babilong")
     t.add_argument("--text", action="append", help="with --task babilong: local text for the distractors")
@@ -247,12 +349,14 @@ def register(sub, ev) -> None:
     t.add_argument("--distributed", default="none", choices=["none", "ddp", "fsdp"],
                    help="under torchrun: ddp or fsdp (FSDP2)")
     t.add_argument("--out", default="runs/default", help="run directory")
-    t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest good checkpoint, with its own model config, "
+                        "tokenizer, task and data")
     t.set_defaults(func=cmd_train)
 
     pp = ev.add_parser("ppl", help="perplexity on the held-out split")
     pp.add_argument("--model", required=True, help="run or checkpoint directory")
-    pp.add_argument("--data", help="prepared corpus directory (default: the byte corpus)")
+    pp.add_argument("--data", help="prepared corpus directory (default: the one the run trained on)")
     pp.add_argument("--split", default="val", choices=["train", "val"])
     pp.add_argument("--seq-len", type=int, default=256)
     pp.add_argument("--batch-size", type=int, default=8)
@@ -271,7 +375,7 @@ def register(sub, ev) -> None:
 
     i = sub.add_parser("info", help="parameter counts and config of a preset or a checkpoint")
     i.add_argument("--model", help="run or checkpoint directory")
-    i.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    i.add_argument("--variant", default="mac", choices=sorted(VARIANTS))
-    i.add_argument("--set", action="append", metavar="KEY=VALUE")
+    i.add_argument("--preset", choices=sorted(PRESETS), help="model size (default small)")
+    i.add_argument("--variant", choices=sorted(VARIANTS), help="model variant (default mac)")
+    i.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     i.set_defaults(func=cmd_info)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import UserError, haystack_documents, load_run, parse_overrides
+from .common import UserError, check_tokenizer, haystack_documents, load_run, parse_overrides
 
 
 def _model(a: argparse.Namespace):
@@ -22,6 +22,13 @@ def _model(a: argparse.Namespace):
     from ..models import TitansConfig, TitansLM
     torch.manual_seed(0)
     return TitansLM(TitansConfig.from_preset(a.preset, variant=a.variant)).eval(), load_tokenizer("byte")
+
+
+def _plot_path(a: argparse.Namespace, name: str) -> str:
+    """--plot as given, else `name` in the --model directory (never the current directory)."""
+    if a.plot is not None:
+        return a.plot
+    return str(Path(a.model) / name)
 
 
 def _progress(total: int):
@@ -43,6 +50,7 @@ def cmd_niah(a: argparse.Namespace) -> None:
                             piece=a.piece, progress=tick)
     bar.close()
     print(format_niah_table(records))
+    a.plot = _plot_path(a, f"niah-{a.task}.png")
     if a.plot:
         plot_niah(records, a.plot, title=f"S-NIAH {a.task}")
         print(f"heatmap: {a.plot}")
@@ -60,6 +68,7 @@ def cmd_babilong(a: argparse.Namespace) -> None:
                                 seed=a.seed, piece=a.piece, progress=tick)
     bar.close()
     print(format_babilong_table(records))
+    a.plot = _plot_path(a, "babilong.png")
     if a.plot:
         plot_babilong(records, a.plot)
         print(f"plot: {a.plot}")
@@ -69,8 +78,11 @@ def cmd_stream(a: argparse.Namespace) -> None:
     from ..data.tasks import parse_length, parse_lengths
     from ..eval.stream import format_stream_result, stream_eval
 
-    model, _ = _model(a)
+    model, tokenizer = _model(a)
     n = parse_length(a.tokens)
+    if a.source and a.model and Path(a.source).is_dir():
+        from ..data import TokenFile, tokenizer_fingerprint
+        check_tokenizer(tokenizer_fingerprint(tokenizer), TokenFile(a.source, "val"), f"the model {a.model}")
     checkpoints = [c for c in parse_lengths(a.checkpoints) if c < n] + [n]
     result = stream_eval(model, n, piece=a.piece, checkpoints=checkpoints, source=a.source, seed=a.seed)
     print(format_stream_result(result))
@@ -81,12 +93,23 @@ def cmd_stream(a: argparse.Namespace) -> None:
 
 
 def cmd_recall(a: argparse.Namespace) -> None:
-    from ..data.tasks import evaluate_recall
+    from ..data.tasks import RECALL_TASKS, evaluate_recall, task_arguments
 
-    model, _ = _model(a)
-    acc = evaluate_recall(model, a.task, a.batch_size, model.config.vocab_size, n_batches=a.batches,
-                          seed=a.seed, **parse_overrides(a.task_arg))
-    print(f"{a.task}: accuracy {acc:.4f} on scored positions ({a.batches} batches of {a.batch_size})")
+    model, _, ckpt = load_run(a.model)
+    run = ckpt.state.get("run") or {}
+    trained = run.get("task") in RECALL_TASKS
+    task = a.task or (run["task"] if trained else "mqar")
+    # the task arguments the run trained with, unless the flags change them (e.g. seq_len to go longer)
+    kw = {**(run.get("task_args") or {} if trained and task == run["task"] else {}),
+          **parse_overrides(a.task_arg, "--task-arg")}
+    try:
+        kw = task_arguments(task, kw)
+    except ValueError as e:
+        raise UserError(f"--task-arg: {e}" + ("" if trained else " (the run was not trained on a recall task, "
+                                                                  "so give them all with --task-arg)")) from None
+    acc = evaluate_recall(model, task, a.batch_size, model.config.vocab_size, n_batches=a.batches, seed=a.seed, **kw)
+    args = " ".join(f"{k}={v}" for k, v in kw.items())
+    print(f"{task} ({args}): accuracy {acc:.4f} on scored positions ({a.batches} batches of {a.batch_size})")
 
 
 def _depths(value: str):
@@ -111,7 +134,7 @@ def register(sub, ev) -> None:
     n.add_argument("--depths", type=_depths, default=11, help="a count (11: 0, 0.1 .. 1) or a list of fractions")
     n.add_argument("--samples", type=int, default=1, help="samples per cell")
     n.add_argument("--text", action="append", help="local text for the essay haystack (default: the corpus)")
-    n.add_argument("--plot", default="niah.png", help="heatmap PNG path ('' to skip)")
+    n.add_argument("--plot", help="heatmap PNG path ('' to skip; default niah-<task>.png in the --model directory)")
     n.set_defaults(func=cmd_niah)
 
     b = ev.add_parser("babilong", help="bAbI-like QA hidden in long distractor text: accuracy by length")
@@ -120,13 +143,13 @@ def register(sub, ev) -> None:
     b.add_argument("--lengths", default="1K,2K,4K")
     b.add_argument("--samples", type=int, default=10)
     b.add_argument("--text", action="append", help="local text for the distractors (default: the corpus)")
-    b.add_argument("--plot", default="babilong.png", help="plot PNG path ('' to skip)")
+    b.add_argument("--plot", help="plot PNG path ('' to skip; default babilong.png in the --model directory)")
     b.set_defaults(func=cmd_babilong)
 
     s = ev.add_parser("stream", help="run a model over a very long input in constant memory")
     common(s, model_required=False)
     s.add_argument("--preset", choices=sorted(PRESETS), help="an untrained preset instead of --model")
-    s.add_argument("--variant", default="lmm", choices=sorted(VARIANTS))
+    s.add_argument("--variant", default="mac", choices=sorted(VARIANTS), help="with --preset (as titans train)")
     s.add_argument("--tokens", default="1M", help="total tokens (K/M suffixes)")
     s.add_argument("--checkpoints", default="64K,256K", help="where to measure besides the end")
     s.add_argument("--source", default=None, help="a prepared corpus directory (default: random tokens)")
@@ -135,8 +158,10 @@ def register(sub, ev) -> None:
 
     r = ev.add_parser("recall", help="accuracy on a synthetic recall task (mqar, copy, selective_copy)")
     common(r)
-    r.add_argument("--task", default="mqar", choices=["mqar", "copy", "selective_copy"])
-    r.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="e.g. seq_len=256 n_pairs=16")
+    r.add_argument("--task", choices=["mqar", "copy", "selective_copy"],
+                   help="default: the task the run trained on (else mqar)")
+    r.add_argument("--task-arg", action="append", metavar="KEY=VALUE",
+                   help="change one of the run's task arguments, e.g. seq_len=1024 (repeatable)")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--batches", type=int, default=4)
     r.set_defaults(func=cmd_recall)

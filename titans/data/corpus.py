@@ -238,8 +238,9 @@ def iter_source_documents(source: str, data_dir: str | os.PathLike | None = None
         raise AssertionError(src.name)
 
 
-def _iter_text_documents(path: Path) -> Iterator[Document]:
-    """A text file, or every *.txt file under a directory (sorted, recursive)."""
+def _iter_text_documents(path: Path, split_paragraphs: bool = False) -> Iterator[Document]:
+    """A text file, or every *.txt file under a directory (sorted, recursive): one document
+    per file, or per blank-line-separated paragraph ("text/notes.txt#3") with split_paragraphs."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         named = [(f"text/{p.relative_to(path).as_posix()}", p) for p in files]
@@ -252,14 +253,19 @@ def _iter_text_documents(path: Path) -> Iterator[Document]:
             text = p.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise ValueError(f"text file {str(p)!r} is not UTF-8: {e}") from None
+        if "\x00" in text:
+            raise ValueError(f"text file {str(p)!r} holds NUL bytes: it is binary, not text")
         text = _clean(text)
-        if text:
+        if split_paragraphs:
+            parts = [_clean(t) for t in re.split(r"\n[ \t]*\n", text)]
+            yield from (Document(f"{name}#{i}", t) for i, t in enumerate(t for t in parts if t))
+        elif text:
             yield Document(name, text)
 
 
 def load_documents(sources: str | Sequence[str] | None = None,
                    text: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                   data_dir: str | os.PathLike | None = None) -> list[Document]:
+                   data_dir: str | os.PathLike | None = None, split_paragraphs: bool = False) -> list[Document]:
     """All documents of the chosen built-in sources and local text, in a fixed order.
 
     Args:
@@ -270,6 +276,9 @@ def load_documents(sources: str | Sequence[str] | None = None,
         text: a text file (any extension, UTF-8) or a directory of *.txt files (searched
             recursively), or a list of such paths.
         data_dir: the cache root; default `default_data_dir()`.
+        split_paragraphs: each local text file gives one document per paragraph (text between
+            blank lines) instead of one in all, so a single file can be split into train and
+            validation documents.
 
     Empty documents are dropped. Raises ValueError on an unknown source, a missing path,
     two documents with the same name, or an empty corpus.
@@ -291,7 +300,7 @@ def load_documents(sources: str | Sequence[str] | None = None,
     for s in dict.fromkeys(sources):  # de-duplicated, order kept
         docs.extend(iter_source_documents(s, data_dir))
     for p in paths:
-        docs.extend(_iter_text_documents(p))
+        docs.extend(_iter_text_documents(p, split_paragraphs))
     seen: set[str] = set()
     for d in docs:
         if d.name in seen:

@@ -53,7 +53,7 @@ class TimeSeries:
 
 
 def load_csv(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
-             date_column: str | int | None = 0, na: str = "error") -> TimeSeries:
+             date_column: str | int | None = "auto", na: str = "error") -> TimeSeries:
     """Read a CSV in the ETT / Informer layout (`date` column, then one column per variable).
 
     Args:
@@ -61,8 +61,10 @@ def load_csv(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
         columns: names of the variables to keep, in this order. None keeps every column but
             the date column; any of them that is not numeric raises ValueError.
         date_column: name or 0-based index of the timestamp column (kept as strings, not
-            parsed: the splits count rows, as the Informer protocol does), or None if there
-            is none.
+            parsed: the splits count rows, as the Informer protocol does), None if there is
+            none, or "auto": a column named date, time, datetime or timestamp (any case), else
+            the first column when its first cell is not a number, else none (a numeric first
+            column is a variable, never silently taken for the dates).
         na: what to do with empty / "NaN" / "NA" cells: "error" (default) or "ffill" (carry
             the last value forward; leading gaps take the first valid value).
 
@@ -78,7 +80,10 @@ def load_csv(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
         raise ValueError(f"path {str(path)!r}: need a header and at least one data row")
     header = [h.strip() for h in rows[0]]
     di: int | None
-    if date_column is None:
+    if date_column == "auto":
+        named = [i for i, h in enumerate(header) if h.lower() in ("date", "time", "datetime", "timestamp")]
+        di = named[0] if named else (None if _is_number(rows[1][0]) else 0)
+    elif date_column is None:
         di = None
     elif isinstance(date_column, int):
         if not -len(header) <= date_column < len(header):
@@ -105,8 +110,8 @@ def load_csv(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
             cell = row[i].strip()
             if cell.lower() in _NA:
                 if na == "error":
-                    raise ValueError(f"column {header[i]!r}, line {r + 2}: missing value {cell!r} "
-                                     "(pass na='ffill' to fill it)")
+                    raise ValueError(f"column {header[i]!r}, line {r + 2}: missing value {cell!r}; fill "
+                                     "it in the file (load_csv can carry the last value forward: na='ffill')")
                 values[r, j] = math.nan
                 continue
             try:
@@ -118,6 +123,14 @@ def load_csv(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
         values = _ffill(values)
     dates = [row[di] for row in rows[1:]] if di is not None else None
     return TimeSeries(values=values, columns=[header[i] for i in picked], dates=dates)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell.strip())
+    except ValueError:
+        return False
+    return True
 
 
 def _ffill(values: np.ndarray) -> np.ndarray:

@@ -15,12 +15,13 @@ byte tokenizer works without it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "load_tokenizer", "EOS_TOKEN",
-           "TOKENIZER_FILE"]
+__all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "load_tokenizer", "tokenizer_fingerprint",
+           "EOS_TOKEN", "TOKENIZER_FILE"]
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -178,6 +179,17 @@ def load_tokenizer(path_or_name: str | os.PathLike | Tokenizer) -> Tokenizer:
         raise ValueError(f"path_or_name must be 'byte', a {TOKENIZER_FILE} file or a directory "
                          f"holding one; {str(path_or_name)!r} is none of these")
     return BPETokenizer.from_file(path)
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """What identifies a tokenizer's mapping from text to ids: "byte", or the sha256 of a
+    tokenizer.json's canonical form (two BPEs trained on different text differ even though
+    both are named "bpe"). Stored with prepared data and with every checkpoint; the
+    evaluations refuse data whose fingerprint is not the run's."""
+    inner = getattr(tokenizer, "_tok", None)
+    if inner is None:
+        return tokenizer.name
+    return "sha256:" + hashlib.sha256(inner.to_str().encode("utf-8")).hexdigest()[:16]
 
 
 def _import_tokenizers() -> Any:

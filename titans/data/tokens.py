@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .corpus import Document, load_documents, split_documents
-from .tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer
+from .tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer, tokenizer_fingerprint
 
 __all__ = ["prepare", "TokenFile", "StepBatches", "TokenBatches", "EvalWindows", "META_FILE", "token_dtype"]
 
@@ -48,7 +48,7 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
             text: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
             data_dir: str | os.PathLike | None = None,
             tokenizer: str | os.PathLike | Tokenizer = "byte", vocab_size: int = 4096,
-            val_fraction: float = 0.1, seed: int = 0) -> dict:
+            val_fraction: float = 0.1, seed: int = 0, split_paragraphs: bool = False) -> dict:
     """Split, tokenize and write a corpus to `out_dir` (train.bin, val.bin, meta.json).
 
     Args:
@@ -60,15 +60,25 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
             directory holding one; or a Tokenizer.
         vocab_size: the BPE vocabulary size (only with tokenizer="bpe").
         val_fraction, seed: the document split (`split_documents`).
+        split_paragraphs: local text files give one document per paragraph (`load_documents`).
+
+    Raises ValueError when a split would be empty (e.g. one text file is one document: all of
+    it goes to one side).
 
     Returns:
         The meta dict, also written to `<out_dir>/meta.json`.
     """
     if documents is None:
-        documents = load_documents(sources, text, data_dir)
+        documents = load_documents(sources, text, data_dir, split_paragraphs=split_paragraphs)
     elif not documents:
         raise ValueError("documents: the corpus is empty")
     train, val = split_documents(documents, val_fraction, seed)
+    for side, docs in (("training", train), ("validation", val)):
+        if not docs and (side == "training" or val_fraction > 0):
+            raise ValueError(f"the {side} split is empty: the corpus has {len(documents)} document(s) and "
+                             f"whole documents go to one side; give more text files, or cut each file "
+                             f"into documents at its blank lines (split_paragraphs=True; "
+                             f"`titans data prepare --split-paragraphs`)")
     if isinstance(tokenizer, str) and tokenizer == "bpe":
         tok: Tokenizer = BPETokenizer.train((d.text for d in train), vocab_size)
     else:
@@ -94,6 +104,7 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
     meta = {
         "format": FORMAT,
         "tokenizer": tok.name,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "tokenizer_file": TOKENIZER_FILE if tok_file is not None else None,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,

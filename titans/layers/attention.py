@@ -56,7 +56,7 @@ class Attention(nn.Module):
     With n_persistent = Np > 0 the layer owns Np learned tokens in the input space (paper
     eq. 19). They pass through this layer's k and v projections (and the k norm) WITHOUT
     RoPE, so they are position-free, and every query sees them whatever the window: the
-    "persistent tokens prepended to the attention input" of DESIGN.md §2-3, without using up
+    "persistent tokens prepended to the attention input" of docs/design.md §2-3, without using up
     positions or window slots. They produce no outputs of their own.
 
     Args:

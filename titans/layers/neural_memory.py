@@ -1,4 +1,4 @@
-"""The neural long-term memory layer (paper section 3 and 4.4; DESIGN.md §2).
+"""The neural long-term memory layer (paper section 3 and 4.4; docs/design.md §2).
 
 Shape legend
     B batch, T tokens in this call, dim model width, H memory heads, Dh head dim
@@ -218,6 +218,10 @@ class NeuralMemory(nn.Module):
         """x: [B, T, dim] -> y: [B, T, dim], and the state after the last token."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, T, dim={self.dim}], got {tuple(x.shape)}")
+        own = self.wqkv.weight.dtype
+        if not x.is_floating_point() or (x.dtype == torch.float64) != (own == torch.float64):
+            raise ValueError(f"x must be a floating-point tensor matching the layer's {own} (bfloat16 under "
+                             f"autocast), got {x.dtype}; convert x, or the layer with .to(dtype)")
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B)

@@ -4,7 +4,7 @@ Shape legend
     B batch, T tokens in this call, dim model width
     x, y: [B, T, dim]
 
-Every block is  x = x + mixer(norm(x));  x = x + SwiGLU(norm(x))  (DESIGN.md §3). The mixers:
+Every block is  x = x + mixer(norm(x));  x = x + SwiGLU(norm(x))  (docs/design.md §3). The mixers:
     lmm   the neural memory alone                            (paper: Titans LMM)
     attn  full causal attention                              (Transformer++ baseline)
     swa   sliding-window attention                           (SWA baseline)

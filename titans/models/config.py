@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..typed import check_fields
+
 __all__ = ["TitansConfig", "VARIANTS", "BLOCK_KINDS", "PRESETS"]
 
 # block kinds a layer can be; a variant is a default pattern of them
@@ -31,7 +33,7 @@ class TitansConfig:
     head_dim: int | None = None            # default dim // heads
     mlp_hidden: int | None = None          # SwiGLU width; default 8/3 dim rounded up to 64
     block_pattern: tuple[str, ...] | None = None
-    # neural memory (DESIGN.md §1-2; ablations of §4)
+    # neural memory (docs/design.md §1-2; ablations of §4)
     memory_heads: int | None = None        # default heads
     memory_head_dim: int | None = None     # default head_dim
     memory_depth: int = 1
@@ -49,10 +51,12 @@ class TitansConfig:
     normalize_step: bool = True            # theta scaled per token by the memory's gradient (memory_rule)
     theta_init: float = 0.8                # initial theta as a fraction of max_lr
     alpha_init: tuple[float, float] = (1e-4, 3e-3)  # initial forget rates, spread over the memory heads
-    # attention and persistent memory (DESIGN.md §2-3)
+    # attention and persistent memory (docs/design.md §2-3)
     window: int = 256                      # sliding window w (swa, mag, mal)
     segment_len: int = 128                 # MAC segment length C, a multiple of chunk_size
     n_persistent: int = 16                 # N_p (mac, mag, mal)
+    mac_write: str = "x"                   # what MAC writes into its memory: "x" (its input), "residual" (x + y), "y" (eq. 24)
+    mal_residual: bool = True              # MAL: the memory is a residual layer (x + LMM(x)); False: eq. 31 literally
     rope_base: float = 10000.0
     qk_norm: bool = False
     # embeddings and init
@@ -61,10 +65,7 @@ class TitansConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.block_pattern is not None:
-            self.block_pattern = tuple(self.block_pattern)
-        if isinstance(self.alpha_init, list):  # from JSON, YAML or TOML
-            self.alpha_init = tuple(self.alpha_init)
+        check_fields(self)  # every field to its annotated type: text from --set is parsed, lists become tuples
         self.validate()
 
     # -- derived values --------------------------------------------------------------------
@@ -118,9 +119,11 @@ class TitansConfig:
         need(self.gate_mode in ("token", "chunk"), f"gate_mode must be 'token' or 'chunk', got {self.gate_mode!r}")
         need(self.memory_activation in ("silu", "gelu", "tanh"),
              f"memory_activation must be silu, gelu or tanh, got {self.memory_activation!r}")
+        need(self.mac_write in ("y", "residual", "x"), f"mac_write must be 'y', 'residual' or 'x', got {self.mac_write!r}")
         need(self.momentum_form in ("bounded", "plain"),
              f"momentum_form must be 'bounded' or 'plain', got {self.momentum_form!r}")
-        need(self.max_lr > 0, f"max_lr must be > 0, got {self.max_lr!r}")
+        for name in ("max_lr", "rope_base", "norm_eps", "init_std"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)!r}")
         need(0 < self.theta_init < 1, f"theta_init must lie in (0, 1), got {self.theta_init!r}")
         need(isinstance(self.alpha_init, tuple) and len(self.alpha_init) == 2
              and 0 < self.alpha_init[0] <= self.alpha_init[1] < 1,

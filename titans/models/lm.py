@@ -24,13 +24,17 @@ __all__ = ["TitansLM", "LMOutput", "ModelState"]
 
 @dataclass
 class ModelState:
-    """The streaming state of a whole model: one entry per block, keyed by the block's name."""
+    """The streaming state of a whole model: one entry per block, keyed by the block's name.
+    batch_size and shape (what the state's tensors depend on in the model's config) let the
+    model refuse a state made for another batch or another architecture."""
     layers: dict[str, Any]
     position: int
+    batch_size: int | None = None
+    shape: str | None = None
 
     def detach(self) -> "ModelState":
         return ModelState({k: (v.detach() if v is not None else None) for k, v in self.layers.items()},
-                          self.position)
+                          self.position, self.batch_size, self.shape)
 
     def memories(self) -> dict[str, NeuralMemoryState]:
         """The neural memory's state in every block that has one and has started, by block name
@@ -97,7 +101,13 @@ class TitansLM(nn.Module):
                 module.reset_memory_parameters()
 
     def init_state(self, batch_size: int) -> ModelState:
-        return ModelState({f"blocks.{i}": b.init_state(batch_size) for i, b in enumerate(self.blocks)}, 0)
+        return ModelState({f"blocks.{i}": b.init_state(batch_size) for i, b in enumerate(self.blocks)}, 0,
+                          batch_size, self._state_shape())
+
+    def _state_shape(self) -> str:
+        c = self.config
+        return (f"layers {','.join(c.layer_kinds)}, dim {c.dim}, heads {c.heads}, memory {c.mem_heads}x{c.mem_head_dim} "
+                f"depth {c.memory_depth}, window {c.window}, segment {c.segment_len}, persistent {c.n_persistent}")
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, labels: Tensor | None = None) -> LMOutput:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
@@ -107,11 +117,18 @@ class TitansLM(nn.Module):
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if labels is not None and labels.numel() and bool((labels == -100).all()):
+            raise ValueError("labels: every position is -100 (ignored), so there is nothing to score")
         B, T = input_ids.shape
         if state is None:
             state = self.init_state(B)
         elif not isinstance(state, ModelState) or set(state.layers) != {f"blocks.{i}" for i in range(len(self.blocks))}:
             raise ValueError("state must be a ModelState from this model (one entry per block)")
+        elif state.shape not in (None, self._state_shape()):
+            raise ValueError(f"state was made by another architecture ({state.shape}) than this model's "
+                             f"({self._state_shape()})")
+        elif state.batch_size not in (None, B):
+            raise ValueError(f"state holds a batch of {state.batch_size} sequences, input_ids has {B}")
         x = self.embed(input_ids)
         new_layers = {}
         for i, block in enumerate(self.blocks):
@@ -121,7 +138,7 @@ class TitansLM(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(B * T, -1), labels.reshape(B * T).long(), ignore_index=-100)
-        return LMOutput(logits=logits, loss=loss, state=ModelState(new_layers, state.position + T))
+        return LMOutput(logits=logits, loss=loss, state=ModelState(new_layers, state.position + T, B, self._state_shape()))
 
     @torch.no_grad()
     def generate_stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -140,6 +157,9 @@ class TitansLM(nn.Module):
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a tensor [B, T] (one prompt: ids[None]), got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
         if input_ids.shape[1] == 0:
             raise ValueError("generate needs at least one prompt token")
         out = self(input_ids, state=state)

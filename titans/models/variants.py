@@ -1,4 +1,4 @@
-"""The three Titans variants as block mixers: MAC, MAG, MAL (paper section 4, DESIGN.md §3).
+"""The three Titans variants as block mixers: MAC, MAG, MAL (paper section 4, docs/design.md §3).
 
 Shape legend
     B batch, T tokens in this call, dim model width, H attention heads, Dh head dim
@@ -96,7 +96,8 @@ class MAG(nn.Module):
 
 # --------------------------------------------------------------------------------------------
 class MAL(nn.Module):
-    """Memory as a Layer (eq. 29-31): y = LMM(p || x), o = SWA(RMSNorm(y)).
+    """Memory as a Layer (eq. 29-31): y = LMM(p || x), o = SWA(RMSNorm(y)); with
+    config.mal_residual the memory is a residual layer: o = y + SWA(RMSNorm(p || x + y)).
 
     The prefix's memory outputs are the first Np positions of y, so the attention sees them
     as the sequence's first tokens (RoPE positions 0..Np-1; x starts at Np), literally eq. 31.
@@ -110,13 +111,19 @@ class MAL(nn.Module):
         self.memory = neural_memory_from_config(c)
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.attention = attention_from_config(c, window=c.window)
+        self.residual = c.mal_residual
 
     def init_state(self, batch_size: int) -> AttnMemoryState:
         return AttnMemoryState(None, None)
 
     def forward(self, x: Tensor, state: AttnMemoryState | None = None) -> tuple[Tensor, AttnMemoryState]:
         state = state or self.init_state(x.shape[0])
-        yp, y, mem = _with_prefix(self.memory, self.persistent(), x, state.memory)
+        p = self.persistent()
+        yp, y, mem = _with_prefix(self.memory, p, x, state.memory)
+        if self.residual:  # the memory as a residual layer: the attention sees x + LMM(x), and so does the output
+            yp = yp + p.to(x.dtype)[:yp.shape[1]].unsqueeze(0)
+            o, attn = self.attention(self.norm(torch.cat([yp, x + y], dim=1)), state.attention)
+            return y + o[:, yp.shape[1]:], AttnMemoryState(attn, mem)
         o, attn = self.attention(self.norm(torch.cat([yp, y], dim=1)), state.attention)
         return o[:, yp.shape[1]:], AttnMemoryState(attn, mem)
 
@@ -143,11 +150,14 @@ class MACState:
 class MAC(nn.Module):
     """Memory as Context (eq. 21-25), segment by segment (segments of C = segment_len tokens).
 
-    For a segment S with input x (DESIGN.md §3):
+    For a segment S with input x (docs/design.md §3):
         h_i = f(q_i; W at the segment start)            read only, q from x     (eq. 21)
         y   = Attn([p || h || x]) at the x positions    row i sees p, h_<=i, x_<=i (eq. 22-23)
         the memory is written with y (keys/values from y), and with W_i its per-token weights
         o_i = y_i (x) f(q'_i; W_i), q' from y           (eq. 24-25)
+    config.mac_write chooses the written stream: "y" is eq. 24 literally; "residual" writes
+    x + y, the stream after the attention layer with its skip connection; "x" writes the
+    block's input (as titans-pytorch does). docs/models.md gives the measurements.
     h_j and x_j share RoPE position j; persistent keys are position-free.
     """
 
@@ -160,6 +170,7 @@ class MAC(nn.Module):
         self.persistent = PersistentMemory(c.n_persistent, c.dim)
         self.memory = neural_memory_from_config(c)
         self.gate = BranchGate(c.dim, c.norm_eps)
+        self.write = c.mac_write
 
     def init_state(self, batch_size: int) -> MACState:
         return MACState(None, None, None, None, 0)
@@ -213,7 +224,8 @@ class MAC(nn.Module):
         pk, pv = self._split(self.wk(p)), self._split(self.wv(p))           # [1, H, Np, Dh], no RoPE
         y = _segment_attention(q, pk, pv, kh, vh, kx, vx, offset)           # [B, H, t, Dh]
         y = self.wo(y.transpose(1, 2).reshape(B, t, -1))
-        m, mem_state = self.memory(y, state.memory)                          # write y, read with W_i
+        written = {"y": y, "residual": x + y, "x": x}[self.write]
+        m, mem_state = self.memory(written, state.memory)                    # write, read with W_i
         o = self.gate(y, m)
         end = offset + t
         k_seg, v_seg = (None, None) if end == self.C else (torch.cat([kh, kx], 2), torch.cat([vh, vx], 2))

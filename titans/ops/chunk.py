@@ -1,4 +1,4 @@
-"""The fast path: the chunk-parallel (dual) form of the memory rule (DESIGN.md §1).
+"""The fast path: the chunk-parallel (dual) form of the memory rule (docs/design.md §1).
 
 Shape legend
     B batch, T tokens, H heads, Dk key/query dim, Dv value dim, L memory depth

@@ -1,4 +1,4 @@
-"""Causal depthwise convolution over time, in the [B, T, C] layout (DESIGN.md §2: the q, k, v conv).
+"""Causal depthwise convolution over time, in the [B, T, C] layout (docs/design.md §2: the q, k, v conv).
 
 Shape legend
     B batch, T output tokens, C channels, K kernel taps

@@ -5,7 +5,7 @@ Shape legend
     u: [B, T, C], the projected input x W_qkv   past: [B, K - 1, C], the K - 1 inputs before it
     q, k, v: [B, T, H, Dh]   r: [B, T, H, Dh] (a memory read)   g, out: [B, T, H Dh]
 
-Input path (DESIGN.md §2):  q, k, v = SiLU(causal depthwise conv(x W_qkv)), q and k L2-normalised
+Input path (docs/design.md §2):  q, k, v = SiLU(causal depthwise conv(x W_qkv)), q and k L2-normalised
 per head. Output path: out = RMSNorm(r) * weight * SiLU(g), per head.
 
 Through autograd, every elementwise step keeps its own full-size input until the backward:

@@ -27,7 +27,7 @@ def memory_rule(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alp
                 weights: Sequence[Tensor], *, chunk_size: int = 64, activation: str = "silu",
                 residual: bool = False, normalize_step: bool = False, state: MemoryState | None = None,
                 impl: str = "chunk") -> tuple[Tensor, MemoryState]:
-    """The Titans neural-memory update and read (DESIGN.md §1, paper eq. 13-16).
+    """The Titans neural-memory update and read (docs/design.md §1, paper eq. 13-16).
 
     For each batch element and head, token t (absolute position, chunks of `chunk_size`
     counted from the start of the sequence) does

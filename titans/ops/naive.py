@@ -1,4 +1,4 @@
-"""The reference: DESIGN.md §1 as a literal loop over tokens, gradients by torch.autograd.
+"""The reference: docs/design.md §1 as a literal loop over tokens, gradients by torch.autograd.
 
 Shape legend
     B batch, T tokens, H heads, Dk key/query dim, Dv value dim

@@ -13,7 +13,7 @@ __all__ = ["MemoryState"]
 
 @dataclass
 class MemoryState:
-    """State of the memory after `position` tokens (DESIGN.md §1, contract 3).
+    """State of the memory after `position` tokens (docs/design.md §1, contract 3).
 
     weights:     W_t, the current memory, one [B, H, d_out, d_in] tensor per layer.
     momentum:    S_t, the surprise with momentum, same shapes.

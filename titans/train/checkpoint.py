@@ -7,8 +7,9 @@ Layout (one directory per saved step, under `<out_dir>/checkpoints/`):
                            other names kept in the header metadata ("aliases")
       optimizer.pt         AdamW state keyed by parameter name: torch.save of tensors, numbers,
                            strings, lists and dicts only, read back with weights_only=True
-      trainer_state.json   format, step, the size of every other file, data position, RNG states
-                           of every rank (torch / numpy / python), the TrainConfig, tokenizer name
+      trainer_state.json   format, step, the size and sha256 of every other file, data position, RNG states
+                           of every rank (torch / numpy / python), the TrainConfig, the tokenizer's name and
+                           fingerprint, the run's facts (`run`: task, its arguments, data)
       config.json          the model config (`config.to_dict()`), when given
       tokenizer.json       the tokenizer, when it has a file (the byte tokenizer has none)
     latest                 the name of the newest step directory (a one-line text file)
@@ -18,14 +19,16 @@ directory is renamed into place (`os.replace`), so a process killed at any momen
 either the complete checkpoint or none (stale `.tmp-*` directories are ignored and cleaned).
 The learning-rate schedule is a pure function of the step, so it needs no state of its own.
 
-Loading checks that every file is there with its recorded size and parses; any failure raises
-CheckpointError naming the file. `load_latest` walks back to the previous good checkpoint
-with a warning.
+Loading checks that every file it reads is there with its recorded size and sha256 and parses;
+any failure raises CheckpointError naming the file. `load_latest` walks back to the previous
+good checkpoint with a warning. Inference (`load_optimizer=False`) reads and checks only the
+weights, the config and the tokenizer, so a damaged optimizer file cannot cost it its weights.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -109,6 +112,19 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(tokenizer: Any) -> str:
+    from ..data.tokenizer import tokenizer_fingerprint
+    return tokenizer_fingerprint(tokenizer)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -163,6 +179,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict[str
                                                        "aliases": json.dumps(aliases)})
     with open(tmp / MODEL_FILE, "rb+") as f:
         os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp / MODEL_FILE, 0o666 & ~umask)  # safetensors writes 0600; match the other files
     if optim_state is not None:
         with open(tmp / OPTIM_FILE, "wb") as f:
             torch.save(optim_state, f)
@@ -172,9 +191,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict[str
         _fsync_write(tmp / CONFIG_FILE, (json.dumps(config, indent=1) + "\n").encode())
     if tokenizer is not None:
         tokenizer.save(tmp)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     meta = {**state, "format": FORMAT, "step": step, "files": files,
-            "tokenizer": getattr(tokenizer, "name", None)}
+            "tokenizer": getattr(tokenizer, "name", None),
+            "tokenizer_fingerprint": None if tokenizer is None else _fingerprint(tokenizer)}
     _fsync_write(tmp / STATE_FILE, (json.dumps(meta, indent=1) + "\n").encode())
     if final.exists():  # re-reaching a step after a fallback: swap the old one out
         trash = root / f".tmp-old-{name}"
@@ -217,9 +237,11 @@ def clean_temp(root: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True) -> Checkpoint:
     """Read and validate one checkpoint directory.
 
+    load_optimizer: False for inference: optimizer.pt is neither read nor checked.
+
     Raises:
-        CheckpointError: a file is missing, has another size than recorded, or fails to parse;
-            the message names the file.
+        CheckpointError: a file is missing, has another size or sha256 than recorded, or fails
+            to parse; the message names the file.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -236,15 +258,23 @@ def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True) -> 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint file {str(state_file)!r} is not a {FORMAT} trainer "
                               f"state")
-    for name, size in state.get("files", {}).items():
+    files = state.get("files", {})
+    if MODEL_FILE not in files:
+        raise CheckpointError(f"checkpoint file {str(path / MODEL_FILE)!r} is missing")
+    for name, record in files.items():
+        if name == OPTIM_FILE and not load_optimizer:
+            continue
+        # format 1 before checksums recorded the size only
+        size, digest = (record, None) if isinstance(record, int) else (record.get("size"), record.get("sha256"))
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {str(f)!r} is missing")
         if f.stat().st_size != size:
             raise CheckpointError(f"checkpoint file {str(f)!r} is truncated or corrupt: "
                                   f"{f.stat().st_size} bytes, {size} were written")
-    if MODEL_FILE not in state.get("files", {}):
-        raise CheckpointError(f"checkpoint file {str(path / MODEL_FILE)!r} is missing")
+        if digest is not None and _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint file {str(f)!r} is corrupt: its sha256 differs from the "
+                                  f"one recorded when it was written")
 
     model_file = path / MODEL_FILE
     try:
@@ -257,7 +287,7 @@ def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True) -> 
         model_state[alias] = model_state[kept]
 
     optim_state = None
-    if load_optimizer and OPTIM_FILE in state["files"]:
+    if load_optimizer and OPTIM_FILE in files:
         optim_file = path / OPTIM_FILE
         try:
             optim_state = torch.load(optim_file, map_location="cpu", weights_only=True)
@@ -267,7 +297,7 @@ def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True) -> 
                                   f"more than tensors and plain containers (it is read with "
                                   f"weights_only=True): {type(e).__name__}: {first}") from None
     config = None
-    if CONFIG_FILE in state["files"]:
+    if CONFIG_FILE in files:
         cfg_file = path / CONFIG_FILE
         try:
             config = json.loads(cfg_file.read_text(encoding="utf-8"))

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..eval.metrics import perplexity
+from ..typed import check_fields
 from . import checkpoint as ckpt
 from .distributed import (MODES, DistEnv, all_reduce_sum, barrier, full_state_dicts,
                           load_full_state_dicts, setup, shard_rows, teardown, unwrap, wrap_model)
@@ -98,8 +99,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # a list when read back from JSON
         self.out_dir = str(self.out_dir)
+        if not isinstance(self.resume, (bool, str)):
+            self.resume = str(self.resume)  # a Path
+        check_fields(self)  # betas from JSON is a list; text from the command line is parsed
         for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("grad_accum", 1),
                           ("warmup", 0), ("seed", 0), ("eval_every", 0), ("log_every", 1),
                           ("ckpt_every", 0)):
@@ -153,22 +156,25 @@ class Trainer:
         cfg: the TrainConfig.
         config_dict: the model config, saved as config.json in every checkpoint.
         tokenizer: saved beside the checkpoints (`.save(dir)`, `.name`), or None.
+        run_info: JSON-able facts about the run kept in every checkpoint's trainer_state.json
+            under "run" (the CLI stores the task, its arguments and the data directory there, so
+            `--resume` and the evaluations can read them back).
     """
 
     def __init__(self, model: nn.Module, train_batches: Iterator[tuple[Tensor, Tensor]],
                  val_windows: Iterable[tuple[Tensor, Tensor]] | None, cfg: TrainConfig,
-                 config_dict: dict | None = None, tokenizer: Any = None) -> None:
+                 config_dict: dict | None = None, tokenizer: Any = None, run_info: dict | None = None) -> None:
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.cfg, self.config_dict, self.tokenizer = cfg, config_dict, tokenizer
+        self.cfg, self.config_dict, self.tokenizer, self.run_info = cfg, config_dict, tokenizer, run_info
         self.train_batches, self.val_windows = train_batches, val_windows
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         if not cfg.resume and ckpt.list_checkpoints(self.ckpt_dir):
-            raise ValueError(f"out_dir {cfg.out_dir!r} already holds checkpoints: pass "
-                             f"resume=True to continue that run, or choose another out_dir")
+            raise ValueError(f"out_dir {cfg.out_dir!r} already holds checkpoints: set "
+                             f"TrainConfig.resume=True to continue that run, or choose another out_dir")
         self.env: DistEnv = setup(cfg.distributed, cfg.device)
         if cfg.batch_size % self.env.world_size:
             raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the "
@@ -308,7 +314,7 @@ class Trainer:
         if self.env.is_main:
             data = getattr(self.train_batches, "state_dict", None)
             state = {"data": data() if data else None, "rng": rngs,
-                     "world_size": self.env.world_size, "train_config": self.cfg.to_dict()}
+                     "world_size": self.env.world_size, "train_config": self.cfg.to_dict(), "run": self.run_info}
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state=model_state,
                                         optim_state=optim_state, state=state,
                                         config=self.config_dict, tokenizer=self.tokenizer,
@@ -323,6 +329,9 @@ class Trainer:
         if found is None:
             self._notice(f"resume: no checkpoint under {str(self.ckpt_dir)!r}, starting at step 0")
             return
+        if found.step > self.cfg.steps:
+            raise ValueError(f"resume: the checkpoint {str(found.path)!r} is at step {found.step}, past "
+                             f"TrainConfig.steps={self.cfg.steps}: ask for more steps")
         load_full_state_dicts(self.model, self.optimizer, found.model_state, found.optim_state)
         self.step = found.step
         data = found.state.get("data")

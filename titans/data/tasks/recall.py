@@ -26,10 +26,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ...typed import typed_arguments
 from .common import TaskBatches, check_int, derive_seed
 
 __all__ = ["RECALL_TASKS", "mqar_batch", "copy_batch", "selective_copy_batch", "masked_accuracy",
-           "recall_batches", "evaluate_recall"]
+           "recall_batches", "evaluate_recall", "task_arguments"]
 
 RECALL_TASKS = ("mqar", "copy", "selective_copy")
 FILLER, SEPARATOR = 0, 1
@@ -132,12 +133,20 @@ def masked_accuracy(logits_or_pred: Tensor, targets: Tensor) -> float:
     return (pred[scored] == targets[scored]).double().mean().item()
 
 
+_BATCH_FNS = {"mqar": mqar_batch, "copy": copy_batch, "selective_copy": selective_copy_batch}
+
+
+def task_arguments(task: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A recall task's own arguments, typed by its batch function (text is parsed: "16" -> 16);
+    an unknown task or argument is a ValueError naming the ones there are."""
+    if task not in _BATCH_FNS:
+        raise ValueError(f"task must be one of {RECALL_TASKS}, got {task!r}")
+    return typed_arguments(_BATCH_FNS[task], kwargs, f"task {task}", skip=("batch_size", "vocab_size", "seed", "step"))
+
+
 def _maker(task: str, batch_size: int, vocab_size: int, seed: int, kw: dict[str, Any]
            ) -> Callable[[int], tuple[Tensor, Tensor]]:
-    fns = {"mqar": mqar_batch, "copy": copy_batch, "selective_copy": selective_copy_batch}
-    if task not in fns:
-        raise ValueError(f"task must be one of {RECALL_TASKS}, got {task!r}")
-    fn = fns[task]
+    fn, kw = _BATCH_FNS.get(task), task_arguments(task, kw)
     return lambda step: fn(batch_size, vocab_size=vocab_size, seed=seed, step=step, **kw)
 
 
@@ -147,10 +156,7 @@ def recall_batches(task: str, batch_size: int, vocab_size: int, *, seed: int = 0
     arguments: mqar seq_len, n_pairs (n_queries, power_a); copy n_tokens (delay);
     selective_copy n_tokens, region."""
     make = _maker(task, batch_size, vocab_size, seed, kwargs)
-    try:
-        make(0)  # bad arguments fail here, not at the first training step
-    except TypeError as e:
-        raise ValueError(f"bad arguments for task {task!r}: {e}") from None
+    make(0)  # bad arguments fail here, not at the first training step
     name = ":".join([task, f"seed={seed}", f"B={batch_size}", f"V={vocab_size}",
                      *(f"{k}={v}" for k, v in sorted(kwargs.items()))])
     return TaskBatches(make, name)
