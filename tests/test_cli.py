@@ -31,7 +31,15 @@ def test_prepare_train_eval_generate_info(corpus, capsys):
     assert "validation: loss" in out and "perplexity" in out and "tokens/s" in out
     assert (run / "log.csv").exists() and (run / "checkpoints").is_dir()
     assert main(["eval", "ppl", "--model", str(run), "--seq-len", "32", "--max-windows", "3"]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    ppl = capsys.readouterr().out
+    assert "perplexity" in ppl
+    # exported the Hugging Face way, the model scores the same (and loads in Python the same way)
+    assert main(["export", "--model", str(run), "--out", str(corpus / "exported")]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    assert main(["eval", "ppl", "--model", str(corpus / "exported"), "--seq-len", "32", "--max-windows", "3"]) == 0
+    assert capsys.readouterr().out.split("(")[0] == ppl.split("(")[0]
+    assert main(["export", "--model", str(run), "--out", str(corpus / "exported")]) == 2  # not over a model
+    capsys.readouterr()
     assert main(["generate", "--model", str(run), "--prompt", "It was", "--max-new-tokens", "5",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("It was")

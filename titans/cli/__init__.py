@@ -6,6 +6,7 @@
     titans eval niah --model runs/demo --task pk --lengths 1K,4K --depths 11
     titans generate --model runs/demo --prompt "ROMEO:"
     titans info --preset 170M --variant mac
+    titans export --model runs/demo --out exported/demo     (then TitansLM.from_pretrained)
     titans forecast --example sf-temps        titans dna classify
 
 Every subcommand has --help. Bad arguments and bad files end with one line on stderr

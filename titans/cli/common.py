@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["UserError", "parse_overrides", "load_run", "token_file", "default_corpus", "haystack_documents",
-           "check_tokenizer"]
+__all__ = ["UserError", "parse_overrides", "load_run", "run_facts", "token_file", "default_corpus",
+           "haystack_documents", "check_tokenizer"]
 
 
 class UserError(Exception):
@@ -33,26 +33,30 @@ def parse_overrides(pairs: list[str] | None, flag: str = "--set") -> dict[str, s
 
 
 def load_run(path: str | Path):
-    """(model, tokenizer, checkpoint) from a run directory (its newest good checkpoint) or a
-    checkpoint directory. Loading reads safetensors and JSON only, never the optimizer state."""
-    from ..data.tokenizer import load_tokenizer
-    from ..models import TitansConfig, TitansLM
-    from ..train import load_checkpoint, load_latest
+    """(model, tokenizer, checkpoint) from a run directory (its newest good checkpoint), a
+    checkpoint directory, or a directory written by save_pretrained / `titans export` (then
+    checkpoint is None). Loading reads safetensors and JSON only, never the optimizer state."""
+    from ..data.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from ..models import TitansLM
+    from ..train import load_run_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"--model: {path} does not exist")
-    ckpt = (load_checkpoint(path, load_optimizer=False) if (path / "model.safetensors").exists()
-            else load_latest(path / "checkpoints", load_optimizer=False))
+    ckpt = load_run_checkpoint(path)
     if ckpt is None:
-        raise UserError(f"--model: no checkpoint under {path}")
-    if ckpt.config is None:
-        raise UserError(f"--model: checkpoint {ckpt.path} has no config.json")
-    model = TitansLM(TitansConfig.from_dict(ckpt.config))
-    model.load_state_dict(ckpt.model_state)
+        if not (path / "model.safetensors").exists():
+            raise UserError(f"--model: no checkpoint or saved model under {path}")
+        model = TitansLM.from_pretrained(path)  # a saved (exported) model
+        return model, load_tokenizer(path if (path / TOKENIZER_FILE).exists() else "byte"), None
     name = ckpt.state.get("tokenizer") or "byte"
-    tokenizer = load_tokenizer("byte" if name == "byte" else ckpt.path)
-    return model.eval(), tokenizer, ckpt
+    return TitansLM.from_checkpoint(ckpt), load_tokenizer("byte" if name == "byte" else ckpt.path), ckpt
+
+
+def run_facts(ckpt) -> dict:
+    """What the trainer recorded about the run (task, task_args, data); {} for a saved model
+    or a run from before these were kept."""
+    return (ckpt.state.get("run") or {}) if ckpt is not None else {}
 
 
 def token_file(data: str | None, split: str):

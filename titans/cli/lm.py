@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import UserError, check_tokenizer, default_corpus, load_run, parse_overrides, token_file
+from .common import UserError, check_tokenizer, default_corpus, load_run, parse_overrides, run_facts, token_file
 
 DEFAULT_SEQ_LEN = 256  # tokens per training sequence of the corpus (--task lm) and babilong
 
@@ -98,12 +98,15 @@ def _resume_run(a: argparse.Namespace, overrides: dict):
         raise UserError(f"--resume: checkpoint {ckpt.path} has no config.json")
     config = TitansConfig.from_dict(ckpt.config)
     if a.preset or a.variant or a.config or overrides:
-        if a.preset or a.config:
+        if "variant" in overrides:
+            raise UserError(f"--set variant={overrides['variant']}: choose the variant with --variant")
+        variant = a.variant or config.variant
+        if a.config:
             asked = _flag_config(a, overrides).to_dict()
+        elif a.preset:
+            asked = TitansConfig.from_preset(a.preset, variant=variant, **overrides).to_dict()
         else:  # --variant or --set alone change the run's own config
-            if "variant" in overrides:
-                raise UserError(f"--set variant={overrides['variant']}: choose the variant with --variant")
-            asked = TitansConfig.from_dict({**ckpt.config, **overrides, "variant": a.variant or config.variant}).to_dict()
+            asked = TitansConfig.from_dict({**ckpt.config, **overrides, "variant": variant}).to_dict()
         asked["vocab_size"] = config.vocab_size  # the data sets it, not the flags
         diff = [f"{k}={asked[k]!r} (flags) vs {v!r} (the run)" for k, v in config.to_dict().items() if asked[k] != v]
         if diff:
@@ -224,13 +227,26 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_eval_ppl(a: argparse.Namespace) -> None:
     import torch
 
-    from ..data import EvalWindows
+    from ..data import EvalWindows, tokenizer_fingerprint
     from ..eval.metrics import perplexity
 
-    from ..data import tokenizer_fingerprint
-
     model, tokenizer, ckpt = load_run(a.model)
-    data = a.data or (ckpt.state.get("run") or {}).get("data") or default_corpus(tokenizer.name)
+    source = f"checkpoint step {ckpt.step}" if ckpt else f"saved model {a.model}"
+    if a.text:  # one text as one stream: the state carries across windows, nothing is cut
+        from ..data.tokens import document_separator
+        from ..eval.stream import token_logprobs
+        try:
+            text = Path(a.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--text {a.text}: {e}") from None
+        ids = document_separator(tokenizer) + tokenizer.encode(text)
+        if len(ids) < 2:
+            raise UserError(f"--text {a.text} is empty")
+        logp, _, _ = token_logprobs(model, torch.tensor(ids), piece=a.seq_len)
+        nll = -logp.double().sum().item() / logp.numel()
+        print(f"{a.text}: {logp.numel():,} tokens, loss {nll:.4f}, perplexity {perplexity(nll):.2f} ({source})")
+        return
+    data = a.data or run_facts(ckpt).get("data") or default_corpus(tokenizer.name)
     val_file = token_file(data, a.split)
     check_tokenizer(tokenizer_fingerprint(tokenizer), val_file, f"the model {a.model}")
     windows = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size, max_windows=a.max_windows)
@@ -243,8 +259,7 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
     if not count:
         raise UserError(f"the {a.split} split is empty")
     nll = total / count
-    print(f"{a.split}: {count:,} tokens, loss {nll:.4f}, perplexity {perplexity(nll):.2f} "
-          f"(checkpoint step {ckpt.step})")
+    print(f"{a.split}: {count:,} tokens, loss {nll:.4f}, perplexity {perplexity(nll):.2f} ({source})")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -277,7 +292,7 @@ def cmd_info(a: argparse.Namespace) -> None:
     if a.model:
         model, _, ckpt = load_run(a.model)
         config = model.config
-        print(f"checkpoint: {ckpt.path} (step {ckpt.step})")
+        print(f"checkpoint: {ckpt.path} (step {ckpt.step})" if ckpt else f"saved model: {a.model}")
     else:
         config = _flag_config(a, parse_overrides(a.set))
         with torch.device("meta"):
@@ -292,6 +307,41 @@ def cmd_info(a: argparse.Namespace) -> None:
     for part, n in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {part:24s} {n:>14,}")
     print(json.dumps(config.to_dict(), indent=2))
+
+
+def cmd_eval_harness(a: argparse.Namespace) -> None:
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+
+        from ..eval.harness import TitansHarnessLM
+    except ImportError as e:
+        raise UserError(f"{e} (the harness is an optional extra)") from None
+    tasks = [t for t in a.tasks.split(",") if t]
+    manager = TaskManager(include_path=a.include_path) if a.include_path else TaskManager()
+    known = {*manager.all_tasks, *manager.all_groups, *manager.all_tags}
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise UserError(f"--tasks: unknown task(s) {unknown} (local task YAMLs: --include-path DIR)")
+    results = lm_eval.simple_evaluate(model=TitansHarnessLM(a.model, piece=a.piece), tasks=tasks,
+                                      num_fewshot=a.num_fewshot, limit=a.limit, task_manager=manager)
+    print(make_table(results))
+    if a.json:
+        import json
+        Path(a.json).write_text(json.dumps(results["results"], indent=1, default=str))
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty directory")
+    model, tokenizer, ckpt = load_run(a.model)
+    model.save_pretrained(out)
+    tokenizer.save(out)  # tokenizer.json for a BPE; the byte tokenizer needs no file
+    what = f"step {ckpt.step} of {a.model}" if ckpt else str(a.model)
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))}) from {what}; "
+          f"load it with TitansLM.from_pretrained({str(out)!r})")
 
 
 # --------------------------------------------------------------------------- parsers
@@ -361,6 +411,8 @@ def register(sub, ev) -> None:
     pp.add_argument("--seq-len", type=int, default=256)
     pp.add_argument("--batch-size", type=int, default=8)
     pp.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    pp.add_argument("--text", help="score this text file as one stream (after the document separator), the "
+                                   "state carried across --seq-len windows, instead of the corpus split")
     pp.set_defaults(func=cmd_eval_ppl)
 
     g = sub.add_parser("generate", help="sample text from a model (streams to stdout)")
@@ -372,6 +424,21 @@ def register(sub, ev) -> None:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    h = ev.add_parser("harness", help="lm-evaluation-harness tasks (the paper's Table 1; needs titans[harness])")
+    h.add_argument("--model", required=True, help="run, checkpoint or saved model directory")
+    h.add_argument("--tasks", required=True, help="comma list, e.g. piqa,hellaswag,winogrande,arc_easy,arc_challenge")
+    h.add_argument("--num-fewshot", type=int, default=0)
+    h.add_argument("--limit", type=float, default=None, help="at most this many documents per task (or a fraction)")
+    h.add_argument("--piece", type=int, default=2048, help="tokens per forward call; longer inputs carry the state")
+    h.add_argument("--include-path", help="a directory of extra task YAMLs (e.g. local data)")
+    h.add_argument("--json", help="write the results as JSON")
+    h.set_defaults(func=cmd_eval_harness)
+
+    x = sub.add_parser("export", help="write a run's model the Hugging Face way (config.json, model.safetensors)")
+    x.add_argument("--model", required=True, help="run or checkpoint directory")
+    x.add_argument("--out", required=True, help="a new (or empty) directory")
+    x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="parameter counts and config of a preset or a checkpoint")
     i.add_argument("--model", help="run or checkpoint directory")

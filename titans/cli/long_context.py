@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import UserError, check_tokenizer, haystack_documents, load_run, parse_overrides
+from .common import UserError, check_tokenizer, haystack_documents, load_run, parse_overrides, run_facts
 
 
 def _model(a: argparse.Namespace):
@@ -96,7 +96,7 @@ def cmd_recall(a: argparse.Namespace) -> None:
     from ..data.tasks import RECALL_TASKS, evaluate_recall, task_arguments
 
     model, _, ckpt = load_run(a.model)
-    run = ckpt.state.get("run") or {}
+    run = run_facts(ckpt)
     trained = run.get("task") in RECALL_TASKS
     task = a.task or (run["task"] if trained else "mqar")
     # the task arguments the run trained with, unless the flags change them (e.g. seq_len to go longer)

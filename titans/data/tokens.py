@@ -32,7 +32,8 @@ from torch import Tensor
 from .corpus import Document, load_documents, split_documents
 from .tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["prepare", "TokenFile", "StepBatches", "TokenBatches", "EvalWindows", "META_FILE", "token_dtype"]
+__all__ = ["prepare", "TokenFile", "StepBatches", "TokenBatches", "EvalWindows", "META_FILE", "token_dtype",
+           "document_separator"]
 
 META_FILE = "meta.json"
 FORMAT = "titans-tokens/1"
@@ -88,7 +89,7 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
             raise ValueError(f"tokenizer must be 'byte', 'bpe', a tokenizer.json path or a "
                              f"directory holding one, or a Tokenizer ({e})") from None
     dtype = token_dtype(tok.vocab_size)
-    sep = [tok.eos_id] if tok.eos_id is not None else tok.encode("\n")
+    sep = document_separator(tok)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +121,13 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / META_FILE)
     return meta
+
+
+def document_separator(tokenizer: Tokenizer) -> list[int]:
+    """The ids written after every document of a prepared corpus: the end-of-text token, or
+    "\n" for a tokenizer without one (the byte tokenizer). A model trained on the corpus saw
+    it before every document, so it is also the prefix of a text scored on its own."""
+    return [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
 
 
 def _write_tokens(path: Path, docs: Sequence[Document], tok: Tokenizer, sep: list[int],

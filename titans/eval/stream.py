@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["prefill", "greedy_answer", "eval_mode", "answer_and_score", "check_sampling", "score_samples", "state_tensors", "nonfinite_state", "state_bytes",
+__all__ = ["prefill", "token_logprobs", "greedy_answer", "eval_mode", "answer_and_score", "check_sampling", "score_samples", "state_tensors", "nonfinite_state", "state_bytes",
            "current_rss", "peak_rss", "stream_eval", "format_stream_result"]
 
 DEFAULT_CHECKPOINTS = (65536, 262144, 1_000_000)
@@ -51,6 +51,34 @@ def prefill(model: Any, input_ids: Tensor, piece: int = 4096, state: Any = None)
         out = model(input_ids[:, s:s + piece], state=state)
         state, last = out.state, out.logits[:, -1]
     return state, last
+
+
+@torch.no_grad()
+def token_logprobs(model: Any, ids: Tensor, piece: int = 4096, state: Any = None,
+                   last_logits: Tensor | None = None) -> tuple[Tensor, Tensor, Any]:
+    """Score every token of ids [T] given all before it, P = `piece` tokens per call, carrying
+    the state (no truncation, however long the input).
+
+    Without a state, ids[0] is the context start and is not scored: returns log p(ids[t] |
+    ids[<t]) for t >= 1 and the greedy token at those positions, both [T - 1], and the state
+    after ids. With a state and the logits its last token left (`last_logits` [V], as returned
+    here or by `prefill`), every token of ids is scored: [T] each. The perplexity of
+    `titans eval ppl --text` and the harness's log-likelihoods are this function.
+    """
+    piece = _check_int("piece", piece, 1)
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError("ids must be a non-empty integer tensor [T]")
+    if (state is None) != (last_logits is None):
+        raise ValueError("give state and last_logits together (or neither)")
+    logits = [] if last_logits is None else [last_logits.float().reshape(1, -1)]
+    for s in range(0, ids.numel(), piece):
+        out = model(ids[None, s:s + piece], state=state)
+        state = out.state
+        logits.append(out.logits[0].float())
+    logits = torch.cat(logits)[:-1]                              # [T - 1 or T, V]: predicts the next token
+    targets = ids[1:] if last_logits is None else ids
+    logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None].long())[:, 0]
+    return logp, logits.argmax(-1), state
 
 
 @torch.no_grad()

@@ -8,11 +8,14 @@ Shape legend
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from ..layers import NeuralMemory, NeuralMemoryState, RMSNorm
@@ -55,13 +58,20 @@ class LMOutput:
     state: ModelState
 
 
-class TitansLM(nn.Module):
+class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["titans", "test-time-memory"]):
     """A causal language model built from TitansConfig.
 
     out = model(input_ids, state=None, labels=None): labels are the targets of each position
     (already shifted: labels[:, t] is the token that follows input_ids[:, t]; -100 is ignored),
     and loss is their mean cross-entropy. Passing out.state to the next call continues the
     sequence exactly as one longer call would.
+
+    Sharing follows the Hugging Face convention (`huggingface_hub.PyTorchModelHubMixin`):
+    `model.save_pretrained(dir)` writes config.json and model.safetensors, `push_to_hub(repo)`
+    uploads them, and `TitansLM.from_pretrained(x)` loads a saved directory, a hub repository
+    id, or a training run (its newest good checkpoint) or checkpoint directory alike. Loading
+    reads JSON and safetensors only (never a pickle) and is strict: a missing or corrupt file,
+    or weights that do not fit the config, is a ValueError naming it.
     """
 
     def __init__(self, config: TitansConfig) -> None:
@@ -99,6 +109,51 @@ class TitansLM(nn.Module):
                 nn.init.ones_(module.weight)
             if isinstance(module, NeuralMemory):
                 module.reset_memory_parameters()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "TitansLM":
+        path = Path(pretrained_model_name_or_path)
+        if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "trainer_state.json").is_file()):
+            from ..train.checkpoint import load_run_checkpoint  # a training run or one of its checkpoints
+            ckpt = load_run_checkpoint(path)
+            if ckpt is None:
+                raise ValueError(f"{str(path)!r} holds no checkpoint")
+            return cls.from_checkpoint(ckpt)
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ValueError(f"{str(path)!r} has no config.json: not a saved TitansLM (save_pretrained writes one)")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any) -> "TitansLM":
+        """The model of a loaded training checkpoint (`titans.train.Checkpoint`), in eval mode."""
+        if ckpt.config is None:
+            raise ValueError(f"checkpoint {str(ckpt.path)!r} has no config.json")
+        model = cls(TitansConfig.from_dict(ckpt.config))
+        model.load_state_dict(ckpt.model_state)
+        return model.eval()
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         config: TitansConfig | dict, map_location: str = "cpu", **_: Any) -> "TitansLM":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        model = cls(config if isinstance(config, TitansConfig) else TitansConfig.from_dict(config))
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, "model.safetensors")
+            if not os.path.isfile(weights):
+                raise ValueError(f"{weights!r} is missing")
+        else:
+            from huggingface_hub import hf_hub_download
+            weights = hf_hub_download(model_id, "model.safetensors", revision=revision, cache_dir=cache_dir,
+                                      force_download=force_download, local_files_only=local_files_only, token=token)
+        try:
+            load_model(model, weights, strict=True, device=map_location)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"{weights!r} is corrupt or does not fit config.json: {first}") from None
+        return model.eval()
 
     def init_state(self, batch_size: int) -> ModelState:
         return ModelState({f"blocks.{i}": b.init_state(batch_size) for i, b in enumerate(self.blocks)}, 0,

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
-           "load_latest", "list_checkpoints", "clean_temp", "rng_state", "set_rng_state", "FORMAT",
+           "load_latest", "load_run_checkpoint", "list_checkpoints", "clean_temp", "rng_state", "set_rng_state", "FORMAT",
            "MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "CONFIG_FILE", "LATEST_FILE"]
 
 FORMAT = "titans-checkpoint/1"
@@ -323,4 +323,15 @@ def load_latest(root: str | os.PathLike, *, load_optimizer: bool = True) -> Chec
             warnings.warn(f"skipping bad checkpoint: {e}; trying the previous one", stacklevel=2)
     if candidates:
         raise CheckpointError(f"no usable checkpoint under {str(root)!r}: " + "; ".join(errors))
+    return None
+
+
+def load_run_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = False) -> Checkpoint | None:
+    """The checkpoint at `path`: a checkpoint directory itself, or a run directory's newest good
+    one (`load_latest` on `path/checkpoints`); None when `path` is neither."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return load_checkpoint(path, load_optimizer=load_optimizer)
+    if (path / "checkpoints").is_dir():
+        return load_latest(path / "checkpoints", load_optimizer=load_optimizer)
     return None
