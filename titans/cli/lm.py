@@ -287,7 +287,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_info(a: argparse.Namespace) -> None:
     import torch
 
-    from ..models import TitansConfig, TitansLM
+    from ..models import TitansLM
 
     if a.model:
         model, _, ckpt = load_run(a.model)
