@@ -69,11 +69,18 @@ def _task_data(a: argparse.Namespace, vocab_size: int, tokenizer):
     return train, [held_out.batch(i) for i in range(a.eval_batches)]
 
 
+def _overrides(a: argparse.Namespace) -> dict:
+    """--set as text; the variant is a flag of its own (and --init/--resume keep the run's)."""
+    overrides = parse_overrides(a.set)
+    if "variant" in overrides:
+        raise UserError(f"--set variant={overrides['variant']}: choose the variant with --variant "
+                        f"(--init and --resume keep the run's)")
+    return overrides
+
+
 def _flag_config(a: argparse.Namespace, overrides: dict):
     """The model config the flags ask for (--config or --preset/--variant, plus --set)."""
     from ..models import TitansConfig
-    if "variant" in overrides:
-        raise UserError(f"--set variant={overrides['variant']}: choose the variant with --variant")
     if getattr(a, "config", None):
         return TitansConfig.from_dict({**TitansConfig.load(a.config).to_dict(), **overrides})
     return TitansConfig.from_preset(a.preset or "small", variant=a.variant or "mac", **overrides)
@@ -98,8 +105,6 @@ def _resume_run(a: argparse.Namespace, overrides: dict):
         raise UserError(f"--resume: checkpoint {ckpt.path} has no config.json")
     config = TitansConfig.from_dict(ckpt.config)
     if a.preset or a.variant or a.config or overrides:
-        if "variant" in overrides:
-            raise UserError(f"--set variant={overrides['variant']}: choose the variant with --variant")
         variant = a.variant or config.variant
         if a.config:
             asked = _flag_config(a, overrides).to_dict()
@@ -134,7 +139,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
     from ..data import EvalWindows, TokenBatches, load_tokenizer, tokenizer_fingerprint
-    from ..data.tasks import task_arguments
+    from ..data.tasks import RECALL_TASKS, task_arguments
     from ..models import TitansConfig, TitansLM
     from ..train import TrainConfig, Trainer, list_checkpoints
 
@@ -143,23 +148,21 @@ def cmd_train(a: argparse.Namespace) -> None:
         raise UserError(f"--out {out} is a file, not a run directory")
     if list_checkpoints(out / "checkpoints") and not a.resume:
         raise UserError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
-    overrides = parse_overrides(a.set)
+    overrides = _overrides(a)
     a.task_args = parse_overrides(a.task_arg, "--task-arg")
-    if a.task not in (None, "mqar", "copy", "selective_copy") and a.task_args:
+    if a.task not in (None, *RECALL_TASKS) and a.task_args:
         raise UserError(f"--task-arg is for the recall tasks, not --task {a.task}")
     init = None
     resumed = _resume_run(a, overrides) if a.resume else None
     if resumed is not None:
         config = TitansConfig.from_dict(resumed.config)
     elif a.init:  # fine-tune: the architecture and weights come from the checkpoint
-        if "variant" in overrides:
-            raise UserError(f"--set variant={overrides['variant']}: --init keeps the run's variant")
         init, tokenizer, _ = load_run(a.init)
         config = TitansConfig.from_dict({**init.config.to_dict(), **overrides})
     else:
         config = _flag_config(a, overrides)
     a.task = a.task or "lm"
-    if a.task in ("mqar", "copy", "selective_copy"):
+    if a.task in RECALL_TASKS:
         kw = dict(a.task_args)
         if a.task == "mqar" and a.seq_len is not None:  # --seq-len alone sets the length
             kw.setdefault("seq_len", a.seq_len)
@@ -294,7 +297,7 @@ def cmd_info(a: argparse.Namespace) -> None:
         config = model.config
         print(f"checkpoint: {ckpt.path} (step {ckpt.step})" if ckpt else f"saved model: {a.model}")
     else:
-        config = _flag_config(a, parse_overrides(a.set))
+        config = _flag_config(a, _overrides(a))
         with torch.device("meta"):
             model = TitansLM(config)
     groups: dict[str, int] = {}

@@ -82,6 +82,10 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
         self.blocks = nn.ModuleList(Block(kind, config) for kind in config.layer_kinds)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        c = config  # what a state's tensors depend on: a state made for another architecture is refused
+        self._state_shape = (f"layers {','.join(c.layer_kinds)}, dim {c.dim}, heads {c.heads}, memory "
+                             f"{c.mem_heads}x{c.mem_head_dim} depth {c.memory_depth}, window {c.window}, "
+                             f"segment {c.segment_len}, persistent {c.n_persistent}")
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.init_weights()
@@ -113,12 +117,11 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "TitansLM":
         path = Path(pretrained_model_name_or_path)
-        if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "trainer_state.json").is_file()):
+        if path.is_dir():
             from ..train.checkpoint import load_run_checkpoint  # a training run or one of its checkpoints
             ckpt = load_run_checkpoint(path)
-            if ckpt is None:
-                raise ValueError(f"{str(path)!r} holds no checkpoint")
-            return cls.from_checkpoint(ckpt)
+            if ckpt is not None:
+                return cls.from_checkpoint(ckpt)
         if path.is_dir() and not (path / "config.json").is_file():
             raise ValueError(f"{str(path)!r} has no config.json: not a saved TitansLM (save_pretrained writes one)")
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -157,12 +160,7 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
 
     def init_state(self, batch_size: int) -> ModelState:
         return ModelState({f"blocks.{i}": b.init_state(batch_size) for i, b in enumerate(self.blocks)}, 0,
-                          batch_size, self._state_shape())
-
-    def _state_shape(self) -> str:
-        c = self.config
-        return (f"layers {','.join(c.layer_kinds)}, dim {c.dim}, heads {c.heads}, memory {c.mem_heads}x{c.mem_head_dim} "
-                f"depth {c.memory_depth}, window {c.window}, segment {c.segment_len}, persistent {c.n_persistent}")
+                          batch_size, self._state_shape)
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, labels: Tensor | None = None) -> LMOutput:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
@@ -179,9 +177,9 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
             state = self.init_state(B)
         elif not isinstance(state, ModelState) or set(state.layers) != {f"blocks.{i}" for i in range(len(self.blocks))}:
             raise ValueError("state must be a ModelState from this model (one entry per block)")
-        elif state.shape not in (None, self._state_shape()):
+        elif state.shape not in (None, self._state_shape):
             raise ValueError(f"state was made by another architecture ({state.shape}) than this model's "
-                             f"({self._state_shape()})")
+                             f"({self._state_shape})")
         elif state.batch_size not in (None, B):
             raise ValueError(f"state holds a batch of {state.batch_size} sequences, input_ids has {B}")
         x = self.embed(input_ids)
@@ -193,7 +191,7 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(B * T, -1), labels.reshape(B * T).long(), ignore_index=-100)
-        return LMOutput(logits=logits, loss=loss, state=ModelState(new_layers, state.position + T, B, self._state_shape()))
+        return LMOutput(logits=logits, loss=loss, state=ModelState(new_layers, state.position + T, B, self._state_shape))
 
     @torch.no_grad()
     def generate_stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,

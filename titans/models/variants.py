@@ -224,7 +224,7 @@ class MAC(nn.Module):
         pk, pv = self._split(self.wk(p)), self._split(self.wv(p))           # [1, H, Np, Dh], no RoPE
         y = _segment_attention(q, pk, pv, kh, vh, kx, vx, offset)           # [B, H, t, Dh]
         y = self.wo(y.transpose(1, 2).reshape(B, t, -1))
-        written = {"y": y, "residual": x + y, "x": x}[self.write]
+        written = y if self.write == "y" else x if self.write == "x" else x + y
         m, mem_state = self.memory(written, state.memory)                    # write, read with W_i
         o = self.gate(y, m)
         end = offset + t
