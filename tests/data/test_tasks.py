@@ -10,7 +10,7 @@ import torch
 from titans.data import ByteTokenizer
 from titans.data.tasks import (BABILONG_TASKS, NIAH_TASKS, BabilongGenerator, NiahGenerator,
                                babilong_batch, babilong_batches, copy_batch, evaluate_recall,
-                               make_niah_sample, masked_accuracy, mqar_batch, normalize_answer,
+                               make_niah_sample, masked_accuracy, mqar_batch, normalize_answer, passkey_batch,
                                parse_length, parse_lengths, recall_batches, score_answer,
                                selective_copy_batch, simulate_story)
 from titans.data.tasks.babilong import DROP_VERBS, GRAB_VERBS, MOVE_VERBS
@@ -262,6 +262,31 @@ def test_copy_and_selective_copy_targets():
         assert torch.equal(y[b, -4:], region[region != 0]) and x[b, 20] == 1
     with pytest.raises(ValueError, match="region"):
         selective_copy_batch(1, 5, 3, 12)
+
+
+def test_passkey_batch_scores_the_needles_digits_only():
+    x, y = passkey_batch(4, 400, 256, seed=3, step=2)
+    assert x.shape == y.shape == (4, 400)
+    positions = []
+    for b in range(4):
+        text = TOK.decode(x[b].tolist())
+        key = re.search(r"The pass key is (\d{5})\. Remember it\.", text)
+        assert key and text.endswith("What is the pass key? The pass key is " + key.group(1)[:4])
+        # the scored targets are " " + the 5 digits, the last 6 positions (inputs shifted by one)
+        assert TOK.decode(y[b, -6:].tolist()) == " " + key.group(1) and (y[b, :-6] == -100).all()
+        positions.append(key.start())
+    assert len(set(positions)) > 1  # the needle's depth varies within a batch
+    assert torch.equal(passkey_batch(4, 400, 256, seed=3, step=2)[0], x)
+    assert not torch.equal(passkey_batch(4, 400, 256, seed=3, step=3)[0], x)
+    # held out: not the needles `titans eval niah --seed 0` draws for the same sample indices
+    trained = [TOK.decode(row) for row in passkey_batch(64, 300, 256, seed=0)[1][:, -5:].tolist()]
+    held = [NiahGenerator("pk", seed=0).sample(300, 0.5, i).answer for i in range(64)]
+    assert len(set(trained)) == 64 and sum(a != b for a, b in zip(trained, held)) == 64
+    with pytest.raises(ValueError, match="seq_len=100 is too short for task niah"):
+        passkey_batch(1, 100, 256)
+    with pytest.raises(ValueError, match="vocab_size >= 256"):
+        passkey_batch(1, 400, 64)
+    assert torch.equal(next(recall_batches("niah", 4, 256, seed=3, seq_len=400))[0], passkey_batch(4, 400, 256, seed=3)[0])
 
 
 def test_masked_accuracy_and_recall_evaluation():

@@ -1,4 +1,4 @@
-"""The fused input (conv, SiLU, L2 norm) and output (RMSNorm, SiLU gate) paths of the memory layer
+"""The fused input (conv, SiLU (or linear q and k), L2 norm) and output (RMSNorm, SiLU gate) paths of the memory layer
 against the same math through plain autograd: values, every gradient, gradcheck, layout."""
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ def _outputs_and_grads(fn, args, extra, seed=1):
     return outs, grads
 
 
+@pytest.mark.parametrize("qk_silu", [True, False])
 @pytest.mark.parametrize("block", [256, 3])   # 3: the 7 tokens span three blocks
 @pytest.mark.parametrize("K", [None, 1, 4])
-def test_qkv_features_match_autograd(K, block, monkeypatch):
+def test_qkv_features_match_autograd(K, block, qk_silu, monkeypatch):
     monkeypatch.setattr(features, "BLOCK", block)
     args = _qkv_args(K)
-    (outs, grads), (ref_outs, ref_grads) = (_outputs_and_grads(fn, args, (H,))
+    (outs, grads), (ref_outs, ref_grads) = (_outputs_and_grads(fn, args, (H, qk_silu))
                                             for fn in (qkv_features, qkv_features_ref))
     for a, b in zip(outs + grads, ref_outs + ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -50,14 +51,15 @@ def test_qkv_features_match_autograd(K, block, monkeypatch):
     assert q.transpose(1, 2).is_contiguous() and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
 
 
-def test_qkv_features_gradcheck_and_zero_rows(monkeypatch):
+@pytest.mark.parametrize("qk_silu", [True, False])
+def test_qkv_features_gradcheck_and_zero_rows(qk_silu, monkeypatch):
     monkeypatch.setattr(features, "BLOCK", 3)
     args = [a.requires_grad_() for a in _qkv_args(3, T=4, seed=2)]   # u, past, weight, bias
-    assert torch.autograd.gradcheck(lambda *a: qkv_features(*a, H), tuple(args))
+    assert torch.autograd.gradcheck(lambda *a: qkv_features(*a, H, qk_silu), tuple(args))
     # a q row that is exactly zero: the norm is clamped, as in F.normalize (gradient dy / eps)
     u = torch.zeros(1, 2, C, dtype=torch.float64)
     u[:, 1] = torch.randn(C, dtype=torch.float64)
-    (o, g), (ro, rg) = (_outputs_and_grads(fn, [u, None, None, None], (H,))
+    (o, g), (ro, rg) = (_outputs_and_grads(fn, [u, None, None, None], (H, qk_silu))
                         for fn in (qkv_features, qkv_features_ref))
     for a, b in zip(o + g, ro + rg):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -105,7 +107,8 @@ def test_gated_rms_norm_bf16_inputs_give_fp32():
 @pytest.mark.skipif(features.native.module() is None, reason="the C++ path is not built here (tests/ops/test_native.py)")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("K", [None, 4])
-def test_native_qkv_features_match_autograd(K, dtype, tol):
+@pytest.mark.parametrize("qk_silu", [True, False])
+def test_native_qkv_features_match_autograd(K, dtype, tol, qk_silu):
     # the C++ input path (fp32 inside) against the fp64 reference; bf16 inputs and outputs round
     # at ~4e-3, so their tolerance is the dtype's, not the arithmetic's
     H4, D4 = 4, 20  # Dh not a multiple of 16: the vector loops' tails
@@ -118,9 +121,9 @@ def test_native_qkv_features_match_autograd(K, dtype, tol):
         args[1:] = [torch.randn(2, K - 1, 3 * H4 * D4, generator=g).to(dtype),
                     torch.randn(3 * H4 * D4, K, generator=g).to(dtype), torch.randn(3 * H4 * D4, generator=g).to(dtype)]
     assert features.native.features_available(*args)
-    outs, grads = _outputs_and_grads(qkv_features, args, (H4,))
+    outs, grads = _outputs_and_grads(qkv_features, args, (H4, qk_silu))
     ref_outs, ref_grads = _outputs_and_grads(qkv_features_ref, [a.double() if a is not None else None for a in args],
-                                             (H4,))
+                                             (H4, qk_silu))
     for a, b in zip(outs + grads, ref_outs + ref_grads):
         assert a.dtype == dtype
         assert ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item() <= tol

@@ -164,13 +164,13 @@ def cmd_train(a: argparse.Namespace) -> None:
     a.task = a.task or "lm"
     if a.task in RECALL_TASKS:
         kw = dict(a.task_args)
-        if a.task == "mqar" and a.seq_len is not None:  # --seq-len alone sets the length
+        if a.task in ("mqar", "niah") and a.seq_len is not None:  # --seq-len alone sets the length
             kw.setdefault("seq_len", a.seq_len)
         try:
             a.task_args = task_arguments(a.task, kw)
         except ValueError as e:
             raise UserError(f"--task-arg: {e}") from None
-        if a.task == "mqar" and a.seq_len is not None and a.task_args["seq_len"] != a.seq_len:
+        if a.task in ("mqar", "niah") and a.seq_len is not None and a.task_args["seq_len"] != a.seq_len:
             raise UserError(f"--seq-len {a.seq_len} and --task-arg seq_len={a.task_args['seq_len']} disagree: give one")
     if a.task == "lm":
         a.seq_len = a.seq_len or DEFAULT_SEQ_LEN
@@ -379,8 +379,9 @@ def register(sub, ev) -> None:
     t.add_argument("--val-data", help="with a token file as --data: the held-out token file")
     t.add_argument("--dtype", default="uint16", help="integer dtype of raw .bin token files (default uint16)")
     t.add_argument("--tokenizer", default="byte", help="with token files: the tokenizer (byte or a tokenizer.json)")
-    t.add_argument("--task", choices=["lm", "babilong", "mqar", "copy", "selective_copy"],
-                   help="lm (the corpus; the default), babilong QA fine-tuning, or a synthetic recall task")
+    t.add_argument("--task", choices=["lm", "babilong", "mqar", "copy", "selective_copy", "niah"],
+                   help="lm (the corpus; the default), babilong QA fine-tuning, a synthetic recall task, or "
+                        "niah (pass-key retrieval, byte text; evaluate with `titans eval niah --task pk`)")
     t.add_argument("--init", help="start from this run's weights and architecture (fine-tuning)")
     t.add_argument("--babilong-tasks", default="qa1,qa2,qa3", help="with --task babilong")
     t.add_argument("--text", action="append", help="with --task babilong: local text for the distractors")

@@ -75,6 +75,8 @@ class NeuralMemory(nn.Module):
         normalize_step: scale each token's step so a deep memory moves f(k) no further than a
             linear memory at the same theta, and clip the step of a token whose error has run
             away (memory_rule).
+        qk_silu: q and k through the SiLU before their L2 norm (the paper); False: linear q and k,
+            whose directions are not confined to the positive orthant (v keeps its SiLU).
         theta_init: the initial theta as a fraction of max_lr (the gate biases).
         alpha_init: (low, high) initial forget rates, spread log-uniformly over the heads.
 
@@ -97,7 +99,7 @@ class NeuralMemory(nn.Module):
                  expansion: int = 4, chunk_size: int = 16, activation: str = "silu", residual: bool = False,
                  conv: bool = True, conv_kernel: int = 4, momentum: bool = False, forgetting: bool = True,
                  gate_mode: str = "token", max_lr: float = 0.5, momentum_form: str = "bounded",
-                 normalize_step: bool = True,
+                 normalize_step: bool = True, qk_silu: bool = True,
                  theta_init: float = 0.8, alpha_init: tuple[float, float] = (1e-4, 3e-3)) -> None:
         super().__init__()
         for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
@@ -122,7 +124,7 @@ class NeuralMemory(nn.Module):
         if len(alpha_init) != 2 or not 0 < alpha_init[0] <= alpha_init[1] < 1:
             raise ValueError(f"alpha_init must be (low, high) with 0 < low <= high < 1, got {alpha_init!r}")
         self.momentum_form, self.theta_init, self.alpha_init = momentum_form, theta_init, tuple(alpha_init)
-        self.normalize_step = normalize_step
+        self.normalize_step, self.qk_silu = normalize_step, qk_silu
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.chunk_size, self.activation, self.residual = chunk_size, activation, residual
         self.momentum, self.forgetting, self.gate_mode, self.max_lr = momentum, forgetting, gate_mode, max_lr
@@ -204,12 +206,12 @@ class NeuralMemory(nn.Module):
         """q, k, v [B, T, H, Dh] from x [B, T, dim], and the new conv state (None without conv)."""
         u = self.wqkv(x)                                                  # [B, T, C]
         if not self.conv_kernel:
-            return *qkv_features(u, None, None, None, self.heads), None
+            return *qkv_features(u, None, None, None, self.heads, self.qk_silu), None
         B, T, C = u.shape
         P = self.conv_kernel - 1
         past = state.conv.transpose(1, 2).to(u.dtype) if state.conv is not None else u.new_zeros(B, P, C)
         q, k, v = qkv_features(u, past, self.conv_weight.to(u.dtype).squeeze(1), self.conv_bias.to(u.dtype),
-                               self.heads)
+                               self.heads, self.qk_silu)
         # the last P rows of [past; u], as a copy: the state must not keep all of u alive
         tail = torch.cat([past[:, T:], u[:, max(0, T - P):]], dim=1)
         return q, k, v, tail.transpose(1, 2).contiguous()

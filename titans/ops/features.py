@@ -6,7 +6,7 @@ Shape legend
     q, k, v: [B, T, H, Dh]   r: [B, T, H, Dh] (a memory read)   g, out: [B, T, H Dh]
 
 Input path (docs/design.md §2):  q, k, v = SiLU(causal depthwise conv(x W_qkv)), q and k L2-normalised
-per head. Output path: out = RMSNorm(r) * weight * SiLU(g), per head.
+per head; with qk_silu=False q and k skip the SiLU (linear features, centred: docs/models.md). Output path: out = RMSNorm(r) * weight * SiLU(g), per head.
 
 Through autograd, every elementwise step keeps its own full-size input until the backward:
 at T=4096 and dim 384, 54 MB on the input path (the conv's input and output, the SiLU output)
@@ -62,11 +62,13 @@ def _rows(past: Tensor | None, u: Tensor, lo: int, hi: int) -> Tensor:
 
 class _QKVFeatures(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int):
-        ctx.heads = heads
+    def forward(ctx, u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int,
+                qk_silu: bool):
+        ctx.heads, ctx.qk_silu = heads, qk_silu
         ctx.native = native.features_available(u, past, weight, bias) and u.stride(-1) == 1
         if ctx.native:  # the same math in one C++ pass per token (native.py), in fp32 inside
-            out, norm = native.module().qkv_forward(u, _rows_contiguous(past), *_native_conv(weight, bias), heads)
+            out, norm = native.module().qkv_forward(u, _rows_contiguous(past), *_native_conv(weight, bias), heads,
+                                                      qk_silu)
             ctx.save_for_backward(u, past, weight, bias, norm)
             return tuple(o.transpose(1, 2) for o in out)
         B, T, C = u.shape
@@ -74,11 +76,9 @@ class _QKVFeatures(torch.autograd.Function):
         out = u.new_empty(3, B, heads, T, C // (3 * heads))  # contiguous: [B H, T, Dh] is a view
         norm = u.new_empty(2, B, heads, T, 1)
         for t0, t1 in _blocks(T):
-            if weight is None:
-                s = F.silu(u[:, t0:t1])
-            else:
-                s = F.silu(conv_forward(_rows(past, u, t0, t1 + K - 1), weight, bias), inplace=True)
+            s = u[:, t0:t1] if weight is None else conv_forward(_rows(past, u, t0, t1 + K - 1), weight, bias)
             s = _split(s, heads)                                        # [3, B, H, n, Dh]
+            s = F.silu(s) if qk_silu else torch.cat([s[:2], F.silu(s[2:])])
             torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True, out=norm[:, :, :, t0:t1]).clamp_min_(NORM_EPS)
             torch.div(s[:2], norm[:, :, :, t0:t1], out=out[:2, :, :, t0:t1])
             out[2, :, :, t0:t1] = s[2]
@@ -105,13 +105,17 @@ class _QKVFeatures(torch.autograd.Function):
             d = _split(du, ctx.heads)
             nb = norm[:, :, :, t0:t1]
             # q and k: y = s / |s|  ->  ds = (dy - y <y, dy>) / |s|   (dy / eps where the norm was clamped)
-            y = _split(u * sig, ctx.heads)[:2].div_(nb)
+            y = _split(u * sig, ctx.heads)[:2].div_(nb) if ctx.qk_silu else _split(u, ctx.heads)[:2] / nb
             for i, dy in enumerate((dq, dk)):
                 dy = dy[:, t0:t1].transpose(1, 2)                       # [B, H, n, Dh]
                 dot = torch.linalg.vecdot(y[i], dy).unsqueeze(-1) * (nb[i] > NORM_EPS)
                 torch.sub(dy, y[i] * dot, out=d[i]).div_(nb[i])
             d[2] = dv[:, t0:t1].transpose(1, 2)
-            du.mul_(sig.neg().add_(1).mul_(u).add_(1).mul_(sig))        # SiLU'(u) = sig (1 + u (1 - sig))
+            silu_grad = sig.neg().add_(1).mul_(u).add_(1).mul_(sig)    # SiLU'(u) = sig (1 + u (1 - sig))
+            if ctx.qk_silu:
+                du.mul_(silu_grad)
+            else:
+                d[2].mul_(_split(silu_grad, ctx.heads)[2])
             if weight is None:
                 if dxp is not None:
                     dxp[:, t0:t1] = du
@@ -123,7 +127,7 @@ class _QKVFeatures(torch.autograd.Function):
             db = gb if db is None or gb is None else db + gb
         du_in = dxp[:, P:] if dxp is not None and needs[0] else None
         dpast = dxp[:, :P] if dxp is not None and needs[1] else None
-        return du_in, dpast, dw, db, None
+        return du_in, dpast, dw, db, None, None
 
 
 def _rows_contiguous(x: Tensor | None) -> Tensor | None:
@@ -142,33 +146,35 @@ def _native_backward(ctx, u, past, weight, bias, norm, dq, dk, dv):
     """_QKVFeatures.backward through the C++ input path; gradients in their inputs' dtypes."""
     grads = [None if g is None else g.to(u.dtype) for g in (dq, dk, dv)]
     dxp, dw, db, _ = native.module().qkv_backward(u, _rows_contiguous(past), *_native_conv(weight, bias), norm,
-                                                  *grads, ctx.heads)
+                                                  *grads, ctx.heads, ctx.qk_silu)
     needs = ctx.needs_input_grad
     if weight is None:
-        return (dxp.to(u.dtype) if needs[0] else None), None, None, None, None
+        return (dxp.to(u.dtype) if needs[0] else None), None, None, None, None, None
     P = weight.shape[1] - 1
     return ((dxp[:, P:].to(u.dtype) if needs[0] else None), (dxp[:, :P].to(past.dtype) if needs[1] else None),
-            (dw.to(weight.dtype) if needs[2] else None), (db.to(bias.dtype) if needs[3] else None), None)
+            (dw.to(weight.dtype) if needs[2] else None), (db.to(bias.dtype) if needs[3] else None), None, None)
 
 
-def qkv_features(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+def qkv_features(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int,
+                 qk_silu: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v [B, T, H, Dh] from the projected input u [B, T, 3 H Dh].
 
     past: the K - 1 projected inputs before u, [B, K - 1, 3 H Dh] (zeros at the sequence start);
     weight [C, K], bias [C]: the depthwise conv. weight None: no convolution (past and bias
-    None too). q, k, v are views of one [3, B, H, T, Dh] buffer (see the module doc).
+    None too). qk_silu: False leaves q and k linear before their L2 norm (v keeps its SiLU).
+    q, k, v are views of one [3, B, H, T, Dh] buffer (see the module doc).
     """
-    return _QKVFeatures.apply(u, past, weight, bias, heads)
+    return _QKVFeatures.apply(u, past, weight, bias, heads, qk_silu)
 
 
-def qkv_features_ref(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+def qkv_features_ref(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int,
+                     qk_silu: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """The same through plain autograd (the reference for the tests)."""
     if weight is not None:
         u = causal_conv_ref(torch.cat([past, u], dim=1), weight, bias)
     B, T, C = u.shape
-    q, k, v = F.silu(u).view(B, T, 3, heads, C // (3 * heads)).unbind(2)
+    q, k, v = u.view(B, T, 3, heads, C // (3 * heads)).unbind(2)
+    q, k, v = (F.silu(q), F.silu(k), F.silu(v)) if qk_silu else (q, k, F.silu(v))
     return F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS), v
 
 

@@ -1,4 +1,4 @@
-"""Synthetic recall tasks for fast checks: MQAR, copy and selective copy.
+"""Synthetic recall tasks for fast checks: MQAR, copy, selective copy and pass-key retrieval.
 
 Every generator returns (inputs, targets), LongTensors [B, T]: targets[:, t] is the token that
 follows inputs[:, t] (already shifted, the Trainer's contract) and -100 wherever the position
@@ -17,6 +17,11 @@ Token layout (ids below `vocab_size`):
     selective copy (Mamba, Gu & Dao 2023): 0 filler, 1 separator, data from [2, V). A stretch
         of `region` tokens, filler except for n data tokens at random positions, then the
         separator, then the n data tokens in their order. Scored: the copy.
+    niah (pass-key retrieval, the paper's Table 2 "S-NIAH-PK" for training): the byte text of
+        `titans.data.tasks.niah` task "pk", `seq_len` tokens with the needle at a depth drawn
+        uniformly from [0, 1], then the answer (" " + 5 digits). Scored: the answer's tokens. The
+        needles come from other generator seeds than `titans eval niah` uses, so evaluation
+        samples are held out.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ from torch import Tensor
 
 from ...typed import typed_arguments
 from .common import TaskBatches, check_int, derive_seed
+from .niah import NiahGenerator
 
-__all__ = ["RECALL_TASKS", "mqar_batch", "copy_batch", "selective_copy_batch", "masked_accuracy",
+__all__ = ["RECALL_TASKS", "mqar_batch", "copy_batch", "selective_copy_batch", "passkey_batch", "masked_accuracy",
            "recall_batches", "evaluate_recall", "task_arguments"]
 
-RECALL_TASKS = ("mqar", "copy", "selective_copy")
+RECALL_TASKS = ("mqar", "copy", "selective_copy", "niah")
 FILLER, SEPARATOR = 0, 1
 
 
@@ -118,6 +124,31 @@ def selective_copy_batch(batch_size: int, n_tokens: int, region: int, vocab_size
     return _shift(seq, scored)
 
 
+def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0, step: int = 0
+                  ) -> tuple[Tensor, Tensor]:
+    """Pass-key retrieval: inputs and targets [batch_size, seq_len] (byte tokens; see the module doc).
+
+    Each row is a pass-key sample of seq_len + 1 - A tokens followed by its A answer tokens, so
+    the last A targets are scored; the depth is uniform in [0, 1]."""
+    B, T = check_int("batch_size", batch_size, 1), check_int("seq_len", seq_len, 2)
+    if vocab_size < 256:
+        raise ValueError(f"task niah is byte text: it needs vocab_size >= 256, got {vocab_size}")
+    g = _gen("niah", seed, step)
+    # generator seeds far from the small ones `titans eval niah --seed` takes: held-out needles
+    make = NiahGenerator("pk", seed=derive_seed("niah-train", seed) % 2**31)
+    A = len(make.tokenizer.encode(" 12345"))  # every answer is " " + 5 digits
+    scored = torch.zeros(B, T + 1, dtype=torch.bool)
+    scored[:, T + 1 - A:] = True
+    rows = []
+    for b, depth in enumerate(torch.rand(B, generator=g, dtype=torch.float64).tolist()):
+        try:
+            s = make.sample(T + 1 - A, depth, step * B + b)
+        except ValueError as e:  # too short: the instruction, needle and question do not fit
+            raise ValueError(f"seq_len={T} is too short for task niah ({e})") from None
+        rows.append(s.input_ids + s.answer_ids)
+    return _shift(torch.tensor(rows), scored)
+
+
 def masked_accuracy(logits_or_pred: Tensor, targets: Tensor) -> float:
     """Accuracy on the scored positions (targets != -100): logits [B, T, V] (argmax taken) or
     predicted ids [B, T]."""
@@ -133,7 +164,8 @@ def masked_accuracy(logits_or_pred: Tensor, targets: Tensor) -> float:
     return (pred[scored] == targets[scored]).double().mean().item()
 
 
-_BATCH_FNS = {"mqar": mqar_batch, "copy": copy_batch, "selective_copy": selective_copy_batch}
+_BATCH_FNS = {"mqar": mqar_batch, "copy": copy_batch, "selective_copy": selective_copy_batch,
+              "niah": passkey_batch}
 
 
 def task_arguments(task: str, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -1037,8 +1037,9 @@ void for_each_token(const InputRows<T>& rows, int64_t B, int64_t T_, F&& f) {
 
 template <typename T>
 std::vector<Tensor> qkv_forward_impl(const Tensor& u, const Tensor& past, const Tensor& wT, const Tensor& bias,
-                                     int64_t H) {
+                                     int64_t H, bool qk_silu) {
   const int64_t B = u.size(0), T_ = u.size(1), C = u.size(2), Dh = C / (3 * H), K = wT.defined() ? wT.size(0) : 1;
+  const int64_t c0 = qk_silu ? 0 : 2 * H * Dh;  // the first channel through the SiLU (v only without qk_silu)
   Tensor out = at::empty({3, B, H, T_, Dh}, u.options());
   Tensor norm = at::empty({2, B, H, T_, 1}, u.options().dtype(at::kFloat));
   T* po = out.data_ptr<T>();
@@ -1047,7 +1048,7 @@ std::vector<Tensor> qkv_forward_impl(const Tensor& u, const Tensor& past, const 
                            bias.defined() ? bias.data_ptr<float>() : nullptr, K, C};
   for_each_token(rows, B, T_, [&](int64_t b, int64_t t, float* z, const float* sg) {
 #pragma omp simd
-    for (int64_t c = 0; c < C; c++) z[c] *= sg[c];  // SiLU
+    for (int64_t c = c0; c < C; c++) z[c] *= sg[c];  // SiLU
     for (int64_t part = 0; part < 3; part++) {
       for (int64_t h = 0; h < H; h++) {
         const float* a = z + (part * H + h) * Dh;
@@ -1071,9 +1072,9 @@ std::vector<Tensor> qkv_forward_impl(const Tensor& u, const Tensor& past, const 
 template <typename T>
 std::vector<Tensor> qkv_backward_impl(const Tensor& u, const Tensor& past, const Tensor& wT, const Tensor& bias,
                                       const Tensor& norm, const Tensor& dq, const Tensor& dk, const Tensor& dv,
-                                      int64_t H) {
+                                      int64_t H, bool qk_silu) {
   const int64_t B = u.size(0), T_ = u.size(1), C = u.size(2), Dh = C / (3 * H), K = wT.defined() ? wT.size(0) : 1;
-  const int64_t P = K - 1;
+  const int64_t P = K - 1, c0 = qk_silu ? 0 : 2 * H * Dh;
   // du: gradient of the conv output (the SiLU input), fp32 [B, T, C]
   Tensor du = at::empty({B, T_, C}, u.options().dtype(at::kFloat));
   float* pdu = du.data_ptr<float>();
@@ -1098,12 +1099,16 @@ std::vector<Tensor> qkv_backward_impl(const Tensor& u, const Tensor& past, const
         const int64_t sd = dyt.stride(3);
         if (part < 2) {  // y = a / |a|: da = (dy - y <y, dy>) / |a|  (dy / eps where the norm was clamped)
           const float nrm = pn[((part * B + b) * H + h) * T_ + t], inv = 1.f / nrm;
+          // a: the normalised vector's input, SiLU(z) = z sig (or z itself without qk_silu)
+          float* a = dd;
+#pragma omp simd
+          for (int64_t e = 0; e < Dh; e++) a[e] = qk_silu ? zz[e] * ss[e] : zz[e];
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t e = 0; e < Dh; e++) dot += zz[e] * ss[e] * inv * to_f(dy[e * sd]);
+          for (int64_t e = 0; e < Dh; e++) dot += a[e] * inv * to_f(dy[e * sd]);
           if (!(nrm > kNormEps)) dot = 0.f;
 #pragma omp simd
-          for (int64_t e = 0; e < Dh; e++) dd[e] = (to_f(dy[e * sd]) - zz[e] * ss[e] * inv * dot) * inv;
+          for (int64_t e = 0; e < Dh; e++) dd[e] = (to_f(dy[e * sd]) - a[e] * inv * dot) * inv;
         } else {
 #pragma omp simd
           for (int64_t e = 0; e < Dh; e++) dd[e] = to_f(dy[e * sd]);
@@ -1111,7 +1116,7 @@ std::vector<Tensor> qkv_backward_impl(const Tensor& u, const Tensor& past, const
       }
     }
 #pragma omp simd
-    for (int64_t c = 0; c < C; c++) d[c] *= sg[c] * (1.f + z[c] * (1.f - sg[c]));  // SiLU'
+    for (int64_t c = c0; c < C; c++) d[c] *= sg[c] * (1.f + z[c] * (1.f - sg[c]));  // SiLU'
   });
   if (!pw) return {du, Tensor(), Tensor(), Tensor()};
   // the conv's backward: dxp[r] = sum_j w[j] du[r - j] (a gather: no two threads write one row);
@@ -1174,30 +1179,32 @@ std::vector<Tensor> qkv_backward_impl(const Tensor& u, const Tensor& past, const
 
 }  // namespace
 
-// qkv_forward(u, past, weight_t, bias, heads) -> [out [3, B, H, T, Dh] (u's dtype), norm [2, B, H, T, 1] fp32].
+// qkv_forward(u, past, weight_t, bias, heads, qk_silu) -> [out [3, B, H, T, Dh] (u's dtype), norm [2, B, H, T, 1]
+// fp32]. qk_silu false: q and k are the normalised pre-activations (only v goes through the SiLU).
 // weight_t: [K, C] fp32 (undefined: no conv; past and bias then undefined too); bias fp32.
 std::vector<Tensor> qkv_forward(Tensor u, c10::optional<Tensor> past, c10::optional<Tensor> weight_t,
-                                c10::optional<Tensor> bias, int64_t heads) {
+                                c10::optional<Tensor> bias, int64_t heads, bool qk_silu) {
   TORCH_CHECK(u.stride(2) == 1, "qkv_forward: u needs unit-stride rows");
   const Tensor p = past.value_or(Tensor()), w = weight_t.value_or(Tensor()), bb = bias.value_or(Tensor());
   TORCH_CHECK(!p.defined() || p.stride(2) == 1, "qkv_forward: past needs unit-stride rows");
-  if (u.scalar_type() == at::kBFloat16) return qkv_forward_impl<at::BFloat16>(u, p, w, bb, heads);
-  return qkv_forward_impl<float>(u, p, w, bb, heads);
+  if (u.scalar_type() == at::kBFloat16) return qkv_forward_impl<at::BFloat16>(u, p, w, bb, heads, qk_silu);
+  return qkv_forward_impl<float>(u, p, w, bb, heads, qk_silu);
 }
 
-// qkv_backward(u, past, weight_t, bias, norm, dq, dk, dv, heads) -> [dxp fp32 [B, K-1+T, C] (or du
+// qkv_backward(u, past, weight_t, bias, norm, dq, dk, dv, heads, qk_silu) -> [dxp fp32 [B, K-1+T, C] (or du
 // [B, T, C] without conv), dweight [C, K] fp32, dbias [C] fp32, du]. dq, dk, dv: [B, T, H, Dh], any
 // strides, u's dtype, or None.
 std::vector<Tensor> qkv_backward(Tensor u, c10::optional<Tensor> past, c10::optional<Tensor> weight_t,
                                  c10::optional<Tensor> bias, Tensor norm, c10::optional<Tensor> dq,
-                                 c10::optional<Tensor> dk, c10::optional<Tensor> dv, int64_t heads) {
+                                 c10::optional<Tensor> dk, c10::optional<Tensor> dv, int64_t heads,
+                                 bool qk_silu) {
   const Tensor p = past.value_or(Tensor()), w = weight_t.value_or(Tensor()), bb = bias.value_or(Tensor());
   const Tensor gq = dq.value_or(Tensor()), gk = dk.value_or(Tensor()), gv = dv.value_or(Tensor());
   for (const Tensor* x : {&gq, &gk, &gv}) {
     TORCH_CHECK(!x->defined() || x->scalar_type() == u.scalar_type(), "qkv_backward: gradients in u's dtype");
   }
-  if (u.scalar_type() == at::kBFloat16) return qkv_backward_impl<at::BFloat16>(u, p, w, bb, norm, gq, gk, gv, heads);
-  return qkv_backward_impl<float>(u, p, w, bb, norm, gq, gk, gv, heads);
+  if (u.scalar_type() == at::kBFloat16) return qkv_backward_impl<at::BFloat16>(u, p, w, bb, norm, gq, gk, gv, heads, qk_silu);
+  return qkv_backward_impl<float>(u, p, w, bb, norm, gq, gk, gv, heads, qk_silu);
 }
 
 // ---------------------------------------------------------------------------------------------
