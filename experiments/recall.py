@@ -24,20 +24,14 @@ reported with the wall time of each run.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shutil
 import statistics
-import subprocess
-import time
 from pathlib import Path
 
 import torch
 
-import titans  # noqa: F401  (flush-to-zero before any torch work)
+from common import ROOT, Store, cpu_name, spread, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.data.tasks import evaluate_recall, recall_batches
-from titans.train import TrainConfig, Trainer
 
 # name -> (variant, config overrides)
 MODELS = {
@@ -49,7 +43,6 @@ MODELS = {
     "swa": ("swa", {}),
     "transformer": ("transformer", {}),
 }
-ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Recall beyond the attention window"
 
 
@@ -65,25 +58,14 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(seed)
     config = TitansConfig.from_preset("tiny", variant=variant, **overrides)
     model = TitansLM(config)
-    out = Path(args.out) / f"{name}-{seed}"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.train_len, lr=args.lr,
-                      warmup=args.steps // 10, eval_every=0, eval_batches=2, ckpt_every=0, keep_last=1,
-                      out_dir=str(out), progress=False, seed=seed)
     batches = recall_batches("mqar", args.batch_size, config.vocab_size, seed=seed, seq_len=args.train_len, **task)
-    t0 = time.perf_counter()
-    error = None
-    try:
-        Trainer(model, batches, None, cfg, config_dict=config.to_dict()).fit()
-    except RuntimeError as e:  # the trainer's stop on a diverged run: recorded, the study goes on
-        error = str(e).splitlines()[0]
-    train_s = time.perf_counter() - t0
-    shutil.rmtree(out, ignore_errors=True)
+    train_s, error, _ = train(model, batches, steps=args.steps, batch_size=args.batch_size, seq_len=args.train_len,
+                              lr=args.lr, seed=seed, out=Path(args.out) / f"{name}-{seed}")
     model.eval()
     with torch.no_grad():
         acc = {str(n): evaluate_recall(model, "mqar", 8, config.vocab_size, n_batches=4, seed=1000 + seed,
                                        seq_len=n, **task) for n in args.lens}
-    return dict(model=name, seed=seed, settings=settings(args), params=sum(p.numel() for p in model.parameters()),
+    return dict(model=name, seed=seed, params=sum(p.numel() for p in model.parameters()),
                 train_s=round(train_s, 1), tokens=args.steps * args.batch_size * args.train_len,
                 diverged=error, accuracy=acc)
 
@@ -108,32 +90,18 @@ def main() -> None:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     args.lens = [int(m) * args.train_len for m in args.eval_lens.split(",")]
-    store = Path(args.out) / "results.jsonl"
-    rows = [json.loads(line) for line in store.read_text().splitlines()] if store.exists() else []
-    rows = [r for r in rows if r["settings"] == settings(args)]
+    store = Store(Path(args.out) / "results.jsonl", settings(args))
     if not args.report_only:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        done = {(r["model"], r["seed"]) for r in rows}
-        todo = [(m, s) for s in seeds for m in models if (m, s) not in done]
+        todo = [(m, s) for s in seeds for m in models if not store.done(model=m, seed=s)]
         for i, (name, seed) in enumerate(todo):
             row = run_one(name, seed, args)
-            rows.append(row)
-            with store.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            store.add(row)
             print(f"[{i + 1}/{len(todo)}] {name:12s} seed {seed}  {row['train_s']:5.0f}s  "
                   + ("DIVERGED  " if row["diverged"] else "")
                   + "  ".join(f"{n}: {a:.3f}" for n, a in row["accuracy"].items()), flush=True)
-    rows = [r for r in rows if r["model"] in models and r["seed"] in seeds]
+    rows = [r for r in store.rows if r["model"] in models and r["seed"] in seeds]
     if rows:
         write_report(rows, models, args)
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001  (no lscpu: fall back to what Python knows)
-        return platform.processor() or "unknown CPU"
 
 
 def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) -> None:
@@ -168,10 +136,7 @@ def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) 
               + " | ".join(f"@ {int(n) // args.train_len}x ({n})" for n in lens) + " |")
     lines = [header, "|" + "---|" * (4 + len(lens))]
     for m, rs in by_model.items():
-        cells = []
-        for n in lens:
-            a = [r["accuracy"][n] for r in rs]
-            cells.append(f"{statistics.mean(a):.3f} ({min(a):.2f}-{max(a):.2f})" if len(a) > 1 else f"{a[0]:.3f}")
+        cells = [spread(r["accuracy"][n] for r in rs) for n in lens]
         times = [r["train_s"] for r in rs]
         diverged = sum(1 for r in rs if r["diverged"])
         lines.append(f"| {m} | {rs[0]['params'] / 1e3:.0f}K | {','.join(str(r['seed']) for r in rs)}"
@@ -190,14 +155,7 @@ def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) 
                f"cosine, clip 1.0. Accuracy on 4 x 8 held-out sequences per length (mean over seeds, "
                f"min-max in brackets); chance is 1/128.", "", *lines, "",
                f"![MQAR accuracy against evaluation length, per model](results/{plot.name})", ""]
-    text = report.read_text() if report.exists() else "# Results\n\n"
-    if SECTION in text:  # replace this study's section, keep the others
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + "\n".join(section) + (text[end:] if end != -1 else "\n")
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(section)
-    report.write_text(text)
+    write_section(report, SECTION, section)
     print(f"wrote {report} and {plot}")
 
 

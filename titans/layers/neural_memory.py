@@ -99,7 +99,7 @@ class NeuralMemory(nn.Module):
                  expansion: int = 4, chunk_size: int = 16, activation: str = "silu", residual: bool = False,
                  conv: bool = True, conv_kernel: int = 4, momentum: bool = False, forgetting: bool = True,
                  gate_mode: str = "token", max_lr: float = 0.5, momentum_form: str = "bounded",
-                 normalize_step: bool = True, qk_silu: bool = True,
+                 normalize_step: bool = True, qk_silu: bool = False,
                  theta_init: float = 0.8, alpha_init: tuple[float, float] = (1e-4, 3e-3)) -> None:
         super().__init__()
         for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),

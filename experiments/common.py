@@ -1,0 +1,86 @@
+"""What the studies in experiments/ share: one training run at a fixed budget, the store of
+finished runs (JSON lines, resumable), the CPU's name, and a section of docs/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import titans  # noqa: F401  (flush-to-zero before any torch work)
+from titans.train import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(model, batches, *, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, out: Path,
+          val=None) -> tuple[float, str | None, list[dict]]:
+    """Train `model` in place with the studies' schedule (AdamW, 10% warmup, cosine, clip 1.0).
+
+    Returns (seconds, the trainer's one-line stop message of a diverged run or None, the log rows).
+    `out` is a scratch directory, removed afterwards."""
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=steps // 10,
+                      eval_every=steps if val is not None else 0, eval_batches=len(val) if val is not None else 2,
+                      ckpt_every=0, keep_last=1, out_dir=str(out), progress=False, seed=seed)
+    t0 = time.perf_counter()
+    error, rows = None, []
+    try:
+        rows = Trainer(model, batches, val, cfg, config_dict=model.config.to_dict()).fit()
+    except RuntimeError as e:  # the trainer's stop on a diverged run: recorded, the study goes on
+        error = str(e).splitlines()[0]
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds, error, rows
+
+
+class Store:
+    """Finished runs, one JSON object per line; a run is reused only when its `settings` match."""
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path, self.settings = Path(path), settings
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self.rows = [r for r in map(json.loads, lines) if r.get("settings") == settings]
+
+    def done(self, **key: Any) -> bool:
+        return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
+
+    def add(self, row: dict) -> None:
+        row = {**row, "settings": self.settings}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except Exception:  # noqa: BLE001  (no lscpu: fall back to what Python knows)
+        return platform.processor() or "unknown CPU"
+
+
+def spread(values: Iterable[float], fmt: str = "{:.3f}") -> str:
+    """mean (min-max) over seeds, or the single value."""
+    v = list(values)
+    if len(v) == 1:
+        return fmt.format(v[0])
+    return f"{fmt.format(statistics.mean(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+
+def write_section(report: Path, heading: str, lines: list[str]) -> None:
+    """Replace the section starting with `heading` (a "## " line) in `report`, or append it."""
+    text = report.read_text() if report.exists() else "# Results\n\n"
+    if heading in text:
+        start = text.index(heading)
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + "\n".join(lines) + (text[end:] if end != -1 else "\n")
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(lines)
+    report.write_text(text)
