@@ -10,6 +10,7 @@ import torch
 
 from titans import TitansConfig, TitansLM
 from titans.models.variants import MAC, MAL
+from titans.ops import memory_forward
 
 VARIANTS = ["lmm", "mac", "mag", "mal", "transformer", "swa"]
 HYBRID = dict(block_pattern=("swa", "mac", "lmm", "mag", "mal", "attn"), n_layers=6)
@@ -146,6 +147,19 @@ def test_mac_writes_the_chosen_stream(write):
     _, state2 = mac(x[:, :C] + 0.5)
     h_new = mac.retrieve(x[:, C:], state2.memory.memory.weights)
     assert not torch.allclose(h_new, h_ref)
+
+
+@pytest.mark.parametrize("qk_silu", [False, True])
+def test_mac_retrieves_with_the_memorys_own_query_features(qk_silu):
+    # without the convolution, MAC's retrieval query is exactly the memory layer's q
+    torch.manual_seed(0)
+    mac = MAC(TitansConfig.from_preset("tiny", variant="mac", conv=False, qk_silu=qk_silu)).double()
+    mem = mac.memory
+    x = torch.randn(1, 20, 64, dtype=torch.float64)
+    q = mem._qkv(x, mem.init_state(1))[0]                                           # [B, T, H, Dh]
+    expected = mem.read_out(memory_forward(q.transpose(1, 2), [w.unsqueeze(0) for w in mem.memory], mem.activation,
+                                           mem.residual).transpose(1, 2), x)
+    torch.testing.assert_close(mac.retrieve(x, None), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_mal_residual_passes_the_memory_output_past_the_attention():

@@ -184,7 +184,8 @@ class MAC(nn.Module):
         B, T, _ = x.shape
         inner = mem.heads * mem.head_dim
         # the convolution belongs to the written stream (y); the retrieval query is pointwise
-        q = F.normalize(F.silu(F.linear(x, mem.wqkv.weight[:inner])).view(B, T, mem.heads, mem.head_dim), dim=-1)
+        q = F.linear(x, mem.wqkv.weight[:inner])
+        q = F.normalize((F.silu(q) if mem.qk_silu else q).view(B, T, mem.heads, mem.head_dim), dim=-1)  # as the memory's q
         W = weights if weights is not None else [w.unsqueeze(0) for w in mem.memory]   # W_0 before any write
         r = memory_forward(q.transpose(1, 2), W, mem.activation, mem.residual)          # [B, H, T, Dh]
         return mem.read_out(r.transpose(1, 2), x)
