@@ -50,7 +50,8 @@ def _inv_sigmoid(p: float) -> float:
 class NeuralMemory(nn.Module):
     """Neural memory as a sequence mixer: y, state = layer(x, state).
 
-    q, k, v = SiLU(causal depthwise Conv1d(x W_{q,k,v})), q and k L2-normalised per head; per
+    q, k, v = causal depthwise Conv1d(x W_{q,k,v}), q and k L2-normalised per head (after a SiLU with
+    qk_silu=True, the paper's form), v through a SiLU; per
     token and head the step size theta = max_lr * sigmoid(.), momentum eta = sigmoid(.) and
     forget rate alpha = sigmoid(.) are linear maps of x. Each head has its own memory, an MLP
     (depth >= 2) or a matrix (depth 1) with learned initial weights W_0, written and read by
@@ -77,6 +78,10 @@ class NeuralMemory(nn.Module):
             away (memory_rule).
         qk_silu: q and k through the SiLU before their L2 norm (the paper); False: linear q and k,
             whose directions are not confined to the positive orthant (v keeps its SiLU).
+        key_shift: the keys' convolution starts on the previous token instead of the current one,
+            so from the first step a write stores (previous token -> current token) and a read
+            with the current token recalls what followed it before. No effect without the
+            convolution (conv=False or conv_kernel=1).
         theta_init: the initial theta as a fraction of max_lr (the gate biases).
         alpha_init: (low, high) initial forget rates, spread log-uniformly over the heads.
 
@@ -91,7 +96,7 @@ class NeuralMemory(nn.Module):
     defaults keep it alive: chunks of 16 (a linear memory at theta 0.4 diverges in chunks of 64
     on random inputs) and the normalised step, whose clip bounds a memory that runs away. The
     paper's exact rule is memory_depth=2, momentum=True, momentum_form="plain",
-    normalize_step=False with a small max_lr (docs/models.md, "The inner loop's
+    normalize_step=False, qk_silu=True with a small max_lr (docs/models.md, "The inner loop's
     parameterisation", has what was tried with its numbers).
     """
 
@@ -99,7 +104,7 @@ class NeuralMemory(nn.Module):
                  expansion: int = 4, chunk_size: int = 16, activation: str = "silu", residual: bool = False,
                  conv: bool = True, conv_kernel: int = 4, momentum: bool = False, forgetting: bool = True,
                  gate_mode: str = "token", max_lr: float = 0.5, momentum_form: str = "bounded",
-                 normalize_step: bool = True, qk_silu: bool = False,
+                 normalize_step: bool = True, qk_silu: bool = False, key_shift: bool = True,
                  theta_init: float = 0.8, alpha_init: tuple[float, float] = (1e-4, 3e-3)) -> None:
         super().__init__()
         for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
@@ -124,7 +129,7 @@ class NeuralMemory(nn.Module):
         if len(alpha_init) != 2 or not 0 < alpha_init[0] <= alpha_init[1] < 1:
             raise ValueError(f"alpha_init must be (low, high) with 0 < low <= high < 1, got {alpha_init!r}")
         self.momentum_form, self.theta_init, self.alpha_init = momentum_form, theta_init, tuple(alpha_init)
-        self.normalize_step, self.qk_silu = normalize_step, qk_silu
+        self.normalize_step, self.qk_silu, self.key_shift = normalize_step, qk_silu, key_shift
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.chunk_size, self.activation, self.residual = chunk_size, activation, residual
         self.momentum, self.forgetting, self.gate_mode, self.max_lr = momentum, forgetting, gate_mode, max_lr
@@ -154,10 +159,14 @@ class NeuralMemory(nn.Module):
     def reset_memory_parameters(self) -> None:
         """The memory's own parameters: conv, gates, W_0 and the output norm (see the class doc)."""
         if self.conv_kernel:
-            # start as the identity on the current token (weight 1 on the newest tap)
+            # start as the identity on the current token (weight 1 on the newest tap); with
+            # key_shift the keys start on the previous token: the memory stores "previous -> current"
             nn.init.zeros_(self.conv_weight)
             with torch.no_grad():
                 self.conv_weight[..., -1] = 1.0
+                if self.key_shift and self.conv_kernel >= 2:
+                    k = self.conv_weight[self.heads * self.head_dim:2 * self.heads * self.head_dim]
+                    k[..., -1], k[..., -2] = 0.0, 1.0
             nn.init.zeros_(self.conv_bias)
         nn.init.zeros_(self.wgates.weight)
         with torch.no_grad():
