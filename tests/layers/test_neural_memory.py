@@ -171,6 +171,35 @@ def test_a_pair_written_once_is_read_back(depth):
     assert progress.min() >= 0.5, f"one write moved f(k) {progress.tolist()} of the way to v"
 
 
+@pytest.mark.parametrize("key_shift", [True, False])
+def test_a_read_recalls_what_followed_the_token_before(key_shift, monkeypatch):
+    """key_shift (default): a write stores (previous token -> current token), so a token seen
+    again reads back the value of the token that followed it 64 tokens earlier; without it, a
+    token reads back its own value. q and k projections are tied by hand (training aligns them)."""
+    import titans.layers.neural_memory as nm
+
+    reads, rule = [], nm.memory_rule
+
+    def recording_rule(*args, **kwargs):
+        out = rule(*args, **kwargs)
+        reads.append(out[0])                                             # the raw reads [B, T, H, Dh]
+        return out
+    monkeypatch.setattr(nm, "memory_rule", recording_rule)
+    torch.manual_seed(0)
+    layer = NeuralMemory(256, 2, key_shift=key_shift)                 # head dim 128
+    inner = layer.heads * layer.head_dim
+    with torch.no_grad():
+        layer.wqkv.weight[:inner] = layer.wqkv.weight[inner:2 * inner]
+        x = torch.randn(1, 80, 256)
+        x[:, 70] = x[:, 5]
+        layer(x)
+        v = layer._qkv(x, layer.init_state(1))[2]                       # [1, T, H, Dh]
+    cos = torch.nn.functional.cosine_similarity(reads[0][0, 70].unsqueeze(0), v[0, :70], dim=-1)   # [70, H]
+    expected = 6 if key_shift else 5
+    assert (cos.argmax(0) == expected).all(), f"read at 70 is closest to values {cos.argmax(0).tolist()}"
+    assert (cos[expected] >= 0.5).all(), cos[expected]
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_memory_stays_alive_over_16k_tokens(depth):
     """At its defaults a layer neither decays to zero (W = 0 is a fixed point of the deep
