@@ -96,8 +96,8 @@ class NeuralMemory(nn.Module):
     defaults keep it alive: chunks of 16 (a linear memory at theta 0.4 diverges in chunks of 64
     on random inputs) and the normalised step, whose clip bounds a memory that runs away. The
     paper's exact rule is memory_depth=2, momentum=True, momentum_form="plain",
-    normalize_step=False, qk_silu=True with a small max_lr (docs/models.md, "The inner loop's
-    parameterisation", has what was tried with its numbers).
+    normalize_step=False, qk_silu=True, key_shift=False with a small max_lr (docs/models.md,
+    "The inner loop's parameterisation", has what was tried with its numbers).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 1,
