@@ -146,7 +146,8 @@ def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) 
            f"--batch-size {args.batch_size} --train-len {args.train_len} --eval-lens {args.eval_lens} "
            f"--pairs {args.pairs} --lr {args.lr}")
     section = [f"{SECTION} (MQAR, tiny models)", "",
-               f"Made by `{cmd}` on 2 cores ({cpu_name()}), one run at a time. Tiny preset (dim 64, "
+               f"Made by `{cmd}` on 2 cores ({cpu_name()}); train time per run as measured (how many "
+               f"threads and runs at a time: the notes below). Tiny preset (dim 64, "
                f"2 layers, window 32, memory chunk 16, segment 32, 4 persistent tokens; `lmm-deep` is "
                f"LMM with `memory_depth=2`), library defaults otherwise; {args.pairs} key-value pairs, queries "
                f"spread uniformly over the sequence (most beyond the window). Same budget for every model "
