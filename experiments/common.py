@@ -69,7 +69,7 @@ def cpu_name() -> str:
 def spread(values: Iterable[float], fmt: str = "{:.3f}") -> str:
     """mean (min-max) over seeds, or the single value."""
     v = list(values)
-    if len(v) == 1:
+    if len(v) == 1 or min(v) == max(v):
         return fmt.format(v[0])
     return f"{fmt.format(statistics.mean(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
 
