@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, cpu_name, spread, train, write_section
+from common import ROOT, Store, cpu_name, run_pending, spread, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.data import EvalWindows, TokenBatches, TokenFile
 from titans.data.corpus import default_data_dir
@@ -198,13 +198,9 @@ def main() -> None:
     seeds = [int(s) for s in a.seeds.split(",")]
     store = Store(Path(a.out) / "results.jsonl", settings(a))
     if not a.report_only:
-        todo = [(r, s) for s in seeds for r in rows if not store.done(row=r, seed=s)]
-        for i, (row, seed) in enumerate(todo):
-            x = run_one(row, seed, a)
-            store.add(x)
-            print(f"[{i + 1}/{len(todo)}] {row:14s} seed {seed}  val ppl {x['val_ppl']:.2f}  MQAR@4x "
-                  f"{x['recall_4x']:.3f}  {x['lm_s'] + x['mqar_s']:.0f}s" + ("  DIVERGED" if x["diverged"] else ""),
-                  flush=True)
+        run_pending(store, [dict(row=r, seed=s) for s in seeds for r in rows], lambda k: run_one(k["row"], k["seed"], a),
+                    lambda x: f"{x['row']:14s} seed {x['seed']}  val ppl {x['val_ppl']:.2f}  MQAR@4x "
+                              f"{x['recall_4x']:.3f}  {x['lm_s'] + x['mqar_s']:.0f}s")
     write_report(store, rows, seeds, a)
 
 

@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import titans  # noqa: F401  (flush-to-zero before any torch work)
 from titans.train import TrainConfig, Trainer
@@ -56,6 +56,16 @@ class Store:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.rows.append(row)
+
+
+def run_pending(store: Store, keys: list[dict], run: Callable[[dict], dict], describe: Callable[[dict], str]) -> None:
+    """Run, in order, every run named by `keys` (e.g. {"model": "lmm", "seed": 0}) that the store
+    does not hold yet, storing each as it finishes; one progress line per run."""
+    todo = [key for key in keys if not store.done(**key)]
+    for i, key in enumerate(todo):
+        row = run(key)
+        store.add(row)
+        print(f"[{i + 1}/{len(todo)}] {describe(row)}" + ("  DIVERGED" if row.get("diverged") else ""), flush=True)
 
 
 def cpu_name() -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ablation import corpus
-from common import ROOT, Store, cpu_name, spread, train, write_section
+from common import ROOT, Store, cpu_name, run_pending, spread, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.data import TokenBatches, TokenFile
 from titans.eval.stream import token_logprobs
@@ -134,13 +134,10 @@ def main() -> None:
         p.error("--depths must lie in 1-4")
     store = Store(Path(a.out) / "results.jsonl", settings(a))
     if not a.report_only:
-        todo = [(d, s) for s in seeds for d in depths if not store.done(depth=d, seed=s)]
-        for i, (depth, seed) in enumerate(todo):
-            x = run_one(depth, seed, a)
-            store.add(x)
-            print(f"[{i + 1}/{len(todo)}] depth {depth} seed {seed}  {x['tokens_per_s']} tok/s  "
-                  + "  ".join(f"{k}: {v:.3f}" for k, v in x["loss"].items())
-                  + ("  DIVERGED" if x["diverged"] else ""), flush=True)
+        run_pending(store, [dict(depth=d, seed=s) for s in seeds for d in depths],
+                    lambda k: run_one(k["depth"], k["seed"], a),
+                    lambda x: f"depth {x['depth']} seed {x['seed']}  {x['tokens_per_s']} tok/s  "
+                              + "  ".join(f"{k}: {v:.3f}" for k, v in x["loss"].items()))
     write_report(store, depths, seeds, a)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, cpu_name, spread, train, write_section
+from common import ROOT, Store, cpu_name, run_pending, spread, train, write_section
 from recall import MODELS
 from titans import TitansConfig, TitansLM
 from titans.data import ByteTokenizer
@@ -52,6 +52,12 @@ def run_one(name: str, seed: int, a: argparse.Namespace) -> dict:
                 diverged=error, cells=cells)
 
 
+def by_length(run: dict, a: argparse.Namespace) -> dict[int, float]:
+    """A run's accuracy per length, the mean over its depths."""
+    return {n: statistics.mean(v for k, v in run["cells"].items() if k.startswith(f"{n}@"))
+            for n in parse_lengths(a.lengths)}
+
+
 def write_report(store: Store, models: list[str], seeds: list[int], a: argparse.Namespace) -> None:
     runs = {m: [x for x in store.rows if x["model"] == m and x["seed"] in seeds] for m in models}
     runs = {m: xs for m, xs in runs.items() if xs}
@@ -60,8 +66,7 @@ def write_report(store: Store, models: list[str], seeds: list[int], a: argparse.
              "|" + "---|" * (4 + len(lengths))]
     plots = []
     for m, xs in runs.items():
-        by_len = [spread([statistics.mean(v for k, v in x["cells"].items() if k.startswith(f"{n}@")) for x in xs])
-                  for n in lengths]
+        by_len = [spread([by_length(x, a)[n] for x in xs]) for n in lengths]
         table.append(f"| {m} | {xs[0]['params'] / 1e3:.0f}K | {','.join(str(x['seed']) for x in xs)} | "
                      f"{spread([x['train_s'] for x in xs], '{:.0f}')} | " + " | ".join(by_len) + " |")
         # the heatmap of the mean over seeds, cells (depth, length) as `titans eval niah` draws them
@@ -105,15 +110,10 @@ def main() -> None:
         p.error(f"unknown model(s) {sorted(set(models) - set(MODELS))}; choose from {', '.join(MODELS)}")
     store = Store(Path(a.out) / "results.jsonl", settings(a))
     if not a.report_only:
-        todo = [(m, s) for s in seeds for m in models if not store.done(model=m, seed=s)]
-        for i, (name, seed) in enumerate(todo):
-            x = run_one(name, seed, a)
-            store.add(x)
-            means = {n: statistics.mean(v for k, v in x["cells"].items() if k.startswith(f"{n}@"))
-                     for n in parse_lengths(a.lengths)}
-            print(f"[{i + 1}/{len(todo)}] {name:12s} seed {seed}  {x['train_s']:.0f}s  "
-                  + "  ".join(f"{n}: {v:.2f}" for n, v in means.items()) + ("  DIVERGED" if x["diverged"] else ""),
-                  flush=True)
+        run_pending(store, [dict(model=m, seed=s) for s in seeds for m in models],
+                    lambda k: run_one(k["model"], k["seed"], a),
+                    lambda x: f"{x['model']:12s} seed {x['seed']}  {x['train_s']:.0f}s  "
+                              + "  ".join(f"{n}: {v:.2f}" for n, v in by_length(x, a).items()))
     write_report(store, models, seeds, a)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, cpu_name, spread, train, write_section
+from common import ROOT, Store, cpu_name, run_pending, spread, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.data.tasks import evaluate_recall, recall_batches
 
@@ -92,13 +92,10 @@ def main() -> None:
     args.lens = [int(m) * args.train_len for m in args.eval_lens.split(",")]
     store = Store(Path(args.out) / "results.jsonl", settings(args))
     if not args.report_only:
-        todo = [(m, s) for s in seeds for m in models if not store.done(model=m, seed=s)]
-        for i, (name, seed) in enumerate(todo):
-            row = run_one(name, seed, args)
-            store.add(row)
-            print(f"[{i + 1}/{len(todo)}] {name:12s} seed {seed}  {row['train_s']:5.0f}s  "
-                  + ("DIVERGED  " if row["diverged"] else "")
-                  + "  ".join(f"{n}: {a:.3f}" for n, a in row["accuracy"].items()), flush=True)
+        run_pending(store, [dict(model=m, seed=s) for s in seeds for m in models],
+                    lambda k: run_one(k["model"], k["seed"], args),
+                    lambda r: f"{r['model']:12s} seed {r['seed']}  {r['train_s']:5.0f}s  "
+                              + "  ".join(f"{n}: {a:.3f}" for n, a in r["accuracy"].items()))
     rows = [r for r in store.rows if r["model"] in models and r["seed"] in seeds]
     if rows:
         write_report(rows, models, args)
