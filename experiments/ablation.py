@@ -34,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, cpu_name, run_pending, spread, train, write_section
+from common import ROOT, Store, corpus, cpu_name, run_pending, spread, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.data import EvalWindows, TokenBatches, TokenFile
-from titans.data.corpus import default_data_dir
 from titans.data.tasks import evaluate_recall, recall_batches
 
 PAPER = dict(memory_depth=2, momentum=True)  # the paper's LMM on top of the library's defaults
@@ -64,13 +63,6 @@ SECTION = "## Table 5 at CPU scale"
 def settings(a: argparse.Namespace) -> dict:
     return dict(lm_steps=a.lm_steps, mqar_steps=a.mqar_steps, batch_size=a.batch_size, seq_len=a.seq_len,
                 val_windows=a.val_windows, mqar_len=a.mqar_len, lr=a.lr)
-
-
-def corpus() -> Path:
-    root = default_data_dir() / "corpus" / "byte"
-    if not (root / "meta.json").exists():
-        raise SystemExit(f"no prepared corpus at {root}: run `titans data prepare` first")
-    return root
 
 
 def model_for(row: str, seed: int) -> TitansLM:

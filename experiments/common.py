@@ -68,6 +68,16 @@ def run_pending(store: Store, keys: list[dict], run: Callable[[dict], dict], des
         print(f"[{i + 1}/{len(todo)}] {describe(row)}" + ("  DIVERGED" if row.get("diverged") else ""), flush=True)
 
 
+def corpus() -> Path:
+    """The byte-level project corpus that `titans data prepare` writes (the CLI's default)."""
+    from titans.cli.common import default_corpus
+
+    root = default_corpus("byte")
+    if not (root / "meta.json").exists():
+        raise SystemExit(f"no prepared corpus at {root}: run `titans data prepare` first")
+    return root
+
+
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout

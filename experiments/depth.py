@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ablation import corpus
-from common import ROOT, Store, cpu_name, run_pending, spread, train, write_section
+from common import ROOT, Store, corpus, cpu_name, run_pending, spread, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.data import TokenBatches, TokenFile
 from titans.eval.stream import token_logprobs
