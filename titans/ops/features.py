@@ -76,9 +76,10 @@ class _QKVFeatures(torch.autograd.Function):
         out = u.new_empty(3, B, heads, T, C // (3 * heads))  # contiguous: [B H, T, Dh] is a view
         norm = u.new_empty(2, B, heads, T, 1)
         for t0, t1 in _blocks(T):
-            s = u[:, t0:t1] if weight is None else conv_forward(_rows(past, u, t0, t1 + K - 1), weight, bias)
+            # a block of our own (the conv's output, or a copy of u), so that the SiLU runs in place
+            s = u[:, t0:t1].clone() if weight is None else conv_forward(_rows(past, u, t0, t1 + K - 1), weight, bias)
             s = _split(s, heads)                                        # [3, B, H, n, Dh]
-            s = F.silu(s) if qk_silu else torch.cat([s[:2], F.silu(s[2:])])
+            F.silu(s if qk_silu else s[2], inplace=True)
             torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True, out=norm[:, :, :, t0:t1]).clamp_min_(NORM_EPS)
             torch.div(s[:2], norm[:, :, :, t0:t1], out=out[:2, :, :, t0:t1])
             out[2, :, :, t0:t1] = s[2]
