@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, corpus, cpu_name, run_pending, spread, train, write_section
+from common import ROOT, Store, corpus, cpu_name, run_pending, spread, threads, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.data import EvalWindows, TokenBatches, TokenFile
 from titans.data.tasks import evaluate_recall, recall_batches
@@ -95,7 +95,7 @@ def run_one(row: str, seed: int, a: argparse.Namespace) -> dict:
                               seq_len=4 * a.mqar_len, **task)
     return dict(row=row, seed=seed, params=sum(p.numel() for p in model.parameters()),
                 val_ppl=math.exp(val_loss), recall_4x=acc, lm_s=round(lm_s, 1), mqar_s=round(mqar_s, 1),
-                tokens_per_s=round(statistics.mean(speed)) if speed else None,
+                tokens_per_s=round(statistics.mean(speed)) if speed else None, threads=torch.get_num_threads(),
                 diverged=lm_error or mqar_error)
 
 
@@ -154,7 +154,7 @@ def write_report(store: Store, rows: list[str], seeds: list[int], a: argparse.Na
            f"--lm-steps {a.lm_steps} --mqar-steps {a.mqar_steps} --batch-size {a.batch_size} --seq-len {a.seq_len} "
            f"--val-windows {a.val_windows} --mqar-len {a.mqar_len} --lr {a.lr}")
     section = [SECTION + " (tiny models)", "",
-               f"Made by `{cmd}` on 2 cores ({cpu_name()}), one run at a time. The base (LMM) is the paper's "
+               f"Made by `{cmd}` on 2 cores ({cpu_name()}), {threads([x for xs in runs.values() for x in xs])}. The base (LMM) is the paper's "
                f"memory: `memory_depth=2, momentum=true` with forgetting and the convolution, on the library's "
                f"step parameterisation; each row changes one thing (experiments/ablation.py lists them). "
                f"Tiny preset (dim 64, 2 layers, window 32). Val ppl: byte-level project corpus after "

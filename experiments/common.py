@@ -86,6 +86,12 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def threads(rows: list[dict]) -> str:
+    """How many torch threads the stored runs used, for a report's set-up line."""
+    n = sorted({r.get("threads", "?") for r in rows}, key=str)
+    return f"{'/'.join(map(str, n))} torch thread{'s' if n != [1] else ''} per run"
+
+
 def spread(values: Iterable[float], fmt: str = "{:.3f}") -> str:
     """mean (min-max) over seeds, or the single value."""
     v = list(values)

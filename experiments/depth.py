@@ -11,7 +11,8 @@ corpus for --steps x --batch-size x --seq-len tokens, then streams --streams hel
 of --stream-len tokens from the validation split through the model in pieces of --seq-len
 (the state carried, nothing cut; `titans.eval.stream.token_logprobs`) and reports the mean loss
 of the tokens by position bucket: within the trained length, up to 4x and up to 16x it. Training
-tokens/s per depth come from the trainer's log (2 cores, one run at a time). Results go to
+tokens/s per depth come from the trainer's log (compare them within one study: they depend on the
+threads per run, which the report gives). Results go to
 runs/depth/results.jsonl; the report to the section "Memory depth against context length" of
 docs/RESULTS.md with docs/results/depth.png.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, corpus, cpu_name, run_pending, spread, train, write_section
+from common import ROOT, Store, corpus, cpu_name, run_pending, spread, threads, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.data import TokenBatches, TokenFile
 from titans.eval.stream import token_logprobs
@@ -67,7 +68,8 @@ def run_one(depth: int, seed: int, a: argparse.Namespace) -> dict:
     nll /= a.streams  # position t scores token t + 1: bucket [lo, hi) holds targets lo + 1 .. hi
     loss = {f"{lo}-{hi}": nll[max(0, lo - 1):hi - 1].mean().item() for lo, hi in buckets(a)}
     return dict(depth=depth, seed=seed, params=sum(p.numel() for p in model.parameters()), train_s=round(secs, 1),
-                tokens_per_s=round(statistics.mean(speed)) if speed else None, loss=loss, diverged=error)
+                tokens_per_s=round(statistics.mean(speed)) if speed else None, threads=torch.get_num_threads(), loss=loss,
+                diverged=error)
 
 
 def write_report(store: Store, depths: list[int], seeds: list[int], a: argparse.Namespace) -> None:
@@ -104,7 +106,7 @@ def write_report(store: Store, depths: list[int], seeds: list[int], a: argparse.
            f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --streams {a.streams} "
            f"--stream-len {a.stream_len} --lr {a.lr}")
     section = [SECTION + " (tiny LMM)", "",
-               f"Made by `{cmd}` on 2 cores ({cpu_name()}), one run at a time. Tiny LMM (dim 64, 2 layers, "
+               f"Made by `{cmd}` on 2 cores ({cpu_name()}), {threads([x for xs in runs.values() for x in xs])}. Tiny LMM (dim 64, 2 layers, "
                f"library defaults but `memory_depth`), {a.steps} x {a.batch_size} x {a.seq_len} training tokens "
                f"of the byte-level project corpus, AdamW {a.lr}, cosine. Loss: mean over {a.streams} held-out "
                f"streams of {a.stream_len} validation tokens, streamed in pieces of {a.seq_len}; mean (min-max) "

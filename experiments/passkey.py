@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, cpu_name, run_pending, spread, train, write_section
+from common import ROOT, Store, cpu_name, run_pending, spread, threads, train, write_section
 from recall import MODELS
 from titans import TitansConfig, TitansLM
 from titans.data import ByteTokenizer
@@ -49,7 +49,7 @@ def run_one(name: str, seed: int, a: argparse.Namespace) -> dict:
     records = evaluate_niah(model, ByteTokenizer(), "pk", a.lengths, a.depths, a.samples, seed=seed, piece=4096)
     cells = {f"{n}@{d:g}": acc for (n, d), acc in niah_accuracy(records).items()}
     return dict(model=name, seed=seed, params=sum(p.numel() for p in model.parameters()), train_s=round(secs, 1),
-                diverged=error, cells=cells)
+                threads=torch.get_num_threads(), diverged=error, cells=cells)
 
 
 def by_length(run: dict, a: argparse.Namespace) -> dict[int, float]:
@@ -81,7 +81,7 @@ def write_report(store: Store, models: list[str], seeds: list[int], a: argparse.
            f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --lengths {a.lengths} "
            f"--depths {a.depths} --samples {a.samples} --lr {a.lr}")
     section = [SECTION + " (S-NIAH-PK, tiny models)", "",
-               f"Made by `{cmd}` on 2 cores ({cpu_name()}), one run at a time. Tiny preset (window 32), "
+               f"Made by `{cmd}` on 2 cores ({cpu_name()}), {threads([x for xs in runs.values() for x in xs])}. Tiny preset (window 32), "
                f"trained from scratch on pass keys at {a.seq_len} tokens ({a.steps} x {a.batch_size} sequences, "
                f"AdamW {a.lr}, cosine), scored by exact match of the 5-digit key after a streamed prefill, "
                f"{a.samples} held-out needles x {a.depths} depths per length (accuracy: mean (min-max) over "
