@@ -4,17 +4,18 @@ and what does it cost in throughput? (the paper's section 5.5 / Figure 7 claim, 
     titans data prepare                  # once: the byte-level project corpus
     python experiments/depth.py          # depths 1-4, 2 seeds, resumable
     python experiments/depth.py --depths 1,2 --seeds 0 --steps 50 --streams 2    # a look
+    python experiments/depth.py --depths 2 --set memory_residual=true --report /tmp/probe.md    # a setting
     python experiments/depth.py --report-only
 
-Each depth trains a tiny LMM (library defaults but `memory_depth`) from scratch on the project
-corpus for --steps x --batch-size x --seq-len tokens, then streams --streams held-out stretches
-of --stream-len tokens from the validation split through the model in pieces of --seq-len
-(the state carried, nothing cut; `titans.eval.stream.token_logprobs`) and reports the mean loss
-of the tokens by position bucket: within the trained length, up to 4x and up to 16x it. Training
-tokens/s per depth come from the trainer's log (compare them within one study: they depend on the
-threads per run, which the report gives). Results go to
-runs/depth/results.jsonl; the report to the section "Memory depth against context length" of
-docs/RESULTS.md with docs/results/depth.png.
+Each depth trains a tiny LMM (library defaults but `memory_depth` and the --set overrides) from
+scratch on the project corpus for --steps x --batch-size x --seq-len tokens, then streams --streams
+held-out stretches of --stream-len tokens from the validation split through the model in pieces of
+--seq-len (the state carried, nothing cut; `titans.eval.stream.token_logprobs`) and reports the
+mean loss of the tokens by position bucket: within the trained length, up to 4x and up to 16x it.
+Training tokens/s per depth come from the trainer's log (compare them within one study: they depend
+on the threads per run, which the report gives). Results go to runs/depth/results.jsonl; the report
+to the section "Memory depth against context length" of docs/RESULTS.md with
+docs/results/depth.png.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ SECTION = "## Memory depth against context length"
 
 def settings(a: argparse.Namespace) -> dict:
     return dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, streams=a.streams,
-                stream_len=a.stream_len, lr=a.lr)
+                stream_len=a.stream_len, lr=a.lr, **({"set": a.set} if a.set else {}))
 
 
 def buckets(a: argparse.Namespace) -> list[tuple[int, int]]:
@@ -49,7 +50,8 @@ def buckets(a: argparse.Namespace) -> list[tuple[int, int]]:
 
 def run_one(depth: int, seed: int, a: argparse.Namespace) -> dict:
     torch.manual_seed(seed)
-    model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm", memory_depth=depth))
+    overrides = dict(kv.split("=", 1) for kv in a.set)
+    model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm", **overrides, memory_depth=depth))
     data = corpus()
     batches = TokenBatches(TokenFile(data, split="train"), a.batch_size, a.seq_len, seed=seed)
     secs, error, log = train(model, batches, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
@@ -104,10 +106,10 @@ def write_report(store: Store, depths: list[int], seeds: list[int], a: argparse.
     fig.savefig(plot, dpi=120)
     cmd = (f"python experiments/depth.py --depths {','.join(map(str, runs))} --seeds {','.join(map(str, seeds))} "
            f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --streams {a.streams} "
-           f"--stream-len {a.stream_len} --lr {a.lr}")
+           f"--stream-len {a.stream_len} --lr {a.lr}" + "".join(f" --set {kv}" for kv in a.set))
     section = [SECTION + " (tiny LMM)", "",
                f"Made by `{cmd}` on 2 cores ({cpu_name()}), {threads([x for xs in runs.values() for x in xs])}. Tiny LMM (dim 64, 2 layers, "
-               f"library defaults but `memory_depth`), {a.steps} x {a.batch_size} x {a.seq_len} training tokens "
+               f"library defaults but `memory_depth`{''.join(f', `{kv}`' for kv in a.set)}), {a.steps} x {a.batch_size} x {a.seq_len} training tokens "
                f"of the byte-level project corpus, AdamW {a.lr}, cosine. Loss: mean over {a.streams} held-out "
                f"streams of {a.stream_len} validation tokens, streamed in pieces of {a.seq_len}; mean (min-max) "
                f"over seeds.", "", *table, "", f"![loss by position and throughput per depth](results/{plot.name})",
@@ -128,8 +130,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", default=str(ROOT / "runs" / "depth"))
     p.add_argument("--report", default=str(ROOT / "docs" / "RESULTS.md"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every depth (repeatable), typed as `titans train --set`")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
+    if any("=" not in kv or kv.startswith("memory_depth=") for kv in a.set):
+        p.error("--set takes KEY=VALUE, and not memory_depth (that is --depths)")
     depths, seeds = [int(d) for d in a.depths.split(",")], [int(s) for s in a.seeds.split(",")]
     if any(not 1 <= d <= 4 for d in depths):
         p.error("--depths must lie in 1-4")

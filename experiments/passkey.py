@@ -52,6 +52,10 @@ def run_one(name: str, seed: int, a: argparse.Namespace) -> dict:
                 threads=torch.get_num_threads(), diverged=error, cells=cells)
 
 
+def label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def by_length(run: dict, a: argparse.Namespace) -> dict[int, float]:
     """A run's accuracy per length, the mean over its depths."""
     return {n: statistics.mean(v for k, v in run["cells"].items() if k.startswith(f"{n}@"))
@@ -62,7 +66,7 @@ def write_report(store: Store, models: list[str], seeds: list[int], a: argparse.
     runs = {m: [x for x in store.rows if x["model"] == m and x["seed"] in seeds] for m in models}
     runs = {m: xs for m, xs in runs.items() if xs}
     lengths = parse_lengths(a.lengths)
-    table = ["| model | params | seeds | train s | " + " | ".join(f"@ {n // 1024}K" for n in lengths) + " |",
+    table = ["| model | params | seeds | train s | " + " | ".join(f"@ {label(n)}" for n in lengths) + " |",
              "|" + "---|" * (4 + len(lengths))]
     plots = []
     for m, xs in runs.items():
@@ -94,10 +98,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="lmm,mac,mag,mal,swa,transformer")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lengths", default="1K,2K,4K,8K,16K")
+    p.add_argument("--lengths", default="512,1K,2K,4K,8K,16K")
     p.add_argument("--depths", type=int, default=11)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
