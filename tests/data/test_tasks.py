@@ -264,22 +264,26 @@ def test_copy_and_selective_copy_targets():
         selective_copy_batch(1, 5, 3, 12)
 
 
-def test_passkey_batch_scores_the_needles_digits_only():
+def test_passkey_batch_scores_the_needles_digits_and_where_they_end():
     x, y = passkey_batch(4, 400, 256, seed=3, step=2)
     assert x.shape == y.shape == (4, 400)
     positions = []
     for b in range(4):
         text = TOK.decode(x[b].tolist())
         key = re.search(r"The pass key is (\d{5})\. Remember it\.", text)
-        assert key and text.endswith("What is the pass key? The pass key is " + key.group(1)[:4])
-        # the scored targets are " " + the 5 digits, the last 6 positions (inputs shifted by one)
-        assert TOK.decode(y[b, -6:].tolist()) == " " + key.group(1) and (y[b, :-6] == -100).all()
+        assert key and text.endswith("What is the pass key? The pass key is " + key.group(1))
+        # the scored targets are " " + the 5 digits + ".", the last 7 positions (inputs shifted by
+        # one): a model that learns them passes `titans eval niah`'s exact scoring, which decodes on
+        # past the answer and fails "123456"
+        answer = TOK.decode(y[b, -7:].tolist())
+        assert answer == " " + key.group(1) + "." and (y[b, :-7] == -100).all()
+        assert score_answer(answer + "The", key.group(1)) and not score_answer(answer[:-1] + "1", key.group(1))
         positions.append(key.start())
     assert len(set(positions)) > 1  # the needle's depth varies within a batch
     assert torch.equal(passkey_batch(4, 400, 256, seed=3, step=2)[0], x)
     assert not torch.equal(passkey_batch(4, 400, 256, seed=3, step=3)[0], x)
     # held out: not the needles `titans eval niah --seed 0` draws for the same sample indices
-    trained = [TOK.decode(row) for row in passkey_batch(64, 300, 256, seed=0)[1][:, -5:].tolist()]
+    trained = [TOK.decode(row) for row in passkey_batch(64, 300, 256, seed=0)[1][:, -6:-1].tolist()]
     held = [NiahGenerator("pk", seed=0).sample(300, 0.5, i).answer for i in range(64)]
     assert len(set(trained)) == 64 and sum(a != b for a, b in zip(trained, held)) == 64
     with pytest.raises(ValueError, match="seq_len=100 is too short for task niah"):

@@ -19,9 +19,11 @@ Token layout (ids below `vocab_size`):
         separator, then the n data tokens in their order. Scored: the copy.
     niah (pass-key retrieval, the paper's Table 2 "S-NIAH-PK" for training): the byte text of
         `titans.data.tasks.niah` task "pk", `seq_len` tokens with the needle at a depth drawn
-        uniformly from [0, 1], then the answer (" " + 5 digits). Scored: the answer's tokens. The
-        needles come from other generator seeds than `titans eval niah` uses, so evaluation
-        samples are held out.
+        uniformly from [0, 1], then the answer as the needle gives it (" " + 5 digits + ".").
+        Scored: the answer's tokens, its full stop included: `titans eval niah` decodes past the
+        answer and counts "12345" only where what follows is not a digit, so a model must learn
+        where the key ends. The needles come from other generator seeds than `titans eval niah`
+        uses, so evaluation samples are held out.
 """
 
 from __future__ import annotations
@@ -128,15 +130,16 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
                   ) -> tuple[Tensor, Tensor]:
     """Pass-key retrieval: inputs and targets [batch_size, seq_len] (byte tokens; see the module doc).
 
-    Each row is a pass-key sample of seq_len + 1 - A tokens followed by its A answer tokens, so
-    the last A targets are scored; the depth is uniform in [0, 1]."""
+    Each row is a pass-key sample of seq_len + 1 - A tokens followed by its A answer tokens
+    (" 12345."), so the last A targets are scored; the depth is uniform in [0, 1]."""
     B, T = check_int("batch_size", batch_size, 1), check_int("seq_len", seq_len, 2)
     if vocab_size < 256:
         raise ValueError(f"task niah is byte text: it needs vocab_size >= 256, got {vocab_size}")
     g = _gen("niah", seed, step)
     # generator seeds far from the small ones `titans eval niah --seed` takes: held-out needles
     make = NiahGenerator("pk", seed=derive_seed("niah-train", seed) % 2**31)
-    A = len(make.tokenizer.encode(" 12345"))  # every answer is " " + 5 digits
+    stop = make.tokenizer.encode(".")
+    A = len(make.tokenizer.encode(" 12345."))  # every answer is " " + 5 digits + "."
     scored = torch.zeros(B, T + 1, dtype=torch.bool)
     scored[:, T + 1 - A:] = True
     rows = []
@@ -145,7 +148,7 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
             s = make.sample(T + 1 - A, depth, step * B + b)
         except ValueError as e:  # too short: the instruction, needle and question do not fit
             raise ValueError(f"seq_len={T} is too short for task niah ({e})") from None
-        rows.append(s.input_ids + s.answer_ids)
+        rows.append(s.input_ids + s.answer_ids + stop)
     return _shift(torch.tensor(rows), scored)
 
 
