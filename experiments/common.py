@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -101,10 +102,12 @@ def spread(values: Iterable[float], fmt: str = "{:.3f}") -> str:
 
 
 def write_section(report: Path, heading: str, lines: list[str]) -> None:
-    """Replace the section starting with `heading` (a "## " line) in `report`, or append it."""
+    """Replace the section headed `heading` (a "## " line, perhaps followed by " (...)") in
+    `report`, or append it."""
     text = report.read_text() if report.exists() else "# Results\n\n"
-    if heading in text:
-        start = text.index(heading)
+    found = re.search(rf"^{re.escape(heading)}( \(.*\))?$", text, re.M)
+    if found:
+        start = found.start()
         end = text.find("\n## ", start + 1)
         text = text[:start] + "\n".join(lines) + (text[end:] if end != -1 else "\n")
     else:

@@ -86,7 +86,9 @@ def write_report(store: Store, depths: list[int], seeds: list[int], a: argparse.
                      f"{spread([x['tokens_per_s'] for x in xs], '{:,.0f}')} | "
                      + " | ".join(spread([x['loss'][n] for x in xs]) for n in names)
                      + f" | {spread(gain)} |")
-    plot = Path(a.report).parent / "results" / "depth.png"
+    # a run with --set overrides is a section and a plot of its own
+    heading = SECTION + "".join(f", {kv}" for kv in a.set)
+    plot = Path(a.report).parent / "results" / ("depth" + "".join(f"-{kv.replace('=', '-')}" for kv in a.set) + ".png")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -107,14 +109,14 @@ def write_report(store: Store, depths: list[int], seeds: list[int], a: argparse.
     cmd = (f"python experiments/depth.py --depths {','.join(map(str, runs))} --seeds {','.join(map(str, seeds))} "
            f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --streams {a.streams} "
            f"--stream-len {a.stream_len} --lr {a.lr}" + "".join(f" --set {kv}" for kv in a.set))
-    section = [SECTION + " (tiny LMM)", "",
+    section = [heading + " (tiny LMM)", "",
                f"Made by `{cmd}` on 2 cores ({cpu_name()}), {threads([x for xs in runs.values() for x in xs])}. Tiny LMM (dim 64, 2 layers, "
                f"library defaults but `memory_depth`{''.join(f', `{kv}`' for kv in a.set)}), {a.steps} x {a.batch_size} x {a.seq_len} training tokens "
                f"of the byte-level project corpus, AdamW {a.lr}, cosine. Loss: mean over {a.streams} held-out "
                f"streams of {a.stream_len} validation tokens, streamed in pieces of {a.seq_len}; mean (min-max) "
                f"over seeds.", "", *table, "", f"![loss by position and throughput per depth](results/{plot.name})",
                ""]
-    write_section(Path(a.report), SECTION, section)
+    write_section(Path(a.report), heading, section)
     print(f"wrote {a.report} and {plot}")
 
 
