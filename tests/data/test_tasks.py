@@ -291,6 +291,11 @@ def test_passkey_batch_scores_the_needles_digits_and_where_they_end():
     with pytest.raises(ValueError, match="vocab_size >= 256"):
         passkey_batch(1, 400, 64)
     assert torch.equal(next(recall_batches("niah", 4, 256, seed=3, seq_len=400))[0], passkey_batch(4, 400, 256, seed=3)[0])
+    # all_tokens: the same rows, every target scored (language modelling on the pass-key text)
+    x, y = passkey_batch(4, 400, 256, seed=3)
+    xa, ya = next(recall_batches("niah", 4, 256, seed=3, seq_len=400, all_tokens="true"))
+    assert torch.equal(xa, x) and (ya != -100).all() and torch.equal(ya[:, -7:], y[:, -7:])
+    assert torch.equal(ya[:, :-1], xa[:, 1:])
 
 
 def test_masked_accuracy_and_recall_evaluation():

@@ -20,9 +20,9 @@ Token layout (ids below `vocab_size`):
     niah (pass-key retrieval, the paper's Table 2 "S-NIAH-PK" for training): the byte text of
         `titans.data.tasks.niah` task "pk", `seq_len` tokens with the needle at a depth drawn
         uniformly from [0, 1], then the answer as the needle gives it (" " + 5 digits + ".").
-        Scored: the answer's tokens, its full stop included: `titans eval niah` decodes past the
+        Scored: the answer's tokens, its full stop included (`titans eval niah` decodes past the
         answer and counts "12345" only where what follows is not a digit, so a model must learn
-        where the key ends. The needles come from other generator seeds than `titans eval niah`
+        where the key ends), or with `all_tokens` every token. The needles come from other generator seeds than `titans eval niah`
         uses, so evaluation samples are held out.
 """
 
@@ -126,12 +126,14 @@ def selective_copy_batch(batch_size: int, n_tokens: int, region: int, vocab_size
     return _shift(seq, scored)
 
 
-def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0, step: int = 0
-                  ) -> tuple[Tensor, Tensor]:
+def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0, step: int = 0,
+                  all_tokens: bool = False) -> tuple[Tensor, Tensor]:
     """Pass-key retrieval: inputs and targets [batch_size, seq_len] (byte tokens; see the module doc).
 
     Each row is a pass-key sample of seq_len + 1 - A tokens followed by its A answer tokens
-    (" 12345."), so the last A targets are scored; the depth is uniform in [0, 1]."""
+    (" 12345."), so the last A targets are scored; the depth is uniform in [0, 1]. all_tokens:
+    score every target, as language modelling does (the repeated noise then teaches a model to
+    copy what followed the last time it saw a context, which the answer needs)."""
     B, T = check_int("batch_size", batch_size, 1), check_int("seq_len", seq_len, 2)
     if vocab_size < 256:
         raise ValueError(f"task niah is byte text: it needs vocab_size >= 256, got {vocab_size}")
@@ -141,7 +143,7 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
     stop = make.tokenizer.encode(".")
     A = len(make.tokenizer.encode(" 12345."))  # every answer is " " + 5 digits + "."
     scored = torch.zeros(B, T + 1, dtype=torch.bool)
-    scored[:, T + 1 - A:] = True
+    scored[:, 1 if all_tokens else T + 1 - A:] = True
     rows = []
     for b, depth in enumerate(torch.rand(B, generator=g, dtype=torch.float64).tolist()):
         try:
@@ -189,7 +191,7 @@ def recall_batches(task: str, batch_size: int, vocab_size: int, *, seed: int = 0
                    **kwargs: Any) -> TaskBatches:
     """Endless resumable batches of a recall task for the Trainer. kwargs are the task's own
     arguments: mqar seq_len, n_pairs (n_queries, power_a); copy n_tokens (delay);
-    selective_copy n_tokens, region."""
+    selective_copy n_tokens, region; niah seq_len (all_tokens)."""
     make = _maker(task, batch_size, vocab_size, seed, kwargs)
     make(0)  # bad arguments fail here, not at the first training step
     name = ":".join([task, f"seed={seed}", f"B={batch_size}", f"V={vocab_size}",
