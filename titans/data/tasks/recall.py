@@ -22,8 +22,8 @@ Token layout (ids below `vocab_size`):
         uniformly from [0, 1], then the answer as the needle gives it (" " + 5 digits + ".").
         Scored: the answer's tokens, its full stop included (`titans eval niah` decodes past the
         answer and counts "12345" only where what follows is not a digit, so a model must learn
-        where the key ends), or with `all_tokens` every token. The needles come from other generator seeds than `titans eval niah`
-        uses, so evaluation samples are held out.
+        where the key ends), or with `all_tokens` every token. The needles come from other
+        generator seeds than `titans eval niah` uses, so evaluation samples are held out.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
 
     Each row is a pass-key sample of seq_len + 1 - A tokens followed by its A answer tokens
     (" 12345."), so the last A targets are scored; the depth is uniform in [0, 1]. all_tokens:
-    score every target, as language modelling does (the repeated noise then teaches a model to
-    copy what followed the last time it saw a context, which the answer needs)."""
+    score every target, as language modelling does (a curriculum for copying: the noise repeats;
+    tried in docs/RESULTS.md's pass-key study, it taught the noise but not the key)."""
     B, T = check_int("batch_size", batch_size, 1), check_int("seq_len", seq_len, 2)
     if vocab_size < 256:
         raise ValueError(f"task niah is byte text: it needs vocab_size >= 256, got {vocab_size}")
