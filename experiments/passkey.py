@@ -1,5 +1,5 @@
 """Pass-key retrieval in the shape of the paper's Table 2: models trained on pass keys at
-<= 1K tokens, evaluated at 1K-16K tokens and 11 needle depths.
+<= 1K tokens (256 by default), evaluated from the trained length to 16K at 11 needle depths.
 
     python experiments/passkey.py                        # the study (LMM, MAC, MAG, MAL, SWA,
                                                          # Transformer++; 3 seeds), resumable
