@@ -28,6 +28,7 @@ import torch
 
 from common import ROOT, Store, corpus, cpu_name, run_pending, spread, threads, train, write_section
 from titans import TitansConfig, TitansLM
+from titans.cli.common import UserError, parse_overrides
 from titans.data import TokenBatches, TokenFile
 from titans.eval.stream import token_logprobs
 
@@ -50,8 +51,7 @@ def buckets(a: argparse.Namespace) -> list[tuple[int, int]]:
 
 def run_one(depth: int, seed: int, a: argparse.Namespace) -> dict:
     torch.manual_seed(seed)
-    overrides = dict(kv.split("=", 1) for kv in a.set)
-    model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm", **overrides, memory_depth=depth))
+    model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm", **parse_overrides(a.set), memory_depth=depth))
     data = corpus()
     batches = TokenBatches(TokenFile(data, split="train"), a.batch_size, a.seq_len, seed=seed)
     secs, error, log = train(model, batches, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
@@ -136,8 +136,11 @@ def main() -> None:
                    help="a config override for every depth (repeatable), typed as `titans train --set`")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
-    if any("=" not in kv or kv.startswith("memory_depth=") for kv in a.set):
-        p.error("--set takes KEY=VALUE, and not memory_depth (that is --depths)")
+    try:
+        if "memory_depth" in parse_overrides(a.set):
+            p.error("--set memory_depth: choose depths with --depths")
+    except UserError as e:
+        p.error(str(e))
     depths, seeds = [int(d) for d in a.depths.split(",")], [int(s) for s in a.seeds.split(",")]
     if any(not 1 <= d <= 4 for d in depths):
         p.error("--depths must lie in 1-4")

@@ -29,7 +29,7 @@ from titans import TitansConfig, TitansLM
 from titans.data import ByteTokenizer
 from titans.data.tasks import parse_lengths, recall_batches
 from titans.eval.niah import evaluate_niah, niah_accuracy
-from titans.eval.plots import heatmap
+from titans.eval.plots import format_length, heatmap
 
 SECTION = "## Pass-key retrieval"
 
@@ -52,10 +52,6 @@ def run_one(name: str, seed: int, a: argparse.Namespace) -> dict:
                 threads=torch.get_num_threads(), diverged=error, cells=cells)
 
 
-def label(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
 def by_length(run: dict, a: argparse.Namespace) -> dict[int, float]:
     """A run's accuracy per length, the mean over its depths."""
     return {n: statistics.mean(v for k, v in run["cells"].items() if k.startswith(f"{n}@"))
@@ -66,7 +62,7 @@ def write_report(store: Store, models: list[str], seeds: list[int], a: argparse.
     runs = {m: [x for x in store.rows if x["model"] == m and x["seed"] in seeds] for m in models}
     runs = {m: xs for m, xs in runs.items() if xs}
     lengths = parse_lengths(a.lengths)
-    table = ["| model | params | seeds | train s | " + " | ".join(f"@ {label(n)}" for n in lengths) + " |",
+    table = ["| model | params | seeds | train s | " + " | ".join(f"@ {format_length(n)}" for n in lengths) + " |",
              "|" + "---|" * (4 + len(lengths))]
     plots = []
     for m, xs in runs.items():

@@ -23,6 +23,7 @@ import torch
 
 import titans  # noqa: F401  (flush-to-zero before any torch work)
 from titans import TitansConfig, TitansLM
+from titans.cli.common import parse_overrides
 from titans.data.tasks import evaluate_recall, recall_batches
 from titans.train import TrainConfig, Trainer
 
@@ -35,7 +36,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)")
     a = p.parse_args()
-    overrides = dict(kv.split("=", 1) for kv in a.set)
+    overrides = parse_overrides(a.set)
     task = dict(n_pairs=4, power_a=1.0)
     torch.manual_seed(a.seed)
     config = TitansConfig.from_preset("tiny", variant=a.variant, **overrides)
