@@ -5,7 +5,7 @@ Every model is trained from scratch with the same budget on multi-query associat
 (MQAR) whose queries are spread uniformly over the sequence, so most of them sit beyond the
 32-token window of the tiny preset, then evaluated at 1x, 2x, 4x, 8x and 16x the trained
 length (the pairs lie further and further back). Models: LMM (the default, a linear memory),
-LMM with a deep (2-layer MLP) memory, MAC, MAG, MAL, SWA and Transformer++, each over several
+LMM with a deep (2-layer MLP) memory at the defaults and in its residual form at theta_init 0.1, MAC, MAG, MAL, SWA and Transformer++, each over several
 seeds.
 
     python experiments/recall.py                         # the full study, resumable
@@ -37,6 +37,8 @@ from titans.data.tasks import evaluate_recall, recall_batches
 MODELS = {
     "lmm": ("lmm", {}),
     "lmm-deep": ("lmm", {"memory_depth": 2}),
+    # the deep memory in the setting that trained on language (docs/models.md, "A deep memory that trains")
+    "lmm-deep-res": ("lmm", {"memory_depth": 2, "memory_residual": True, "theta_init": 0.1}),
     "mac": ("mac", {}),
     "mag": ("mag", {}),
     "mal": ("mal", {}),
@@ -146,7 +148,7 @@ def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) 
                f"Made by `{cmd}` on 2 cores ({cpu_name()}); train time per run as measured (how many "
                f"threads and runs at a time: the notes below). Tiny preset (dim 64, "
                f"2 layers, window 32, memory chunk 16, segment 32, 4 persistent tokens; `lmm-deep` is "
-               f"LMM with `memory_depth=2`), library defaults otherwise; {args.pairs} key-value pairs, queries "
+               f"LMM with `memory_depth=2`, `lmm-deep-res` adds `memory_residual=true theta_init=0.1`), library defaults otherwise; {args.pairs} key-value pairs, queries "
                f"spread uniformly over the sequence (most beyond the window). Same budget for every model "
                f"and seed: {args.steps} steps x {args.batch_size} x {args.train_len} tokens "
                f"({args.steps * args.batch_size * args.train_len / 1e6:.1f}M tokens), AdamW {args.lr}, "
