@@ -5,6 +5,7 @@ and what does it cost in throughput? (the paper's section 5.5 / Figure 7 claim, 
     python experiments/depth.py          # depths 1-4, 2 seeds, resumable
     python experiments/depth.py --depths 1,2 --seeds 0 --steps 50 --streams 2    # a look
     python experiments/depth.py --depths 2 --set memory_residual=true --report /tmp/probe.md    # a setting
+    python experiments/depth.py --depths 1,2 --reset      # the same, every piece from a fresh state
     python experiments/depth.py --report-only
 
 Each depth trains a tiny LMM (library defaults but `memory_depth` and the --set overrides) from
@@ -12,6 +13,9 @@ scratch on the project corpus for --steps x --batch-size x --seq-len tokens, the
 held-out stretches of --stream-len tokens from the validation split through the model in pieces of
 --seq-len (the state carried, nothing cut; `titans.eval.stream.token_logprobs`) and reports the
 mean loss of the tokens by position bucket: within the trained length, up to 4x and up to 16x it.
+With --reset every piece is scored from a fresh state instead (the control: each bucket holds
+different text, so the carried state's worth at a position is the loss with --reset minus the
+loss without, same seeds and settings; the reset run has a section and plot of its own).
 Training tokens/s per depth come from the trainer's log (compare them within one study: they depend
 on the threads per run, which the report gives). Results go to runs/depth/results.jsonl; the report
 to the section "Memory depth against context length" of docs/RESULTS.md with
@@ -37,7 +41,8 @@ SECTION = "## Memory depth against context length"
 
 def settings(a: argparse.Namespace) -> dict:
     return dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, streams=a.streams,
-                stream_len=a.stream_len, lr=a.lr, **({"set": a.set} if a.set else {}))
+                stream_len=a.stream_len, lr=a.lr, **({"set": a.set} if a.set else {}),
+                **({"reset": True} if a.reset else {}))
 
 
 def buckets(a: argparse.Namespace) -> list[tuple[int, int]]:
@@ -65,7 +70,12 @@ def run_one(depth: int, seed: int, a: argparse.Namespace) -> dict:
     with torch.no_grad():
         for i in range(a.streams):  # evenly spaced stretches of the validation split
             start = i * (len(val) - a.stream_len) // max(1, a.streams - 1)
-            logp, _, _ = token_logprobs(model, val[start:start + a.stream_len], piece=a.seq_len)
+            ids = val[start:start + a.stream_len]
+            if a.reset:  # every piece from a fresh state, its previous token as the only context
+                logp = torch.cat([token_logprobs(model, ids[max(0, s - 1):s + a.seq_len], piece=a.seq_len)[0]
+                                  for s in range(0, a.stream_len, a.seq_len)])
+            else:
+                logp = token_logprobs(model, ids, piece=a.seq_len)[0]
             nll -= logp.double()
     nll /= a.streams  # position t scores token t + 1: bucket [lo, hi) holds targets lo + 1 .. hi
     loss = {f"{lo}-{hi}": nll[max(0, lo - 1):hi - 1].mean().item() for lo, hi in buckets(a)}
@@ -87,8 +97,9 @@ def write_report(store: Store, depths: list[int], seeds: list[int], a: argparse.
                      + " | ".join(spread([x['loss'][n] for x in xs]) for n in names)
                      + f" | {spread(gain)} |")
     # a run with --set overrides is a section and a plot of its own
-    heading = SECTION + "".join(f", {kv}" for kv in a.set)
-    plot = Path(a.report).parent / "results" / ("depth" + "".join(f"-{kv.replace('=', '-')}" for kv in a.set) + ".png")
+    heading = SECTION + "".join(f", {kv}" for kv in a.set) + (", state reset at every piece" if a.reset else "")
+    plot = Path(a.report).parent / "results" / ("depth" + "".join(f"-{kv.replace('=', '-')}" for kv in a.set)
+                                                + ("-reset" if a.reset else "") + ".png")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,12 +119,14 @@ def write_report(store: Store, depths: list[int], seeds: list[int], a: argparse.
     fig.savefig(plot, dpi=120)
     cmd = (f"python experiments/depth.py --depths {','.join(map(str, runs))} --seeds {','.join(map(str, seeds))} "
            f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --streams {a.streams} "
-           f"--stream-len {a.stream_len} --lr {a.lr}" + "".join(f" --set {kv}" for kv in a.set))
+           f"--stream-len {a.stream_len} --lr {a.lr}" + "".join(f" --set {kv}" for kv in a.set)
+           + (" --reset" if a.reset else ""))
     section = [heading + " (tiny LMM)", "",
                f"Made by `{cmd}` on 2 cores ({cpu_name()}), {threads([x for xs in runs.values() for x in xs])}. Tiny LMM (dim 64, 2 layers, "
                f"library defaults but `memory_depth`{''.join(f', `{kv}`' for kv in a.set)}), {a.steps} x {a.batch_size} x {a.seq_len} training tokens "
                f"of the byte-level project corpus, AdamW {a.lr}, cosine. Loss: mean over {a.streams} held-out "
-               f"streams of {a.stream_len} validation tokens, streamed in pieces of {a.seq_len}; mean (min-max) "
+               f"streams of {a.stream_len} validation tokens, streamed in pieces of {a.seq_len}"
+               f"{' with the state reset at every piece (the control: what the carried state is worth)' if a.reset else ''}; mean (min-max) "
                f"over seeds.", "", *table, "", f"![loss by position and throughput per depth](results/{plot.name})",
                ""]
     write_section(Path(a.report), heading, section)
@@ -134,6 +147,8 @@ def main() -> None:
     p.add_argument("--report", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every depth (repeatable), typed as `titans train --set`")
+    p.add_argument("--reset", action="store_true",
+                   help="score every piece from a fresh state: the control for what the carried state is worth")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
     try:
