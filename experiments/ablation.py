@@ -76,16 +76,21 @@ def model_for(row: str, seed: int) -> TitansLM:
     return TitansLM(TitansConfig.from_preset("tiny", variant=variant, **overrides))
 
 
-def run_one(row: str, seed: int, a: argparse.Namespace) -> dict:
-    out = Path(a.out) / f"{row}-{seed}"
-    # (a) language modelling
+def train_lm(row: str, seed: int, a: argparse.Namespace, out: Path) -> tuple[float, str | None, list[dict]]:
+    """A row's language-modelling run (metric a): train() on the project corpus, validated at the end."""
     model = model_for(row, seed)
     data = corpus()
     val = list(EvalWindows(TokenFile(data, split="val"), a.seq_len, batch_size=a.batch_size,
                            max_windows=a.val_windows))
     batches = TokenBatches(TokenFile(data, split="train"), a.batch_size, a.seq_len, seed=seed)
-    lm_s, lm_error, log = train(model, batches, steps=a.lm_steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                                lr=a.lr, seed=seed, out=out, val=val)
+    return train(model, batches, steps=a.lm_steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, seed=seed,
+                 out=out, val=val)
+
+
+def run_one(row: str, seed: int, a: argparse.Namespace) -> dict:
+    out = Path(a.out) / f"{row}-{seed}"
+    # (a) language modelling
+    lm_s, lm_error, log = train_lm(row, seed, a, out)
     val_loss = next((r["val_loss"] for r in reversed(log) if r.get("val_loss") is not None), math.nan)
     speed = [r["tokens_per_s"] for r in log if r.get("tokens_per_s")]
     # (b) recall beyond the window, at 4x the trained length
@@ -175,7 +180,7 @@ def write_report(store: Store, rows: list[str], seeds: list[int], a: argparse.Na
     print(f"wrote {a.report} and {plot}")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
     p.add_argument("--seeds", default="0,1,2")
@@ -189,6 +194,11 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
     p.add_argument("--report", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--report-only", action="store_true")
+    return p
+
+
+def main() -> None:
+    p = parser()
     a = p.parse_args()
     rows = a.rows.split(",")
     if set(rows) - set(ROWS):
