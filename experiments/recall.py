@@ -5,8 +5,8 @@ Every model is trained from scratch with the same budget on multi-query associat
 (MQAR) whose queries are spread uniformly over the sequence, so most of them sit beyond the
 32-token window of the tiny preset, then evaluated at 1x, 2x, 4x, 8x and 16x the trained
 length (the pairs lie further and further back). Models: LMM (the default, a linear memory),
-LMM with a deep (2-layer MLP) memory at the defaults and in its residual form at theta_init 0.1, MAC, MAG, MAL, SWA and Transformer++, each over several
-seeds.
+LMM with a deep (2-layer MLP) memory at the defaults and in its residual form at theta_init 0.1,
+MAC, MAG, MAL, SWA and Transformer++, each over several seeds.
 
     python experiments/recall.py                         # the full study, resumable
     python experiments/recall.py --models lmm,swa --seeds 0 --steps 200    # a quick look
