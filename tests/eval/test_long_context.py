@@ -77,7 +77,16 @@ def test_stream_eval_reports_constant_state_and_finite_values():
         assert c["nonfinite"] == []
     assert result["tokens_per_s"] > 0 and isinstance(result["rss_growth"], int)
     text = format_stream_result(result)
-    assert "3,000" in text and "constant" in text and "finite" in text
+    assert "3,000" in text and "constant" in text and "finite" in text and "min |W|" in text
+
+
+def test_stream_eval_reports_the_smallest_memory_norm():
+    model, x = tiny(), torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(1))
+    result = stream_eval(model, 1024, piece=512, checkpoints=(512,), source=x)
+    state, _ = prefill(model, x, piece=512)
+    norms = [w.norm().item() for s in state.memories().values() for w in s.memory.weights]
+    assert norms and result["checkpoints"][-1]["memory_norm"] == pytest.approx(min(norms), rel=1e-5)
+    assert stream_eval(tiny("transformer"), 64, piece=64)["checkpoints"][0]["memory_norm"] is None
 
 
 def test_stream_eval_sees_a_growing_cache_in_full_attention():

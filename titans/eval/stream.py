@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["prefill", "token_logprobs", "greedy_answer", "eval_mode", "answer_and_score", "check_sampling", "score_samples", "state_tensors", "nonfinite_state", "state_bytes",
-           "current_rss", "peak_rss", "stream_eval", "format_stream_result"]
+           "current_rss", "peak_rss", "memory_norms", "stream_eval", "format_stream_result"]
 
 DEFAULT_CHECKPOINTS = (65536, 262144, 1_000_000)
 
@@ -163,6 +163,14 @@ def state_bytes(state: Any) -> int:
     return sum(t.numel() * t.element_size() for _, t in state_tensors(state))
 
 
+def memory_norms(state: Any) -> list[float]:
+    """The Frobenius norm of every memory weight matrix in a model state (a `ModelState`'s
+    `memories()`; empty for a state without memories). A memory that has decayed to nothing
+    shows as norms near 0."""
+    memories = state.memories() if hasattr(state, "memories") else {}
+    return [w.float().norm().item() for s in memories.values() for w in s.memory.weights]
+
+
 def current_rss() -> int | None:
     """Resident memory of this process now, in bytes (/proc/self/statm; None elsewhere)."""
     try:
@@ -232,8 +240,9 @@ def stream_eval(model: Any, n_tokens: int, piece: int = 4096,
     Returns a dict: n_tokens, piece, batch_size, tokens_per_s (overall), seconds, finite (no
     NaN/Inf in the state at any checkpoint nor in any logits), first_nonfinite_logits (token
     count or None), and `checkpoints`: one dict per checkpoint with tokens, seconds,
-    tokens_per_s (since the previous checkpoint), rss and peak_rss (bytes), state_bytes and
-    nonfinite (paths of state tensors holding NaN/Inf), plus state_constant (state_bytes equal at
+    tokens_per_s (since the previous checkpoint), rss and peak_rss (bytes), state_bytes,
+    nonfinite (paths of state tensors holding NaN/Inf) and memory_norm (the smallest norm of any
+    memory weight matrix, `memory_norms`; None without memories), plus state_constant (state_bytes equal at
     every checkpoint: no growing cache) and rss_growth (bytes, last minus first checkpoint).
     """
     n_tokens, piece = _check_int("n_tokens", n_tokens, 1), _check_int("piece", piece, 1)
@@ -260,7 +269,7 @@ def stream_eval(model: Any, n_tokens: int, piece: int = 4096,
         rows.append(dict(tokens=pos, seconds=now - t0,
                          tokens_per_s=(pos - prev_pos) * batch_size / max(now - t_prev, 1e-9),
                          rss=current_rss(), peak_rss=peak_rss(), state_bytes=state_bytes(state),
-                         nonfinite=nonfinite_state(state)))
+                         nonfinite=nonfinite_state(state), memory_norm=min(memory_norms(state), default=None)))
         t_prev, prev_pos = time.perf_counter(), pos  # the checks above are not timed
         t0 += t_prev - now
     seconds = rows[-1]["seconds"]
@@ -280,11 +289,12 @@ def _mib(b: int | None) -> str:
 def format_stream_result(result: dict) -> str:
     """A plain-text table of a `stream_eval` result."""
     lines = [f"{'tokens':>12} {'seconds':>9} {'tok/s':>10} {'RSS MiB':>9} {'peak MiB':>9} "
-             f"{'state MiB':>9}  finite"]
+             f"{'state MiB':>9} {'min |W|':>9}  finite"]
     for r in result["checkpoints"]:
         fin = "yes" if not r["nonfinite"] else "NO: " + ", ".join(r["nonfinite"][:4])
         lines.append(f"{r['tokens']:>12,} {r['seconds']:>9.1f} {r['tokens_per_s']:>10,.0f} "
-                     f"{_mib(r['rss']):>9} {_mib(r['peak_rss']):>9} {_mib(r['state_bytes']):>9}  {fin}")
+                     f"{_mib(r['rss']):>9} {_mib(r['peak_rss']):>9} {_mib(r['state_bytes']):>9} "
+                     f"{'n/a' if r['memory_norm'] is None else format(r['memory_norm'], '.3g'):>9}  {fin}")
     growth = result["rss_growth"]
     lines.append(f"overall {result['tokens_per_s']:,.0f} tokens/s (batch {result['batch_size']}, "
                  f"piece {result['piece']}); state size "
