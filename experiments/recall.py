@@ -31,6 +31,7 @@ import torch
 
 from common import ROOT, Store, cpu_name, run_pending, spread, train, write_section
 from titans import TitansConfig, TitansLM
+from titans.cli.common import parse_overrides
 from titans.data.tasks import evaluate_recall, recall_batches
 
 # name -> (variant, config overrides)
@@ -51,14 +52,14 @@ SECTION = "## Recall beyond the attention window"
 def settings(args: argparse.Namespace) -> dict:
     """What makes two runs comparable (a stored run is reused only when these match)."""
     return dict(steps=args.steps, batch_size=args.batch_size, train_len=args.train_len, pairs=args.pairs,
-                lr=args.lr, eval_lens=args.eval_lens)
+                lr=args.lr, eval_lens=args.eval_lens, **({"set": args.set} if args.set else {}))
 
 
 def run_one(name: str, seed: int, args: argparse.Namespace) -> dict:
     variant, overrides = MODELS[name]
     task = dict(n_pairs=args.pairs, power_a=1.0)  # power_a = 1: query slots uniform, mostly far away
     torch.manual_seed(seed)
-    config = TitansConfig.from_preset("tiny", variant=variant, **overrides)
+    config = TitansConfig.from_preset("tiny", variant=variant, **{**overrides, **parse_overrides(args.set)})
     model = TitansLM(config)
     batches = recall_batches("mqar", args.batch_size, config.vocab_size, seed=seed, seq_len=args.train_len, **task)
     train_s, error, _ = train(model, batches, steps=args.steps, batch_size=args.batch_size, seq_len=args.train_len,
@@ -85,6 +86,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "recall"))
     p.add_argument("--report", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--report-only", action="store_true", help="rewrite the report from --out/results.jsonl")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every model (repeatable, typed as `titans train --set`)")
     args = p.parse_args()
     models = args.models.split(",")
     unknown = sorted(set(models) - set(MODELS))
@@ -143,7 +146,7 @@ def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) 
                      + f" | {min(times):.0f}-{max(times):.0f} s | " + " | ".join(cells) + " |")
     cmd = (f"python experiments/recall.py --models {','.join(by_model)} --seeds {args.seeds} --steps {args.steps} "
            f"--batch-size {args.batch_size} --train-len {args.train_len} --eval-lens {args.eval_lens} "
-           f"--pairs {args.pairs} --lr {args.lr}")
+           f"--pairs {args.pairs} --lr {args.lr}" + "".join(f" --set {kv}" for kv in args.set))
     section = [f"{SECTION} (MQAR, tiny models)", "",
                f"Made by `{cmd}` on 2 cores ({cpu_name()}); train time per run as measured (how many "
                f"threads and runs at a time: the notes below). Tiny preset (dim 64, "

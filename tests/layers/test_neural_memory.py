@@ -175,7 +175,8 @@ def test_a_pair_written_once_is_read_back(depth):
 def test_a_read_recalls_what_followed_the_token_before(key_shift, monkeypatch):
     """key_shift (default): a write stores (previous token -> current token), so a token seen
     again reads back the value of the token that followed it 64 tokens earlier; without it, a
-    token reads back its own value. q and k projections are tied by hand (training aligns them)."""
+    token reads back its own value. q and k projections start tied (qk_tied_init; training moves
+    them apart)."""
     import titans.layers.neural_memory as nm
 
     reads, rule = [], nm.memory_rule
@@ -186,10 +187,8 @@ def test_a_read_recalls_what_followed_the_token_before(key_shift, monkeypatch):
         return out
     monkeypatch.setattr(nm, "memory_rule", recording_rule)
     torch.manual_seed(0)
-    layer = NeuralMemory(256, 2, key_shift=key_shift)                 # head dim 128
-    inner = layer.heads * layer.head_dim
+    layer = NeuralMemory(256, 2, key_shift=key_shift, qk_tied_init=True)   # head dim 128
     with torch.no_grad():
-        layer.wqkv.weight[:inner] = layer.wqkv.weight[inner:2 * inner]
         x = torch.randn(1, 80, 256)
         x[:, 70] = x[:, 5]
         layer(x)
@@ -198,6 +197,17 @@ def test_a_read_recalls_what_followed_the_token_before(key_shift, monkeypatch):
     expected = 6 if key_shift else 5
     assert (cos.argmax(0) == expected).all(), f"read at 70 is closest to values {cos.argmax(0).tolist()}"
     assert (cos[expected] >= 0.5).all(), cos[expected]
+
+
+def test_qk_tied_init_ties_the_query_projection_to_the_key_projection_in_every_model():
+    from titans import TitansConfig, TitansLM
+
+    for tied in (True, False):
+        model = TitansLM(TitansConfig.from_preset("tiny", variant="mag", qk_tied_init=tied))
+        layer = model.blocks[0].mixer.memory
+        inner = layer.heads * layer.head_dim
+        w = layer.wqkv.weight
+        assert torch.equal(w[:inner], w[inner:2 * inner]) == tied
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])

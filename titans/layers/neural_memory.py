@@ -82,6 +82,9 @@ class NeuralMemory(nn.Module):
             so from the first step a write stores (previous token -> current token) and a read
             with the current token recalls what followed it before. No effect without the
             convolution (conv=False or conv_kernel=1).
+        qk_tied_init: the query projection starts equal to the key projection (an initialisation;
+            they train apart), so with key_shift a token seen again reads back, from the first
+            step, what followed it before: the memory starts as an induction head.
         theta_init: the initial theta as a fraction of max_lr (the gate biases).
         alpha_init: (low, high) initial forget rates, spread log-uniformly over the heads.
 
@@ -105,7 +108,8 @@ class NeuralMemory(nn.Module):
                  conv: bool = True, conv_kernel: int = 4, momentum: bool = False, forgetting: bool = True,
                  gate_mode: str = "token", max_lr: float = 0.5, momentum_form: str = "bounded",
                  normalize_step: bool = True, qk_silu: bool = False, key_shift: bool = True,
-                 theta_init: float = 0.8, alpha_init: tuple[float, float] = (1e-4, 3e-3)) -> None:
+                 qk_tied_init: bool = False, theta_init: float = 0.8,
+                 alpha_init: tuple[float, float] = (1e-4, 3e-3)) -> None:
         super().__init__()
         for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
                                 ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
@@ -130,6 +134,7 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"alpha_init must be (low, high) with 0 < low <= high < 1, got {alpha_init!r}")
         self.momentum_form, self.theta_init, self.alpha_init = momentum_form, theta_init, tuple(alpha_init)
         self.normalize_step, self.qk_silu, self.key_shift = normalize_step, qk_silu, key_shift
+        self.qk_tied_init = qk_tied_init
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.chunk_size, self.activation, self.residual = chunk_size, activation, residual
         self.momentum, self.forgetting, self.gate_mode, self.max_lr = momentum, forgetting, gate_mode, max_lr
@@ -157,7 +162,12 @@ class NeuralMemory(nn.Module):
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """The memory's own parameters: conv, gates, W_0 and the output norm (see the class doc)."""
+        """The memory's own parameters: conv, gates, W_0 and the output norm (see the class doc),
+        and with qk_tied_init the query projection set equal to the key projection."""
+        if self.qk_tied_init:
+            inner = self.heads * self.head_dim
+            with torch.no_grad():
+                self.wqkv.weight[:inner] = self.wqkv.weight[inner:2 * inner]   # rows: q, k, v
         if self.conv_kernel:
             # start as the identity on the current token (weight 1 on the newest tap); with
             # key_shift the keys start on the previous token: the memory stores "previous -> current"
