@@ -84,7 +84,8 @@ class NeuralMemory(nn.Module):
             convolution (conv=False or conv_kernel=1).
         qk_tied_init: the query projection starts equal to the key projection (an initialisation;
             they train apart), so with key_shift a token seen again reads back, from the first
-            step, what followed it before: the memory starts as an induction head.
+            step, what followed it before: the memory starts as an induction head (on MQAR it
+            removed the runs that stall at half accuracy, docs/models.md).
         theta_init: the initial theta as a fraction of max_lr (the gate biases).
         alpha_init: (low, high) initial forget rates, spread log-uniformly over the heads.
 
@@ -93,14 +94,15 @@ class NeuralMemory(nn.Module):
     (0.4: a pair written once is stored, tests/layers/test_neural_memory.py), eta = 0.9 and
     alpha from alpha_init[0] on the first head to alpha_init[1] on the last (every head its
     own time scale, the way Mamba and Gated DeltaNet spread their decays). W_0 ~ N(0, 1/d_in).
+    The query projection starts as a copy of the key projection (qk_tied_init).
 
     Stability: inside a chunk every gradient is taken at the chunk-start weights, so with
     correlated keys a chunk of b tokens acts on W with a gain growing towards theta * b. The
     defaults keep it alive: chunks of 16 (a linear memory at theta 0.4 diverges in chunks of 64
     on random inputs) and the normalised step, whose clip bounds a memory that runs away. The
     paper's exact rule is memory_depth=2, momentum=True, momentum_form="plain",
-    normalize_step=False, qk_silu=True, key_shift=False with a small max_lr (docs/models.md,
-    "The inner loop's parameterisation", has what was tried with its numbers).
+    normalize_step=False, qk_silu=True, key_shift=False, qk_tied_init=False with a small max_lr
+    (docs/models.md, "The inner loop's parameterisation", has what was tried with its numbers).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, memory_depth: int = 1,
@@ -108,7 +110,7 @@ class NeuralMemory(nn.Module):
                  conv: bool = True, conv_kernel: int = 4, momentum: bool = False, forgetting: bool = True,
                  gate_mode: str = "token", max_lr: float = 0.5, momentum_form: str = "bounded",
                  normalize_step: bool = True, qk_silu: bool = False, key_shift: bool = True,
-                 qk_tied_init: bool = False, theta_init: float = 0.8,
+                 qk_tied_init: bool = True, theta_init: float = 0.8,
                  alpha_init: tuple[float, float] = (1e-4, 3e-3)) -> None:
         super().__init__()
         for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),

@@ -51,7 +51,7 @@ class TitansConfig:
     normalize_step: bool = True            # theta scaled per token by the memory's gradient (memory_rule)
     qk_silu: bool = False                  # SiLU on the memory's q and k before their L2 norm (the paper: True)
     key_shift: bool = True                 # the keys' conv starts on the previous token (NeuralMemory)
-    qk_tied_init: bool = False             # the memory's query projection starts equal to its key projection
+    qk_tied_init: bool = True              # the memory's query projection starts equal to its key projection
     theta_init: float = 0.8                # initial theta as a fraction of max_lr
     alpha_init: tuple[float, float] = (1e-4, 3e-3)  # initial forget rates, spread over the memory heads
     # attention and persistent memory (docs/design.md §2-3)
