@@ -111,7 +111,7 @@ def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) 
     plot = report.parent / "results" / "recall.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
     lens = [str(n) for n in args.lens]
-    by_model = {m: [r for r in rows if r["model"] == m] for m in models}
+    by_model = {m: sorted((r for r in rows if r["model"] == m), key=lambda r: r["seed"]) for m in models}
     by_model = {m: rs for m, rs in by_model.items() if rs}
 
     import matplotlib
