@@ -202,12 +202,14 @@ def test_a_read_recalls_what_followed_the_token_before(key_shift, monkeypatch):
 def test_qk_tied_init_ties_the_query_projection_to_the_key_projection_in_every_model():
     from titans import TitansConfig, TitansLM
 
-    for tied in (True, False):
-        model = TitansLM(TitansConfig.from_preset("tiny", variant="mag", qk_tied_init=tied))
-        layer = model.blocks[0].mixer.memory
-        inner = layer.heads * layer.head_dim
-        w = layer.wqkv.weight
-        assert torch.equal(w[:inner], w[inner:2 * inner]) == tied
+    for variant in ("lmm", "mac", "mag", "mal"):
+        for tied in (True, False):
+            model = TitansLM(TitansConfig.from_preset("tiny", variant=variant, qk_tied_init=tied))
+            for block in model.blocks:
+                layer = block.mixer if isinstance(block.mixer, NeuralMemory) else block.mixer.memory
+                inner = layer.heads * layer.head_dim
+                w = layer.wqkv.weight                                    # rows: q, k, v
+                assert torch.equal(w[:inner], w[inner:2 * inner]) == tied, (variant, tied)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
