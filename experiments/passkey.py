@@ -26,6 +26,7 @@ import torch
 from common import ROOT, Store, cpu_name, run_pending, spread, threads, train, write_section
 from recall import MODELS
 from titans import TitansConfig, TitansLM
+from titans.cli.common import parse_overrides
 from titans.data import ByteTokenizer
 from titans.data.tasks import parse_lengths, recall_batches
 from titans.eval.niah import evaluate_niah, niah_accuracy
@@ -36,13 +37,13 @@ SECTION = "## Pass-key retrieval"
 
 def settings(a: argparse.Namespace) -> dict:
     return dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lengths=a.lengths, depths=a.depths,
-                samples=a.samples, lr=a.lr)
+                samples=a.samples, lr=a.lr, **({"set": a.set} if a.set else {}))
 
 
 def run_one(name: str, seed: int, a: argparse.Namespace) -> dict:
     variant, overrides = MODELS[name]
     torch.manual_seed(seed)
-    model = TitansLM(TitansConfig.from_preset("tiny", variant=variant, **overrides))
+    model = TitansLM(TitansConfig.from_preset("tiny", variant=variant, **{**overrides, **parse_overrides(a.set)}))
     batches = recall_batches("niah", a.batch_size, model.config.vocab_size, seed=seed, seq_len=a.seq_len)
     secs, error, _ = train(model, batches, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
                            seed=seed, out=Path(a.out) / f"{name}-{seed}")
@@ -79,7 +80,7 @@ def write_report(store: Store, models: list[str], seeds: list[int], a: argparse.
         plots.append(f"![pass-key heatmap, {m}](results/{path.name})")
     cmd = (f"python experiments/passkey.py --models {','.join(runs)} --seeds {','.join(map(str, seeds))} "
            f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --lengths {a.lengths} "
-           f"--depths {a.depths} --samples {a.samples} --lr {a.lr}")
+           f"--depths {a.depths} --samples {a.samples} --lr {a.lr}" + "".join(f" --set {kv}" for kv in a.set))
     section = [SECTION + " (S-NIAH-PK, tiny models)", "",
                f"Made by `{cmd}` on 2 cores ({cpu_name()}), {threads([x for xs in runs.values() for x in xs])}. Tiny preset (window 32), "
                f"trained from scratch on pass keys at {a.seq_len} tokens ({a.steps} x {a.batch_size} sequences, "
@@ -104,6 +105,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "passkey"))
     p.add_argument("--report", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every model (repeatable, typed as `titans train --set`)")
     a = p.parse_args()
     models, seeds = a.models.split(","), [int(s) for s in a.seeds.split(",")]
     if set(models) - set(MODELS):
