@@ -1,8 +1,10 @@
 """What the studies in experiments/ share: one training run at a fixed budget, the store of
-finished runs (JSON lines, resumable), the CPU's name, and a section of docs/RESULTS.md."""
+finished runs (JSON lines, resumable), the --set config overrides, the CPU's name, and a section
+of docs/RESULTS.md."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -17,6 +19,19 @@ import titans  # noqa: F401  (flush-to-zero before any torch work)
 from titans.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_set_option(p: argparse.ArgumentParser, scope: str) -> None:
+    """--set KEY=VALUE (repeatable): a config override for every `scope` of a study. A study keeps
+    the list in its stored settings (runs with other overrides are never mixed) and in its
+    report's command (`set_flags`)."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"a config override for every {scope} (repeatable), typed as `titans train --set`")
+
+
+def set_flags(sets: list[str]) -> str:
+    """The --set options of a report's command line."""
+    return "".join(f" --set {kv}" for kv in sets)
 
 
 def train(model, batches, *, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, out: Path,

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, corpus, cpu_name, run_pending, spread, threads, train, write_section
+from common import (ROOT, Store, add_set_option, corpus, cpu_name, run_pending,
+                    set_flags, spread, threads, train, write_section)
 from titans import TitansConfig, TitansLM
 from titans.cli.common import UserError, parse_overrides
 from titans.data import TokenBatches, TokenFile
@@ -119,7 +120,7 @@ def write_report(store: Store, depths: list[int], seeds: list[int], a: argparse.
     fig.savefig(plot, dpi=120)
     cmd = (f"python experiments/depth.py --depths {','.join(map(str, runs))} --seeds {','.join(map(str, seeds))} "
            f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --streams {a.streams} "
-           f"--stream-len {a.stream_len} --lr {a.lr}" + "".join(f" --set {kv}" for kv in a.set)
+           f"--stream-len {a.stream_len} --lr {a.lr}" + set_flags(a.set)
            + (" --reset" if a.reset else ""))
     section = [heading + " (tiny LMM)", "",
                f"Made by `{cmd}` on 2 cores ({cpu_name()}), {threads([x for xs in runs.values() for x in xs])}. Tiny LMM (dim 64, 2 layers, "
@@ -145,8 +146,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", default=str(ROOT / "runs" / "depth"))
     p.add_argument("--report", default=str(ROOT / "docs" / "RESULTS.md"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for every depth (repeatable), typed as `titans train --set`")
+    add_set_option(p, "depth")
     p.add_argument("--reset", action="store_true",
                    help="score every piece from a fresh state: the control for what the carried state is worth")
     p.add_argument("--report-only", action="store_true")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, cpu_name, run_pending, spread, threads, train, write_section
+from common import ROOT, Store, add_set_option, cpu_name, run_pending, set_flags, spread, threads, train, write_section
 from recall import MODELS
 from titans import TitansConfig, TitansLM
 from titans.cli.common import parse_overrides
@@ -80,7 +80,7 @@ def write_report(store: Store, models: list[str], seeds: list[int], a: argparse.
         plots.append(f"![pass-key heatmap, {m}](results/{path.name})")
     cmd = (f"python experiments/passkey.py --models {','.join(runs)} --seeds {','.join(map(str, seeds))} "
            f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --lengths {a.lengths} "
-           f"--depths {a.depths} --samples {a.samples} --lr {a.lr}" + "".join(f" --set {kv}" for kv in a.set))
+           f"--depths {a.depths} --samples {a.samples} --lr {a.lr}" + set_flags(a.set))
     section = [SECTION + " (S-NIAH-PK, tiny models)", "",
                f"Made by `{cmd}` on 2 cores ({cpu_name()}), {threads([x for xs in runs.values() for x in xs])}. Tiny preset (window 32), "
                f"trained from scratch on pass keys at {a.seq_len} tokens ({a.steps} x {a.batch_size} sequences, "
@@ -105,8 +105,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "passkey"))
     p.add_argument("--report", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for every model (repeatable, typed as `titans train --set`)")
+    add_set_option(p, "model")
     a = p.parse_args()
     models, seeds = a.models.split(","), [int(s) for s in a.seeds.split(",")]
     if set(models) - set(MODELS):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, cpu_name, run_pending, spread, train, write_section
+from common import ROOT, Store, add_set_option, cpu_name, run_pending, set_flags, spread, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.cli.common import parse_overrides
 from titans.data.tasks import evaluate_recall, recall_batches
@@ -86,8 +86,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "recall"))
     p.add_argument("--report", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--report-only", action="store_true", help="rewrite the report from --out/results.jsonl")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for every model (repeatable, typed as `titans train --set`)")
+    add_set_option(p, "model")
     args = p.parse_args()
     models = args.models.split(",")
     unknown = sorted(set(models) - set(MODELS))
@@ -146,7 +145,7 @@ def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) 
                      + f" | {min(times):.0f}-{max(times):.0f} s | " + " | ".join(cells) + " |")
     cmd = (f"python experiments/recall.py --models {','.join(by_model)} --seeds {args.seeds} --steps {args.steps} "
            f"--batch-size {args.batch_size} --train-len {args.train_len} --eval-lens {args.eval_lens} "
-           f"--pairs {args.pairs} --lr {args.lr}" + "".join(f" --set {kv}" for kv in args.set))
+           f"--pairs {args.pairs} --lr {args.lr}" + set_flags(args.set))
     section = [f"{SECTION} (MQAR, tiny models)", "",
                f"Made by `{cmd}` on 2 cores ({cpu_name()}); train time per run as measured (how many "
                f"threads and runs at a time: the notes below). Tiny preset (dim 64, "
