@@ -46,7 +46,7 @@ def test_qkv_features_match_autograd(K, block, qk_silu, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     q, k, v = outs
     assert q.shape == (2, 7, H, DH)
-    torch.testing.assert_close(q.norm(dim=-1), torch.ones(2, 7, H, dtype=q.dtype))
+    assert (q.norm(dim=-1) < 1).all()   # s / sqrt(|s|^2 + eps): never above unit norm
     # q, k, v share one [3, B, H, T, Dh] buffer: the memory rule's [B H, T, Dh] layout is a view
     assert q.transpose(1, 2).is_contiguous() and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
 
@@ -56,13 +56,18 @@ def test_qkv_features_gradcheck_and_zero_rows(qk_silu, monkeypatch):
     monkeypatch.setattr(features, "BLOCK", 3)
     args = [a.requires_grad_() for a in _qkv_args(3, T=4, seed=2)]   # u, past, weight, bias
     assert torch.autograd.gradcheck(lambda *a: qkv_features(*a, H, qk_silu), tuple(args))
-    # a q row that is exactly zero: the norm is clamped, as in F.normalize (gradient dy / eps)
+    # a row that is exactly zero (the first key under key_shift): a zero key whose gradient is
+    # dy / sqrt(eps), bounded, not F.normalize's dy / 1e-12 (the ~1e9 first-step gradient)
     u = torch.zeros(1, 2, C, dtype=torch.float64)
-    u[:, 1] = torch.randn(C, dtype=torch.float64)
+    u[:, 1] = 100 * torch.randn(C, dtype=torch.float64)
     (o, g), (ro, rg) = (_outputs_and_grads(fn, [u, None, None, None], (H, qk_silu))
                         for fn in (qkv_features, qkv_features_ref))
     for a, b in zip(o + g, ro + rg):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(o[1][:, 0], torch.zeros_like(o[1][:, 0]))
+    assert g[0][:, 0, :2 * H * DH].abs().max() <= 4 * features.NORM_EPS ** -0.5
+    # a row far above the eps: unit norm
+    torch.testing.assert_close(o[0][:, 1].norm(dim=-1), torch.ones(1, H, dtype=u.dtype), rtol=1e-5, atol=0)
 
 
 def test_qkv_features_causal():

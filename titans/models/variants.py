@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..layers import AttentionState, NeuralMemoryState, PersistentMemory, RMSNorm
 from ..ops import memory_forward
 from ..ops.attention import rotary
+from ..ops.features import l2norm
 from .blocks import attention_from_config, neural_memory_from_config
 from .config import TitansConfig
 
@@ -185,7 +186,7 @@ class MAC(nn.Module):
         inner = mem.heads * mem.head_dim
         # the convolution belongs to the written stream (y); the retrieval query is pointwise
         q = F.linear(x, mem.wqkv.weight[:inner])
-        q = F.normalize((F.silu(q) if mem.qk_silu else q).view(B, T, mem.heads, mem.head_dim), dim=-1)  # as the memory's q
+        q = l2norm((F.silu(q) if mem.qk_silu else q).view(B, T, mem.heads, mem.head_dim))  # as the memory's q
         W = weights if weights is not None else [w.unsqueeze(0) for w in mem.memory]   # W_0 before any write
         r = memory_forward(q.transpose(1, 2), W, mem.activation, mem.residual)          # [B, H, T, Dh]
         return mem.read_out(r.transpose(1, 2), x)

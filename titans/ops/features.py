@@ -31,9 +31,15 @@ from torch import Tensor
 from . import native
 from .conv import causal_conv_ref, conv_backward, conv_forward
 
-__all__ = ["qkv_features", "qkv_features_ref", "gated_rms_norm", "gated_rms_norm_ref"]
+__all__ = ["qkv_features", "qkv_features_ref", "gated_rms_norm", "gated_rms_norm_ref", "l2norm"]
 
-NORM_EPS = 1e-12   # F.normalize's: q / max(|q|, eps)
+# q and k are normalised as s / sqrt(|s|^2 + NORM_EPS), the eps inside the root (as
+# flash-linear-attention's l2norm, which uses 1e-6). The eps bounds the normalisation's gradient
+# by 1 / sqrt(NORM_EPS) = 10 where a key is zero: with key_shift the first token's key reads the
+# conv's empty (zero) past, and F.normalize's max(|s|, 1e-12) turned that zero key into an outer
+# gradient of ~1e9 at the first step (docs/models.md, "The first step's gradient"). Typical
+# |s| is ~1 at init (0.9 at the tiny preset), so an ordinary key keeps ~99.5% of its unit norm.
+NORM_EPS = 1e-2
 RMS_EPS = 1e-6
 
 
@@ -80,7 +86,7 @@ class _QKVFeatures(torch.autograd.Function):
             s = u[:, t0:t1].clone() if weight is None else conv_forward(_rows(past, u, t0, t1 + K - 1), weight, bias)
             s = _split(s, heads)                                        # [3, B, H, n, Dh]
             F.silu(s if qk_silu else s[2], inplace=True)
-            torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True, out=norm[:, :, :, t0:t1]).clamp_min_(NORM_EPS)
+            norm[:, :, :, t0:t1] = torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True).square_().add_(NORM_EPS).sqrt_()
             torch.div(s[:2], norm[:, :, :, t0:t1], out=out[:2, :, :, t0:t1])
             out[2, :, :, t0:t1] = s[2]
         ctx.save_for_backward(u, past, weight, bias, norm)
@@ -105,11 +111,11 @@ class _QKVFeatures(torch.autograd.Function):
             du = torch.empty_like(u)
             d = _split(du, ctx.heads)
             nb = norm[:, :, :, t0:t1]
-            # q and k: y = s / |s|  ->  ds = (dy - y <y, dy>) / |s|   (dy / eps where the norm was clamped)
+            # q and k: y = s / n, n = sqrt(|s|^2 + eps)  ->  ds = (dy - y <y, dy>) / n
             y = _split(u * sig, ctx.heads)[:2].div_(nb) if ctx.qk_silu else _split(u, ctx.heads)[:2] / nb
             for i, dy in enumerate((dq, dk)):
                 dy = dy[:, t0:t1].transpose(1, 2)                       # [B, H, n, Dh]
-                dot = torch.linalg.vecdot(y[i], dy).unsqueeze(-1) * (nb[i] > NORM_EPS)
+                dot = torch.linalg.vecdot(y[i], dy).unsqueeze(-1)
                 torch.sub(dy, y[i] * dot, out=d[i]).div_(nb[i])
             d[2] = dv[:, t0:t1].transpose(1, 2)
             silu_grad = sig.neg().add_(1).mul_(u).add_(1).mul_(sig)    # SiLU'(u) = sig (1 + u (1 - sig))
@@ -176,7 +182,12 @@ def qkv_features_ref(u: Tensor, past: Tensor | None, weight: Tensor | None, bias
     B, T, C = u.shape
     q, k, v = u.view(B, T, 3, heads, C // (3 * heads)).unbind(2)
     q, k, v = (F.silu(q), F.silu(k), F.silu(v)) if qk_silu else (q, k, F.silu(v))
-    return F.normalize(q, dim=-1, eps=NORM_EPS), F.normalize(k, dim=-1, eps=NORM_EPS), v
+    return l2norm(q), l2norm(k), v
+
+
+def l2norm(s: Tensor) -> Tensor:
+    """s / sqrt(|s|^2 + NORM_EPS) over the last dim: the memory's q and k normalisation."""
+    return s * torch.rsqrt(s.pow(2).sum(-1, keepdim=True) + NORM_EPS)
 
 
 class _GatedRMSNorm(torch.autograd.Function):

@@ -982,7 +982,7 @@ inline void sigmoid_row(const float* z, float* sig, int64_t n) {
 template <typename T>
 inline float to_f(T x) { return static_cast<float>(x); }
 
-constexpr float kNormEps = 1e-12f;  // features.NORM_EPS
+constexpr float kNormEps = 1e-2f;  // features.NORM_EPS: a / sqrt(|a|^2 + eps)
 
 // Pre-activation of one token row: z[c] = bias[c] + sum_j wT[j][c] xp[t + j][c], where xp is
 // [past; u] (K-1 past rows first). wT: [K, C] fp32.
@@ -1058,7 +1058,7 @@ std::vector<Tensor> qkv_forward_impl(const Tensor& u, const Tensor& past, const 
           float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
           for (int64_t d = 0; d < Dh; d++) ss += a[d] * a[d];
-          const float nrm = std::max(std::sqrt(ss), kNormEps);
+          const float nrm = std::sqrt(ss + kNormEps);
           pn[((part * B + b) * H + h) * T_ + t] = nrm;
           inv = 1.f / nrm;
         }
@@ -1097,7 +1097,7 @@ std::vector<Tensor> qkv_backward_impl(const Tensor& u, const Tensor& past, const
         }
         const T* dy = dyt.data_ptr<T>() + b * dyt.stride(0) + t * dyt.stride(1) + h * dyt.stride(2);
         const int64_t sd = dyt.stride(3);
-        if (part < 2) {  // y = a / |a|: da = (dy - y <y, dy>) / |a|  (dy / eps where the norm was clamped)
+        if (part < 2) {  // y = a / n, n = sqrt(|a|^2 + eps): da = (dy - y <y, dy>) / n
           const float nrm = pn[((part * B + b) * H + h) * T_ + t], inv = 1.f / nrm;
           // a: the normalised vector's input, SiLU(z) = z sig (or z itself without qk_silu)
           float* a = dd;
@@ -1106,7 +1106,6 @@ std::vector<Tensor> qkv_backward_impl(const Tensor& u, const Tensor& past, const
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
           for (int64_t e = 0; e < Dh; e++) dot += a[e] * inv * to_f(dy[e * sd]);
-          if (!(nrm > kNormEps)) dot = 0.f;
 #pragma omp simd
           for (int64_t e = 0; e < Dh; e++) dd[e] = (to_f(dy[e * sd]) - a[e] * inv * dot) * inv;
         } else {
