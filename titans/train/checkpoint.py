@@ -11,6 +11,8 @@ Layout (one directory per saved step, under `<out_dir>/checkpoints/`):
                            of every rank (torch / numpy / python), the TrainConfig, the tokenizer's name and
                            fingerprint, the run's facts (`run`: task, its arguments, data)
       config.json          the model config (`config.to_dict()`), when given
+      carried_state.safetensors   the model states a run carries across steps (TrainConfig.carry_state),
+                           every rank's; their structure is in trainer_state.json ("carried")
       tokenizer.json       the tokenizer, when it has a file (the byte tokenizer has none)
     latest                 the name of the newest step directory (a one-line text file)
 
@@ -45,10 +47,10 @@ from torch import Tensor
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
            "load_latest", "load_run_checkpoint", "list_checkpoints", "clean_temp", "rng_state", "set_rng_state", "FORMAT",
-           "MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "CONFIG_FILE", "LATEST_FILE"]
+           "MODEL_FILE", "OPTIM_FILE", "CARRIED_FILE", "STATE_FILE", "CONFIG_FILE", "LATEST_FILE"]
 
 FORMAT = "titans-checkpoint/1"
-MODEL_FILE, OPTIM_FILE = "model.safetensors", "optimizer.pt"
+MODEL_FILE, OPTIM_FILE, CARRIED_FILE = "model.safetensors", "optimizer.pt", "carried_state.safetensors"
 STATE_FILE, CONFIG_FILE, LATEST_FILE = "trainer_state.json", "config.json", "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -67,6 +69,7 @@ class Checkpoint:
     optim_state: dict | None
     state: dict  # trainer_state.json
     config: dict | None
+    carried: dict[str, Tensor] | None = None  # carried_state.safetensors (None: not in this checkpoint)
 
 
 # ---------------------------------------------------------------------------------- RNG
@@ -151,7 +154,8 @@ def _dedup_shared(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[s
 
 def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict[str, Tensor],
                     optim_state: dict | None, state: dict, config: dict | None = None,
-                    tokenizer: Any = None, keep_last: int | None = None) -> Path:
+                    tokenizer: Any = None, keep_last: int | None = None,
+                    carried: dict[str, Tensor] | None = None) -> Path:
     """Write `root/step_{step:06d}` atomically, point `root/latest` at it, prune old ones.
 
     Args:
@@ -162,6 +166,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict[str
             "step" and "files" are filled in here.
         config: the model config dict (config.json).  tokenizer: has `.save(dir)` and `.name`.
         keep_last: keep only the newest this many step directories (None keeps all).
+        carried: tensors of the carried model states (carried_state.safetensors), or None / {}.
 
     Returns:
         The checkpoint directory.
@@ -187,6 +192,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict[str
             torch.save(optim_state, f)
             f.flush()
             os.fsync(f.fileno())
+    if carried:
+        save_file(carried, str(tmp / CARRIED_FILE), metadata={"format": FORMAT})
+        with open(tmp / CARRIED_FILE, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp / CARRIED_FILE, 0o666 & ~umask)
     if config is not None:
         _fsync_write(tmp / CONFIG_FILE, (json.dumps(config, indent=1) + "\n").encode())
     if tokenizer is not None:
@@ -262,7 +272,7 @@ def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True) -> 
     if MODEL_FILE not in files:
         raise CheckpointError(f"checkpoint file {str(path / MODEL_FILE)!r} is missing")
     for name, record in files.items():
-        if name == OPTIM_FILE and not load_optimizer:
+        if name in (OPTIM_FILE, CARRIED_FILE) and not load_optimizer:
             continue
         # format 1 before checksums recorded the size only
         size, digest = (record, None) if isinstance(record, int) else (record.get("size"), record.get("sha256"))
@@ -303,8 +313,16 @@ def load_checkpoint(path: str | os.PathLike, *, load_optimizer: bool = True) -> 
             config = json.loads(cfg_file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"checkpoint file {str(cfg_file)!r} is corrupt: {e}") from None
+    carried = None
+    if load_optimizer and CARRIED_FILE in files:  # training state, like the optimizer's
+        carried_file = path / CARRIED_FILE
+        try:
+            with safe_open(str(carried_file), framework="pt") as f:
+                carried = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint file {str(carried_file)!r} is corrupt: {e}") from None
     return Checkpoint(path=path, step=int(state["step"]), model_state=model_state,
-                      optim_state=optim_state, state=state, config=config)
+                      optim_state=optim_state, state=state, config=config, carried=carried)
 
 
 def load_latest(root: str | os.PathLike, *, load_optimizer: bool = True) -> Checkpoint | None:

@@ -12,6 +12,19 @@ The model contract (nothing else about the model is known here):
                                           shifted (targets[:, t] is the token after inputs[:, t])
     out.loss                              mean cross-entropy over the b * T targets (scalar)
 
+With cfg.carry_state = K > 0 the model also streams (a `titans.TitansLM`):
+
+    out = model(inputs, labels=targets, state=state)    state: None (empty) or out.state of the
+                                                        step before, detached (`out.state.detach()`)
+
+Step k starts from the state the step before ended in, cut from the autograd graph (truncated
+backprop through time), except every K-th step (k % K == 0), which starts empty: so a state lives
+K steps, and 1 / K of the steps train the model from an empty state. With `titans.data.
+StreamBatches(windows=K)` the rows are contiguous streams (TBPTT, Buitrago & Gu 2025); with any
+other batches a sequence starts from the final state of an unrelated one (State Passing). Each
+micro-batch and each rank carries its own state; checkpoints hold them (carried_state.safetensors),
+so a resumed run equals the uninterrupted one.
+
 `train_batches` yields (inputs, targets) [B, T] forever (a `titans.data.TokenBatches`); its
 `state_dict()` / `load_state_dict()` give the data position for exact resume.
 `val_windows` is an iterable of (inputs, targets) (a `titans.data.EvalWindows`), or None.
@@ -41,6 +54,7 @@ from torch import Tensor, nn
 from ..eval.metrics import perplexity
 from ..typed import check_fields
 from . import checkpoint as ckpt
+from .carry import flatten_state, unflatten_state
 from .distributed import (MODES, DistEnv, all_reduce_sum, barrier, full_state_dicts,
                           load_full_state_dicts, setup, shard_rows, teardown, unwrap, wrap_model)
 from .optim import build_optimizer, lr_at
@@ -70,7 +84,9 @@ class TrainConfig:
     out_dir: run directory.  resume: False; True continues from the newest good checkpoint in
     out_dir (starts fresh if there is none); a path resumes from that checkpoint directory.
     distributed: "none" | "ddp" | "fsdp".  device: "auto" | "cpu" | "cuda".  progress: tqdm
-    bar (only on a terminal, rank 0) or a line per evaluation otherwise.
+    bar (only on a terminal, rank 0) or a line per evaluation otherwise.  carry_state: 0, or K:
+    carry the model's state, detached, from each step into the next for K steps (see the module
+    docstring; K = 1 is the same as 0).
     """
 
     steps: int = 1000
@@ -97,6 +113,7 @@ class TrainConfig:
     distributed: str = "none"
     device: str = "auto"
     progress: bool = True
+    carry_state: int = 0
 
     def __post_init__(self) -> None:
         self.out_dir = str(self.out_dir)
@@ -105,7 +122,7 @@ class TrainConfig:
         check_fields(self)  # betas from JSON is a list; text from the command line is parsed
         for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("grad_accum", 1),
                           ("warmup", 0), ("seed", 0), ("eval_every", 0), ("log_every", 1),
-                          ("ckpt_every", 0)):
+                          ("ckpt_every", 0), ("carry_state", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
@@ -187,6 +204,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.bad_steps = 0  # consecutive updates skipped for a non-finite gradient
+        # cfg.carry_state: this rank's state after the last step, one per micro-batch (None: empty)
+        self.carried: list[Any] = [None] * cfg.grad_accum
         if cfg.resume:
             self._resume()
         if self.env.is_main:
@@ -246,7 +265,13 @@ class Trainer:
             inputs = shard_rows(inputs, env).to(env.device)
             targets = shard_rows(targets, env).to(env.device)
             with self._grad_sync(micro == cfg.grad_accum - 1), self._autocast():
-                loss = self.forward(inputs, labels=targets).loss
+                if cfg.carry_state:
+                    state = self.carried[micro] if self.step % cfg.carry_state else None
+                    out = self.forward(inputs, labels=targets, state=state)
+                    self.carried[micro] = out.state.detach()
+                else:
+                    out = self.forward(inputs, labels=targets)
+                loss = out.loss
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -307,18 +332,24 @@ class Trainer:
         """Write a checkpoint of the current step (every rank calls; rank 0 writes)."""
         model_state, optim_state = full_state_dicts(self.model, self.optimizer)
         rngs: list = [ckpt.rng_state()]
+        carried: list = [self._flat_carried()]
         if self.env.active:
-            rngs = [None] * self.env.world_size
+            rngs, carried = [None] * self.env.world_size, [None] * self.env.world_size
             dist.all_gather_object(rngs, ckpt.rng_state())
+            dist.all_gather_object(carried, self._flat_carried())
         path = None
         if self.env.is_main:
             data = getattr(self.train_batches, "state_dict", None)
             state = {"data": data() if data else None, "rng": rngs,
                      "world_size": self.env.world_size, "train_config": self.cfg.to_dict(), "run": self.run_info}
+            tensors = {}
+            if self.cfg.carry_state:  # every rank's skeletons in the JSON, their tensors in one file
+                state["carried"] = [skeletons for skeletons, _ in carried]
+                tensors = {k: v for _, t in carried for k, v in t.items()}
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, model_state=model_state,
                                         optim_state=optim_state, state=state,
                                         config=self.config_dict, tokenizer=self.tokenizer,
-                                        keep_last=self.cfg.keep_last)
+                                        keep_last=self.cfg.keep_last, carried=tensors)
         barrier(self.env)
         return path
 
@@ -346,6 +377,8 @@ class Trainer:
         else:
             warnings.warn(f"resume: checkpoint has RNG states of {len(rngs)} ranks, this run has "
                           f"{self.env.world_size}; RNG streams are re-seeded", stacklevel=3)
+        if self.cfg.carry_state:
+            self._restore_carried(found)
         saved = found.state.get("train_config", {})
         changed = sorted(k for k, v in self.cfg.to_dict().items()
                          if k not in _FREE_ON_RESUME and k in saved
@@ -357,6 +390,27 @@ class Trainer:
             warnings.warn("resume: config_dict differs from the checkpoint's config.json",
                           stacklevel=3)
         self._notice(f"resumed from {str(found.path)!r} at step {self.step}")
+
+    def _flat_carried(self) -> tuple[list, dict[str, Tensor]]:
+        """This rank's carried states as (skeletons per micro-batch, tensors), names prefixed by the
+        rank and the micro-batch (carry.flatten_state)."""
+        skeletons, tensors = [], {}
+        for m, state in enumerate(self.carried):
+            skeleton, t = flatten_state(state, f"rank{self.env.rank}.micro{m}")
+            skeletons.append(skeleton)
+            tensors.update({k: v.cpu() for k, v in t.items()})
+        return skeletons, tensors
+
+    def _restore_carried(self, found: ckpt.Checkpoint) -> None:
+        skeletons = found.state.get("carried")
+        if (not isinstance(skeletons, list) or len(skeletons) != self.env.world_size
+                or len(skeletons[self.env.rank]) != self.cfg.grad_accum):
+            warnings.warn("resume: the checkpoint has no carried states for this run's ranks and micro-batches; "
+                          "the next step starts from an empty state", stacklevel=4)
+            return
+        device = self.env.device
+        self.carried = [unflatten_state(s, {k: v.to(device) for k, v in found.carried.items()})
+                        for s in skeletons[self.env.rank]]
 
     # -------------------------------------------------------------------- helpers
     def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
