@@ -1,13 +1,18 @@
 """Titans: Learning to Memorize at Test Time (Behrouz, Zhong, Mirrokni 2025) in PyTorch."""
 
-from .layers import Attention, AttentionState, NeuralMemory, NeuralMemoryState, PersistentMemory, RMSNorm, SwiGLU
-from .models import LMOutput, ModelState, TitansConfig, TitansLM
-from .ops import MemoryState, memory_rule
+from ._version import __version__
 
-# Training pulls in torch.distributed.checkpoint (47 MB of resident memory, `python
-# benchmarks/layer_memory.py` before/after; ~0.5 s, `python -X importtime -c "import titans"`):
-# it loads on first use, so that `import titans` for the layers and models stays light.
-_LAZY = {"CheckpointError": "train", "TrainConfig": "train", "Trainer": "train", "load_checkpoint": "train"}
+# Every public name loads on first use (PEP 562), so `import titans` and `titans --help` do
+# not import torch (1.5 s) and `from titans import TitansLM` loads only the models. Training in
+# particular pulls in torch.distributed.checkpoint (47 MB of resident memory, `python
+# benchmarks/layer_memory.py` before/after; ~0.5 s, `python -X importtime -c "import titans"`).
+_LAZY = {
+    "memory_rule": "ops", "MemoryState": "ops",
+    **{name: "layers" for name in ("Attention", "AttentionState", "NeuralMemory", "NeuralMemoryState",
+                                   "PersistentMemory", "RMSNorm", "SwiGLU")},
+    **{name: "models" for name in ("LMOutput", "ModelState", "TitansConfig", "TitansLM")},
+    **{name: "train" for name in ("CheckpointError", "TrainConfig", "Trainer", "load_checkpoint")},
+}
 
 
 def __getattr__(name: str):
@@ -26,5 +31,5 @@ __all__ = [
     "NeuralMemory", "NeuralMemoryState", "Attention", "AttentionState", "PersistentMemory", "RMSNorm", "SwiGLU",
     "TitansConfig", "TitansLM", "LMOutput", "ModelState",
     "TrainConfig", "Trainer", "load_checkpoint", "CheckpointError",
+    "__version__",
 ]
-__version__ = "0.1.0"

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .common import UserError, load_run
 
-__all__ = ["main", "build_parser", "load_run", "UserError"]
+__all__ = ["main", "build_parser", "load_run", "UserError", "error_message"]
 
 
 def _shows_default(action: argparse.Action) -> bool:
@@ -38,6 +39,32 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line too, through main (argparse would print the usage first and
+    exit): the usage is one --help away, named in the line."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+_RECORDING: dict[type, type] = {}
+
+
+def _recording(cls: type) -> type:
+    """`cls` that also notes, in namespace.given_flags, that its flag was on the command line,
+    so a command can tell a flag given from a default (common.given / common.refuse)."""
+    if cls not in _RECORDING:
+        def __call__(self, parser, namespace, values, option_string=None):
+            flags = getattr(namespace, "given_flags", None)
+            if flags is None:
+                flags = {}
+                setattr(namespace, "given_flags", flags)
+            flags[self.dest] = self.option_strings[-1] if option_string is None else option_string
+            cls.__call__(self, parser, namespace, values, option_string)
+        _RECORDING[cls] = type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
+    return _RECORDING[cls]
+
+
 def _parsers(p: argparse.ArgumentParser):
     """p and every subcommand parser under it."""
     yield p
@@ -48,10 +75,12 @@ def _parsers(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    """The `titans` parser. Building it imports no torch (the command modules import their
+    heavy modules inside the commands), so --help and --version are quick."""
+    from .._version import __version__
     from . import domains, lm, long_context
 
-    p = argparse.ArgumentParser(prog="titans", description="Titans: learning to memorize at test time.")
+    p = _Parser(prog="titans", description="Titans: learning to memorize at test time.")
     p.add_argument("--version", action="version", version=f"titans {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="action", required=True)
@@ -62,18 +91,60 @@ def build_parser() -> argparse.ArgumentParser:
         for action in parser._actions:
             if action.help is None and _shows_default(action):
                 action.help = "(default: %(default)s)"  # argparse prints nothing for help=None
+            if action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                action.__class__ = _recording(type(action))
     return p
 
 
+# Exceptions that bad input or a bad environment raise (not bugs): reported as one line. OSError
+# covers missing and unwritable files, and the network (requests' and the hub's connection and
+# HTTP errors derive from it); ValueError covers JSON, config and hub repo-id errors;
+# RuntimeError torch's refusals (a model too large to allocate); ImportError a missing extra.
+_EXPECTED = (UserError, ValueError, OSError, RuntimeError, ImportError, MemoryError)
+
+
+def error_message(e: BaseException) -> str | None:
+    """The one line for an expected exception (None: a bug, let its traceback show)."""
+    if not isinstance(e, _EXPECTED) and type(e).__name__ != "CheckpointError":
+        return None
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, MemoryError):
+        text = f"out of memory{': ' + str(e) if str(e) else ''}"
+    else:
+        text = str(e) or type(e).__name__
+        if type(e).__module__.split(".")[0] not in ("builtins", "titans"):
+            text = f"{type(e).__name__}: {text}"  # e.g. ConnectionError, HFValidationError
+    return " ".join(text.split())  # one line
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # warnings the user should see (a checkpoint skipped, a resume that will not match), without
+    # Python's file name and source-line echo (formatwarning, not showwarning: pytest.warns and
+    # other recorders still see the warning itself)
+    return f"titans: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from ..train import CheckpointError
+    """Run the command; an expected exception ends in one line on stderr and exit status 2."""
     try:
-        args.func(args)
-    except (UserError, ValueError, CheckpointError, FileNotFoundError, RuntimeError) as e:
+        args = build_parser().parse_args(argv)
+    except UserError as e:
         print(f"titans: error: {e}", file=sys.stderr)
         return 2
+    show = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        args.func(args)
     except KeyboardInterrupt:
         print("titans: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = error_message(e)
+        if message is None:
+            raise
+        print(f"titans: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = show
     return 0

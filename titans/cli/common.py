@@ -2,14 +2,109 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 from pathlib import Path
 
 __all__ = ["UserError", "parse_overrides", "load_run", "run_facts", "token_file", "default_corpus",
-           "haystack_documents", "check_tokenizer"]
+           "haystack_documents", "check_tokenizer", "given", "refuse", "positive_int", "nonnegative_int", "check_output", "plot_path",
+           "progress", "add_quiet"]
 
 
 class UserError(Exception):
     """A problem with the command's arguments or files, reported as one line."""
+
+
+# --------------------------------------------------------------------------- flags
+def given(a: argparse.Namespace, *dests: str) -> list[str]:
+    """The flags among `dests` (argparse dest names) that the command line gave explicitly,
+    as the user typed them (`--batch-size`); the parser records them (cli.build_parser)."""
+    seen = getattr(a, "given_flags", {})
+    return [seen[d] for d in dests if d in seen]
+
+
+def refuse(a: argparse.Namespace, dests: tuple[str, ...], context: str, hint: str = "") -> None:
+    """A flag that does not apply is an error, never ignored: refuse any of `dests` given with
+    `context` (e.g. "--init")."""
+    flags = given(a, *dests)
+    if flags:
+        raise UserError(f"{' and '.join(flags)} {'does' if len(flags) == 1 else 'do'} not apply with {context}"
+                        + (f": {hint}" if hint else ""))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts and lengths: 0 is never silently a default)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (intervals where 0 means "only at the end", seeds)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- outputs
+def check_output(path: str | Path, flag: str, *, directory: bool = False) -> Path:
+    """Refuse an output path that cannot be written, before any work starts (so nothing
+    computed is lost at the end): a parent that is a file, a file where a directory goes (or
+    the reverse), a parent without write permission."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a directory")
+    if not directory and path.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise UserError(f"{flag} {path}: {target} is not writable")
+    return path
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
+
+
+def plot_path(value: str | None, model: str | None, name: str, flag: str = "--plot") -> str:
+    """Where a plot goes, checked before the evaluation starts: --plot as given ('' skips the
+    plot), inside it if it is a directory, else `name` in the --model directory (never the
+    current directory). A path without a suffix gets .png, so the path printed is the one written."""
+    if value == "":
+        return ""
+    path = Path(model or ".") / name if value is None else Path(value)
+    if value is not None and path.is_dir():
+        path = path / name
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"{flag} {value}: a plot is one of {', '.join(PLOT_SUFFIXES)}")
+    return str(check_output(path, flag))
+
+
+# --------------------------------------------------------------------------- progress
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it shows only when stderr is a terminal)")
+
+
+def progress(total: int | None, unit: str, quiet: bool = False, desc: str | None = None):
+    """A tqdm bar on stderr for a long job; disabled (a no-op) with --quiet or when stderr is not
+    a terminal, so logs and pipes stay clean. Use it as a context manager: it closes (and its
+    line ends) before any error line is printed."""
+    from tqdm import tqdm
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False,
+                unit_scale=unit == "token", disable=quiet or not sys.stderr.isatty())
 
 
 # --------------------------------------------------------------------------- helpers

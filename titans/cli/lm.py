@@ -8,33 +8,64 @@ import sys
 import time
 from pathlib import Path
 
-from .common import UserError, check_tokenizer, default_corpus, load_run, parse_overrides, run_facts, token_file
+from .common import (UserError, add_quiet, check_output, check_tokenizer, default_corpus, given, load_run,
+                     nonnegative_int, parse_overrides, positive_int, progress, refuse, run_facts, token_file)
 
 DEFAULT_SEQ_LEN = 256  # tokens per training sequence of the corpus (--task lm) and babilong
+# `titans train` flags a resumed run takes from its own record (trainer_state.json's
+# train_config) unless given, and then only if they agree: the run continues as it started.
+# The flag's default for a new run is here (the parser's default is None, so a flag given can
+# be told from one left out).
+RUN_DEFAULTS = {"batch_size": 8, "seq_len": None, "grad_accum": 1, "lr": 2e-3, "warmup": 20, "seed": 0,
+                "bf16": False}
+
+
+def build_model(config, device=None):
+    """TitansLM(config), with a config too large to allocate as one line naming its size."""
+    import torch
+
+    from ..models import TitansLM
+    try:
+        with torch.device(device) if device else _nothing():
+            return TitansLM(config)
+    except (RuntimeError, MemoryError, OverflowError) as e:
+        raise UserError(f"cannot build the model (dim {config.dim}, {config.n_layers} layers, vocab "
+                        f"{config.vocab_size}): {' '.join(str(e).split()) or type(e).__name__}") from None
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> None:
     if a.dna:
+        refuse(a, ("source", "text", "tokenizer", "vocab_size", "val_fraction", "seed", "out", "split_paragraphs"),
+               "--dna", "the genomes have a fixed layout under --data-dir")
         from ..data.dna import fetch_genomes
         sources = fetch_genomes(a.data_dir)
         for s in sources:
             print(f"{s.label:12s} {s.strain:28s} {s.path}")
         print(f"{len(sources)} genomes ready")
         return
-    from ..data import prepare
+    from ..data import load_documents, prepare
+    if a.tokenizer != "bpe":
+        refuse(a, ("vocab_size",), f"--tokenizer {a.tokenizer}", "the vocabulary size is for --tokenizer bpe")
+    if a.split_paragraphs and not a.text:
+        raise UserError("--split-paragraphs is for --text files")
     if a.out:
         out = Path(a.out)
     elif a.text:  # never over the default corpus that train and eval ppl read
         out = default_corpus(a.tokenizer).parent / f"text-{Path(a.text[0]).stem}-{Path(a.tokenizer).stem}"
     else:
         out = default_corpus(a.tokenizer)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
+    check_output(out, "--out", directory=True)
     sources = a.source if a.source else (None if a.text else ["shakespeare", "wiki"])
     t0 = time.perf_counter()
-    meta = prepare(out, sources=sources, text=a.text, data_dir=a.data_dir, tokenizer=a.tokenizer,
-                   vocab_size=a.vocab_size, val_fraction=a.val_fraction, seed=a.seed,
-                   split_paragraphs=a.split_paragraphs)
+    documents = load_documents(sources, a.text, a.data_dir, split_paragraphs=a.split_paragraphs)
+    with progress(len(documents), "doc", a.quiet, desc="tokenizing") as bar:
+        meta = prepare(out, documents, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                       val_fraction=a.val_fraction, seed=a.seed, progress=bar.update)
     for split, info in meta["splits"].items():
         print(f"{split:5s}: {info['documents']:,} documents, {info['tokens']:,} tokens")
     print(f"tokenizer {meta['tokenizer']} (vocab {meta['vocab_size']}), written to {out} "
@@ -87,17 +118,18 @@ def _flag_config(a: argparse.Namespace, overrides: dict):
 
 
 def _resume_run(a: argparse.Namespace, overrides: dict):
-    """The newest checkpoint of the run in --out (None: nothing to resume). The config, task,
-    task arguments and data come from it (set on `a`); a flag that asks for something else is
-    an error naming both values."""
+    """The newest checkpoint of the run in --out. The config, batch size, sequence length (and
+    the other RUN_DEFAULTS), task, task arguments and data come from it (set on `a`); a flag
+    that asks for something else is an error naming both values."""
     from ..models import TitansConfig
     from ..train import load_latest
 
-    ckpt = load_latest(Path(a.out) / "checkpoints", load_optimizer=False)
-    if ckpt is None:
-        return None
     if a.init:
         raise UserError("--init and --resume: a resumed run keeps its own weights; drop --init")
+    ckpt = load_latest(Path(a.out) / "checkpoints", load_optimizer=False)
+    if ckpt is None:
+        raise UserError(f"--resume: there is no run in {a.out} (no checkpoint under {Path(a.out) / 'checkpoints'}): "
+                        f"start one without --resume")
     if a.steps < ckpt.step:
         raise UserError(f"--steps {a.steps} is below the run's step {ckpt.step} ({ckpt.path}): "
                         f"--resume continues up to --steps")
@@ -120,12 +152,24 @@ def _resume_run(a: argparse.Namespace, overrides: dict):
     run = ckpt.state.get("run") or {}
     task, task_args = run.get("task", "lm"), run.get("task_args") or {}
     asked = [("--task", a.task, task)]
-    if a.data and run.get("data"):  # runs from before the run facts were kept have none
-        asked.append(("--data", str(Path(a.data).resolve()), run["data"]))
+    saved = ckpt.state.get("train_config") or {}
+    for key in RUN_DEFAULTS:
+        if key in saved:
+            flag = given(a, key)
+            if flag and getattr(a, key) != saved[key]:
+                raise UserError(f"--resume: {flag[0]} {getattr(a, key)} but the run in {a.out} was trained "
+                                f"with {saved[key]}: drop {flag[0]} to continue it")
+            setattr(a, key, saved[key])
+    if a.data and task == "lm" and run:  # runs from before the run facts were kept have none
+        # runs that trained on the default corpus before the path was kept have data None
+        asked.append(("--data", str(Path(a.data).resolve()), run.get("data") or str(default_corpus("byte").resolve())))
+    for key in ("val_data", "tokenizer", "dtype"):
+        if run.get(key) is not None and getattr(a, key) is None:
+            setattr(a, key, run[key])
     if a.task_args:
         from ..data.tasks import task_arguments
-        given = task_arguments(task, {**task_args, **a.task_args})
-        asked += [(f"--task-arg {k}=", given[k], task_args.get(k)) for k in a.task_args]
+        merged = task_arguments(task, {**task_args, **a.task_args})
+        asked += [(f"--task-arg {k}=", merged[k], task_args.get(k)) for k in a.task_args]
     for flag, value, trained in asked:
         if value is not None and value != trained:
             raise UserError(f"--resume: {flag}{'' if flag.endswith('=') else ' '}{value} but the run in {a.out} "
@@ -146,14 +190,28 @@ def cmd_train(a: argparse.Namespace) -> None:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a run directory")
+    check_output(out, "--out", directory=True)
     if list_checkpoints(out / "checkpoints") and not a.resume:
         raise UserError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
     overrides = _overrides(a)
     a.task_args = parse_overrides(a.task_arg, "--task-arg")
     if a.task not in (None, *RECALL_TASKS) and a.task_args:
         raise UserError(f"--task-arg is for the recall tasks, not --task {a.task}")
+    if a.init:
+        refuse(a, ("preset", "variant", "config"), "--init", "the architecture comes from the --init model "
+                                                            "(change single fields with --set)")
     init = None
     resumed = _resume_run(a, overrides) if a.resume else None
+    for key, default in RUN_DEFAULTS.items():  # a new run (or one from before train_config was kept)
+        if getattr(a, key) is None:
+            setattr(a, key, default)
+    if a.task != "babilong":
+        refuse(a, ("babilong_tasks", "text"), f"--task {a.task or 'lm'}", "they are for --task babilong")
+    data_is_file = a.task in (None, "lm") and a.data is not None and Path(a.data).is_file()
+    if not data_is_file:
+        refuse(a, ("val_data", "dtype", "tokenizer"), "--data DIR" if a.data else "the default corpus",
+               "they are for a token file as --data (a prepared corpus carries its own)")
+    a.dtype, a.tokenizer = a.dtype or "uint16", a.tokenizer or "byte"
     if resumed is not None:
         config = TitansConfig.from_dict(resumed.config)
     elif a.init:  # fine-tune: the architecture and weights come from the checkpoint
@@ -191,6 +249,11 @@ def cmd_train(a: argparse.Namespace) -> None:
             if resumed is not None:
                 check_tokenizer(resumed.state.get("tokenizer_fingerprint"), train_file, f"the run in {a.out}")
             tokenizer, vocab = train_file.tokenizer(), train_file.vocab_size
+        trained_on = ((resumed.state.get("data") or {}).get("num_tokens") if resumed is not None else None)
+        if trained_on is not None and trained_on != len(train_file):
+            raise UserError(f"--resume: the training data {a.data or default_corpus('byte')} has {len(train_file):,} "
+                            f"tokens, but the run in {a.out} trained on {trained_on:,}: it changed since (prepared "
+                            f"again?); resume on the run's own data")
         batches = TokenBatches(train_file, a.batch_size, a.seq_len, seed=a.seed)
         val = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size)
         what = f"{len(train_file):,} training tokens"
@@ -202,19 +265,27 @@ def cmd_train(a: argparse.Namespace) -> None:
         if init is not None:
             raise UserError(f"--init model has vocab {config.vocab_size}, the data {vocab}")
         config = TitansConfig.from_dict({**config.to_dict(), "vocab_size": vocab})
+    try:
+        check_output(out / "log.csv", "--out")
+    except UserError:
+        pass  # reported by the trainer with its own words
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                       lr=a.lr, warmup=a.warmup, bf16=a.bf16, compile=a.compile, seed=a.seed,
                       eval_every=a.eval_every, eval_batches=a.eval_batches, ckpt_every=a.ckpt_every,
                       out_dir=a.out, resume=a.resume, distributed=a.distributed)
     torch.manual_seed(a.seed)
-    model = TitansLM(config)
+    model = build_model(config)
     if init is not None:
         model.load_state_dict(init.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {config.variant} ({','.join(sorted(set(config.layer_kinds)))}), {n_params / 1e6:.2f}M "
           f"parameters; {what}", flush=True)
+    # what --resume and the evaluations read back: the data's resolved path (the default corpus
+    # too, so a resume on other data is refused by name), and a token file's companions
     run_info = {"task": a.task, "task_args": a.task_args,
-                "data": str(Path(a.data).resolve()) if a.task == "lm" and a.data else None}
+                "data": str(Path(a.data or default_corpus("byte")).resolve()) if a.task == "lm" else None}
+    if data_is_file:
+        run_info.update(val_data=str(Path(a.val_data).resolve()), tokenizer=a.tokenizer, dtype=a.dtype)
     trainer = Trainer(model, batches, val, cfg, config_dict=config.to_dict(), tokenizer=tokenizer, run_info=run_info)
     rows = trainer.fit()
     last_val = next((r for r in reversed(rows) if r.get("val_loss") is not None), None)
@@ -233,6 +304,8 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
     from ..data import EvalWindows, tokenizer_fingerprint
     from ..eval.metrics import perplexity
 
+    if a.text:
+        refuse(a, ("data", "split", "max_windows", "batch_size"), "--text", "the text is scored as one stream")
     model, tokenizer, ckpt = load_run(a.model)
     source = f"checkpoint step {ckpt.step}" if ckpt else f"saved model {a.model}"
     if a.text:  # one text as one stream: the state carries across windows, nothing is cut
@@ -245,20 +318,25 @@ def cmd_eval_ppl(a: argparse.Namespace) -> None:
         ids = document_separator(tokenizer) + tokenizer.encode(text)
         if len(ids) < 2:
             raise UserError(f"--text {a.text} is empty")
-        logp, _, _ = token_logprobs(model, torch.tensor(ids), piece=a.seq_len)
+        with progress(len(ids), "token", a.quiet) as bar:
+            logp, _, _ = token_logprobs(model, torch.tensor(ids), piece=a.seq_len, progress=bar.update)
         nll = -logp.double().sum().item() / logp.numel()
         print(f"{a.text}: {logp.numel():,} tokens, loss {nll:.4f}, perplexity {perplexity(nll):.2f} ({source})")
         return
     data = a.data or run_facts(ckpt).get("data") or default_corpus(tokenizer.name)
     val_file = token_file(data, a.split)
     check_tokenizer(tokenizer_fingerprint(tokenizer), val_file, f"the model {a.model}")
+    if a.seq_len >= len(val_file):
+        raise UserError(f"--seq-len {a.seq_len} is longer than the {a.split} split ({len(val_file):,} tokens): "
+                        f"a window must leave a token to predict")
     windows = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size, max_windows=a.max_windows)
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), progress(windows.num_targets, "token", a.quiet) as bar:
         for inputs, targets in windows:
             loss = model(inputs, labels=targets).loss
             total += loss.item() * targets.numel()
             count += targets.numel()
+            bar.update(targets.numel())
     if not count:
         raise UserError(f"the {a.split} split is empty")
     nll = total / count
@@ -293,13 +371,13 @@ def cmd_info(a: argparse.Namespace) -> None:
     from ..models import TitansLM
 
     if a.model:
+        refuse(a, ("preset", "variant", "set"), "--model", "the model's config is its own")
         model, _, ckpt = load_run(a.model)
         config = model.config
         print(f"checkpoint: {ckpt.path} (step {ckpt.step})" if ckpt else f"saved model: {a.model}")
     else:
         config = _flag_config(a, _overrides(a))
-        with torch.device("meta"):
-            model = TitansLM(config)
+        model = build_model(config, device="meta")  # counts without allocating
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():
         part = name.split(".")[0] if not name.startswith("blocks.") else "blocks." + name.split(".")[3]
@@ -313,6 +391,18 @@ def cmd_info(a: argparse.Namespace) -> None:
 
 
 def cmd_eval_harness(a: argparse.Namespace) -> None:
+    # everything checked before lm_eval loads (10-15 s) and before any task runs
+    if not Path(a.model).exists():
+        raise UserError(f"--model: {a.model} does not exist")
+    tasks = [t for t in a.tasks.split(",") if t]
+    if not tasks:
+        raise UserError("--tasks: give at least one task")
+    if a.limit is not None and not a.limit > 0:
+        raise UserError(f"--limit must be > 0 (a count, or a fraction below 1), got {a.limit}")
+    if a.limit is not None and a.limit >= 1 and a.limit != int(a.limit):
+        raise UserError(f"--limit {a.limit}: a count of documents is a whole number (a fraction is below 1)")
+    if a.json:
+        check_output(a.json, "--json")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -321,14 +411,15 @@ def cmd_eval_harness(a: argparse.Namespace) -> None:
         from ..eval.harness import TitansHarnessLM
     except ImportError as e:
         raise UserError(f"{e} (the harness is an optional extra)") from None
-    tasks = [t for t in a.tasks.split(",") if t]
     manager = TaskManager(include_path=a.include_path) if a.include_path else TaskManager()
     known = {*manager.all_tasks, *manager.all_groups, *manager.all_tags}
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise UserError(f"--tasks: unknown task(s) {unknown} (local task YAMLs: --include-path DIR)")
-    results = lm_eval.simple_evaluate(model=TitansHarnessLM(a.model, piece=a.piece), tasks=tasks,
-                                      num_fewshot=a.num_fewshot, limit=a.limit, task_manager=manager)
+    # lm_eval shows its own progress bars (stderr) while it scores; --quiet turns them off
+    model = TitansHarnessLM(a.model, piece=a.piece, progress=not a.quiet)
+    results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=a.num_fewshot, limit=a.limit,
+                                      task_manager=manager, verbosity="ERROR" if a.quiet else None)
     print(make_table(results))
     if a.json:
         import json
@@ -336,8 +427,8 @@ def cmd_eval_harness(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    out = Path(a.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = check_output(a.out, "--out", directory=True)
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not an empty directory")
     model, tokenizer, ckpt = load_run(a.model)
     model.save_pretrained(out)
@@ -368,6 +459,7 @@ def register(sub, ev) -> None:
                          "into train and validation)")
     dp.add_argument("--data-dir", help="download cache (default $TITANS_DATA or ~/.cache/titans)")
     dp.add_argument("--dna", action="store_true", help="fetch the reference genomes instead")
+    add_quiet(dp)
     dp.set_defaults(func=cmd_data_prepare)
 
     t = sub.add_parser("train", help="train a language model")
@@ -377,29 +469,30 @@ def register(sub, ev) -> None:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     t.add_argument("--data", help="prepared corpus directory (default: the byte corpus), or a .npy/.bin token file")
     t.add_argument("--val-data", help="with a token file as --data: the held-out token file")
-    t.add_argument("--dtype", default="uint16", help="integer dtype of raw .bin token files (default uint16)")
-    t.add_argument("--tokenizer", default="byte", help="with token files: the tokenizer (byte or a tokenizer.json)")
+    t.add_argument("--dtype", help="with token files: the integer dtype of raw .bin files (default uint16)")
+    t.add_argument("--tokenizer", help="with token files: the tokenizer, byte or a tokenizer.json (default byte)")
     t.add_argument("--task", choices=["lm", "babilong", "mqar", "copy", "selective_copy", "niah"],
                    help="lm (the corpus; the default), babilong QA fine-tuning, a synthetic recall task, or "
                         "niah (pass-key retrieval, byte text; evaluate with `titans eval niah --task pk`)")
     t.add_argument("--init", help="start from this run's weights and architecture (fine-tuning)")
-    t.add_argument("--babilong-tasks", default="qa1,qa2,qa3", help="with --task babilong")
+    t.add_argument("--babilong-tasks", default="qa1,qa2,qa3", help="with --task babilong (default qa1,qa2,qa3)")
     t.add_argument("--text", action="append", help="with --task babilong: local text for the distractors")
     t.add_argument("--task-arg", action="append", metavar="KEY=VALUE",
                    help="recall task argument, e.g. n_pairs=16 (mqar), n_tokens=32 (copy)")
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=None,
-                   help=f"tokens per training sequence (default {DEFAULT_SEQ_LEN}; a recall task's own length)")
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--warmup", type=int, default=20)
-    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    t.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (--resume: in all, not more)")
+    run = " (--resume: the run's)"
+    t.add_argument("--batch-size", type=positive_int, help=f"rows per micro-batch (default 8){run}")
+    t.add_argument("--seq-len", type=positive_int,
+                   help=f"tokens per training sequence (default {DEFAULT_SEQ_LEN}; a recall task's own length){run}")
+    t.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per step (default 1){run}")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default 2e-3){run}")
+    t.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps (default 20){run}")
+    t.add_argument("--bf16", action="store_true", default=None, help=f"bfloat16 autocast{run}")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-every", type=int, default=50)
-    t.add_argument("--eval-batches", type=int, default=10)
-    t.add_argument("--ckpt-every", type=int, default=50)
+    t.add_argument("--seed", type=nonnegative_int, help=f"(default 0){run}")
+    t.add_argument("--eval-every", type=nonnegative_int, default=50, help="validate every N steps (0: at the end)")
+    t.add_argument("--eval-batches", type=positive_int, default=10)
+    t.add_argument("--ckpt-every", type=nonnegative_int, default=50, help="checkpoint every N steps (0: at the end)")
     t.add_argument("--distributed", default="none", choices=["none", "ddp", "fsdp"],
                    help="under torchrun: ddp or fsdp (FSDP2)")
     t.add_argument("--out", default="runs/default", help="run directory")
@@ -412,19 +505,20 @@ def register(sub, ev) -> None:
     pp.add_argument("--model", required=True, help="run or checkpoint directory")
     pp.add_argument("--data", help="prepared corpus directory (default: the one the run trained on)")
     pp.add_argument("--split", default="val", choices=["train", "val"])
-    pp.add_argument("--seq-len", type=int, default=256)
-    pp.add_argument("--batch-size", type=int, default=8)
-    pp.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    pp.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (with --text: per call)")
+    pp.add_argument("--batch-size", type=positive_int, default=8)
+    pp.add_argument("--max-windows", type=positive_int, default=None, help="evaluate at most this many windows")
     pp.add_argument("--text", help="score this text file as one stream (after the document separator), the "
                                    "state carried across --seq-len windows, instead of the corpus split")
+    add_quiet(pp)
     pp.set_defaults(func=cmd_eval_ppl)
 
     g = sub.add_parser("generate", help="sample text from a model (streams to stdout)")
     g.add_argument("--model", required=True, help="run or checkpoint directory")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--max-new-tokens", type=positive_int, default=200)
     g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-k", type=positive_int, default=None)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
@@ -432,11 +526,12 @@ def register(sub, ev) -> None:
     h = ev.add_parser("harness", help="lm-evaluation-harness tasks (the paper's Table 1; needs titans[harness])")
     h.add_argument("--model", required=True, help="run, checkpoint or saved model directory")
     h.add_argument("--tasks", required=True, help="comma list, e.g. piqa,hellaswag,winogrande,arc_easy,arc_challenge")
-    h.add_argument("--num-fewshot", type=int, default=0)
+    h.add_argument("--num-fewshot", type=nonnegative_int, default=0)
     h.add_argument("--limit", type=float, default=None, help="at most this many documents per task (or a fraction)")
-    h.add_argument("--piece", type=int, default=2048, help="tokens per forward call; longer inputs carry the state")
+    h.add_argument("--piece", type=positive_int, default=2048, help="tokens per forward call; longer inputs carry the state")
     h.add_argument("--include-path", help="a directory of extra task YAMLs (e.g. local data)")
     h.add_argument("--json", help="write the results as JSON")
+    add_quiet(h)
     h.set_defaults(func=cmd_eval_harness)
 
     x = sub.add_parser("export", help="write a run's model the Hugging Face way (config.json, model.safetensors)")

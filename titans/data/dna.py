@@ -197,7 +197,10 @@ def build_window_task(sources: Sequence[FastaSource], window: int = 500, n_train
     for src in list(train_src) + list(test_src):
         in_test = src in test_src
         for rec in read_fasta(src.path):
-            ids = tok.encode_np(rec.seq)
+            try:
+                ids = tok.encode_np(rec.seq)
+            except ValueError as e:  # name the file and record, not only the position
+                raise ValueError(f"path {str(src.path)!r}, record {rec.name!r}: {e}") from None
             n = len(ids)
             if in_test:
                 cuts = {"test": (0, n)}

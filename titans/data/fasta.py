@@ -50,19 +50,23 @@ def read_fasta(path: str | os.PathLike) -> list[FastaRecord]:
     records: list[FastaRecord] = []
     header: str | None = None
     parts: list[str] = []
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line or line.startswith(";"):
-                continue
-            if line.startswith(">"):
-                if header is not None:
-                    records.append(_record(header, parts))
-                header, parts = line[1:].strip(), []
-            elif header is None:
-                raise ValueError(f"path {str(path)!r}, line {lineno}: sequence before the first '>' header")
-            else:
-                parts.append("".join(line.split()))
+    lineno = 0
+    try:
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                line = line.strip()
+                if not line or line.startswith(";"):
+                    continue
+                if line.startswith(">"):
+                    if header is not None:
+                        records.append(_record(header, parts))
+                    header, parts = line[1:].strip(), []
+                elif header is None:
+                    raise ValueError(f"path {str(path)!r}, line {lineno}: sequence before the first '>' header")
+                else:
+                    parts.append("".join(line.split()))
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:  # binary or truncated: name the file
+        raise ValueError(f"path {str(path)!r}, line {lineno + 1}: not a readable FASTA file ({e})") from None
     if header is not None:
         records.append(_record(header, parts))
     if not records:

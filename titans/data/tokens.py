@@ -23,7 +23,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,8 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
             text: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
             data_dir: str | os.PathLike | None = None,
             tokenizer: str | os.PathLike | Tokenizer = "byte", vocab_size: int = 4096,
-            val_fraction: float = 0.1, seed: int = 0, split_paragraphs: bool = False) -> dict:
+            val_fraction: float = 0.1, seed: int = 0, split_paragraphs: bool = False,
+            progress: Callable[[int], None] | None = None) -> dict:
     """Split, tokenize and write a corpus to `out_dir` (train.bin, val.bin, meta.json).
 
     Args:
@@ -62,6 +63,7 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
         vocab_size: the BPE vocabulary size (only with tokenizer="bpe").
         val_fraction, seed: the document split (`split_documents`).
         split_paragraphs: local text files give one document per paragraph (`load_documents`).
+        progress: called with the number of documents just written (e.g. a tqdm bar's update).
 
     Raises ValueError when a split would be empty (e.g. one text file is one document: all of
     it goes to one side).
@@ -95,7 +97,7 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, docs in (("train", train), ("val", val)):
-        n = _write_tokens(out / f"{split}.bin", docs, tok, sep, dtype)
+        n = _write_tokens(out / f"{split}.bin", docs, tok, sep, dtype, progress)
         splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": len(docs),
                          "characters": sum(len(d.text) for d in docs),
                          "names": [d.name for d in docs]}
@@ -131,7 +133,7 @@ def document_separator(tokenizer: Tokenizer) -> list[int]:
 
 
 def _write_tokens(path: Path, docs: Sequence[Document], tok: Tokenizer, sep: list[int],
-                  dtype: np.dtype) -> int:
+                  dtype: np.dtype, progress: Callable[[int], None] | None = None) -> int:
     """Write every document's ids followed by `sep`; the number of tokens written."""
     tmp = path.with_name(path.name + ".tmp")
     n = 0
@@ -145,6 +147,8 @@ def _write_tokens(path: Path, docs: Sequence[Document], tok: Tokenizer, sep: lis
                     raise ValueError(f"tokenizer {tok.name!r} gave an id outside [0, {tok.vocab_size})")
                 a.astype(dtype.newbyteorder("<")).tofile(f)
                 n += a.size
+            if progress is not None:
+                progress(len(texts))
     os.replace(tmp, path)
     return n
 

@@ -58,10 +58,17 @@ def evaluate_babilong(model: Any, tokenizer: Tokenizer, tasks: Sequence[str] = B
         raise ValueError(f"tasks must be a non-empty list of {BABILONG_TASKS}, got {tasks!r}")
     lengths_ = parse_lengths(lengths)
     check_sampling(n_samples, batch_size, scoring)
+    gens = {task: BabilongGenerator(task, tokenizer, documents, seed, n_facts) for task in tasks}
+    # every story must fit the shortest length: checked before the first sample, so a length too
+    # short for one task does not end the evaluation after the others have run
+    need = {task: max(gen.sample(None, i).length for i in range(n_samples)) for task, gen in gens.items()}
+    short = {task: n for task, n in need.items() if n > min(lengths_)}
+    if short:
+        raise ValueError(f"length {min(lengths_)} is too short for " + ", ".join(
+            f"{task} (its stories need up to {n} tokens)" for task, n in short.items()))
     records: list[BabilongRecord] = []
     with eval_mode(model):
-        for task in tasks:
-            gen = BabilongGenerator(task, tokenizer, documents, seed, n_facts)
+        for task, gen in gens.items():
             for length in lengths_:
                 for s, text, correct in score_samples(model, tokenizer, lambda i: gen.sample(length, i), n_samples,
                                                       batch_size, extra_tokens, piece, scoring):

@@ -125,13 +125,16 @@ def train_forecaster(model: nn.Module, splits: ForecastSplits, *, epochs: int = 
 
 def _resolve(data: Any, columns: Sequence[str] | None) -> tuple[str, np.ndarray]:
     """(dataset name, values [T, C]) from an array, a TimeSeries, an example name or a CSV path."""
-    if isinstance(data, TimeSeries):
-        return "series", data.values
     if isinstance(data, (np.ndarray, Tensor)):
+        if columns is not None:
+            raise ValueError("columns: values [T, C] have no column names; select the columns yourself")
         return "array", np.asarray(data, dtype=np.float64)
-    if isinstance(data, str) and data in EXAMPLES:
-        ts = load_example(data)
-        return data, ts.values if columns is None else ts.values[:, [ts.columns.index(c) for c in columns]]
+    if isinstance(data, TimeSeries) or (isinstance(data, str) and data in EXAMPLES):
+        name, ts = ("series", data) if isinstance(data, TimeSeries) else (data, load_example(data))
+        missing = [c for c in columns or () if c not in ts.columns]
+        if missing:
+            raise ValueError(f"columns {missing} are not in {name!r}, which has {ts.columns}")
+        return name, ts.values if columns is None else ts.values[:, [ts.columns.index(c) for c in columns]]
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.is_file():

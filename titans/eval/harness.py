@@ -15,6 +15,7 @@ continuation's tokens are exactly its own.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -41,9 +42,12 @@ class TitansHarnessLM(LM):
             (anything `titans eval` takes as --model), or a (model, tokenizer) pair.
         piece: tokens per forward call; longer inputs carry the state across pieces.
         max_gen_toks: the default generation budget of generate_until.
+        progress: a tqdm bar per request list on stderr (only when stderr is a terminal, and
+            not when lm-eval passes disable_tqdm).
     """
 
-    def __init__(self, pretrained: Any, piece: int = 2048, max_gen_toks: int = 256, **_: Any) -> None:
+    def __init__(self, pretrained: Any, piece: int = 2048, max_gen_toks: int = 256, progress: bool = True,
+                 **_: Any) -> None:
         super().__init__()
         if isinstance(pretrained, tuple):
             self.model, self.tokenizer = pretrained
@@ -51,7 +55,7 @@ class TitansHarnessLM(LM):
             from ..cli.common import load_run
             self.model, self.tokenizer, _ = load_run(pretrained)
         self.model.eval()
-        self.piece, self.max_gen_toks = int(piece), int(max_gen_toks)
+        self.piece, self.max_gen_toks, self.progress = int(piece), int(max_gen_toks), progress
         self.prefix = document_separator(self.tokenizer)
 
     @property
@@ -60,6 +64,17 @@ class TitansHarnessLM(LM):
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
+
+    def _bar(self, total: int, disable_tqdm: bool, what: str) -> Any:
+        from tqdm import tqdm
+        return tqdm(total=total, unit="request", desc=what, file=sys.stderr, dynamic_ncols=True, leave=False,
+                    disable=disable_tqdm or not self.progress or not sys.stderr.isatty())
+
+    def _iter(self, requests: list[Any], disable_tqdm: bool, what: str) -> Any:
+        with self._bar(len(requests), disable_tqdm, what) as bar:
+            for r in requests:
+                yield r
+                bar.update(1)
 
     # ------------------------------------------------------------------------ scoring
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -70,23 +85,31 @@ class TitansHarnessLM(LM):
         for i, r in enumerate(requests):
             by_context[r.args[0]].append(i)
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for context, indices in by_context.items():
-            ids = self.prefix + self._encode(context)
-            state, last = prefill(self.model, torch.tensor([ids]), piece=self.piece)
-            for i in indices:
-                cont = self._encode(requests[i].args[1])
-                if not cont:
-                    out[i] = (0.0, True)
-                    continue
-                logp, greedy, _ = token_logprobs(self.model, torch.tensor(cont), self.piece, state, last[0])
-                out[i] = (logp.double().sum().item(), bool((greedy == torch.tensor(cont)).all()))
+        with self._bar(len(requests), disable_tqdm, "loglikelihood") as bar:
+            for context, indices in by_context.items():
+                self._score_context(requests, context, indices, out)
+                bar.update(len(indices))
         return out  # type: ignore[return-value]
+
+    def _score_context(self, requests: list[Any], context: str, indices: list[int],
+                       out: list[tuple[float, bool] | None]) -> None:
+        """Score the continuations of one context, each from the context's state, into out."""
+        ids = self.prefix + self._encode(context)
+        state, last = prefill(self.model, torch.tensor([ids]), piece=self.piece)
+        for i in indices:
+            cont = self._encode(requests[i].args[1])
+            if not cont:
+                out[i] = (0.0, True)
+                continue
+            logp, greedy, _ = token_logprobs(self.model, torch.tensor(cont), self.piece, state, last[0])
+            out[i] = (logp.double().sum().item(), bool((greedy == torch.tensor(cont)).all()))
+
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """log p(text) of each whole text, after the document separator: the sum that
         `titans eval ppl --text` turns into a perplexity."""
         scores = []
-        for r in requests:
+        for r in self._iter(requests, disable_tqdm, "loglikelihood_rolling"):
             ids = self.prefix + self._encode(r.args[0])
             logp, _, _ = token_logprobs(self.model, torch.tensor(ids), self.piece)
             scores.append(logp.double().sum().item())
@@ -95,7 +118,7 @@ class TitansHarnessLM(LM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy continuation of each context until one of `until` appears or max_gen_toks."""
         results = []
-        for r in requests:
+        for r in self._iter(requests, disable_tqdm, "generate_until"):
             context, kwargs = r.args[0], dict(r.args[1] if len(r.args) > 1 else {})
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)

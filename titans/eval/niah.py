@@ -78,6 +78,8 @@ def evaluate_niah(model: Any, tokenizer: Tokenizer, task: str, lengths: Sequence
     depths_ = _depths(depths)
     check_sampling(n_samples, batch_size, scoring)
     gen = NiahGenerator(task, tokenizer, documents, seed)
+    for i in range(n_samples):  # every needle fits the shortest length, checked before the first sample
+        gen.sample(min(lengths_), 0.0, i)
     records: list[NiahRecord] = []
     with eval_mode(model):
         for length in lengths_:

@@ -55,7 +55,8 @@ def prefill(model: Any, input_ids: Tensor, piece: int = 4096, state: Any = None)
 
 @torch.no_grad()
 def token_logprobs(model: Any, ids: Tensor, piece: int = 4096, state: Any = None,
-                   last_logits: Tensor | None = None) -> tuple[Tensor, Tensor, Any]:
+                   last_logits: Tensor | None = None,
+                   progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor, Any]:
     """Score every token of ids [T] given all before it, P = `piece` tokens per call, carrying
     the state (no truncation, however long the input).
 
@@ -63,7 +64,8 @@ def token_logprobs(model: Any, ids: Tensor, piece: int = 4096, state: Any = None
     ids[<t]) for t >= 1 and the greedy token at those positions, both [T - 1], and the state
     after ids. With a state and the logits its last token left (`last_logits` [V], as returned
     here or by `prefill`), every token of ids is scored: [T] each. The perplexity of
-    `titans eval ppl --text` and the harness's log-likelihoods are this function.
+    `titans eval ppl --text` and the harness's log-likelihoods are this function. `progress` is
+    called with the number of tokens of each piece done (e.g. a tqdm bar's update).
     """
     piece = _check_int("piece", piece, 1)
     if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() == 0:
@@ -75,6 +77,8 @@ def token_logprobs(model: Any, ids: Tensor, piece: int = 4096, state: Any = None
         out = model(ids[None, s:s + piece], state=state)
         state = out.state
         logits.append(out.logits[0].float())
+        if progress is not None:
+            progress(out.logits.shape[1])
     logits = torch.cat(logits)[:-1]                              # [T - 1 or T, V]: predicts the next token
     targets = ids[1:] if last_logits is None else ids
     logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None].long())[:, 0]
@@ -227,7 +231,8 @@ def _as_array(source: Any) -> np.ndarray:
 @torch.no_grad()
 def stream_eval(model: Any, n_tokens: int, piece: int = 4096,
                 checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS, source: Any = None, *,
-                batch_size: int = 1, seed: int = 0, vocab_size: int | None = None) -> dict:
+                batch_size: int = 1, seed: int = 0, vocab_size: int | None = None,
+                progress: Callable[[int], None] | None = None) -> dict:
     """Feed `n_tokens` tokens through `model` `piece` at a time with only the state carried.
 
     Args:
@@ -236,6 +241,7 @@ def stream_eval(model: Any, n_tokens: int, piece: int = 4096,
         checkpoints: token counts where measurements are taken (those > n_tokens are dropped;
             n_tokens itself is always one). Pieces are cut to stop exactly there.
         vocab_size: default model.config.vocab_size.
+        progress: called with the number of tokens of each piece done (e.g. a tqdm bar's update).
 
     Returns a dict: n_tokens, piece, batch_size, tokens_per_s (overall), seconds, finite (no
     NaN/Inf in the state at any checkpoint nor in any logits), first_nonfinite_logits (token
@@ -263,6 +269,8 @@ def stream_eval(model: Any, n_tokens: int, piece: int = 4096,
             out = model(stream.send(n), state=state)
             state = out.state
             pos += n
+            if progress is not None:
+                progress(n)
             if bad_logits is None and not bool(torch.isfinite(out.logits).all()):
                 bad_logits = pos
         now = time.perf_counter()

@@ -7,8 +7,10 @@ Shape legend
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 from ..layers import NeuralMemory, NeuralMemoryState, RMSNorm
 from .blocks import Block
 from .config import TitansConfig
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # 'name' or 'owner/name'
 
 __all__ = ["TitansLM", "LMOutput", "ModelState"]
 
@@ -124,7 +128,23 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
                 return cls.from_checkpoint(ckpt)
         if path.is_dir() and not (path / "config.json").is_file():
             raise ValueError(f"{str(path)!r} has no config.json: not a saved TitansLM (save_pretrained writes one)")
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if path.is_dir():  # read here so a corrupt file is named (the hub mixin's error does not say which)
+            try:
+                json.loads((path / "config.json").read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON: {e}") from None
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        name = str(pretrained_model_name_or_path)
+        if path.exists():
+            raise ValueError(f"{name!r} is a file: give the directory that holds config.json and model.safetensors")
+        if not _HUB_ID.fullmatch(name):  # the hub's own error would be about the form of a repo id
+            raise FileNotFoundError(f"{name!r}: no such directory (and not a hub repository id 'owner/name')")
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as e:  # the hub's not-found, offline and HTTP errors
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise FileNotFoundError(f"{name!r}: no such directory, and the hub has no such model or cannot be "
+                                    f"reached ({type(e).__name__}: {first})") from None
 
     @classmethod
     def from_checkpoint(cls, ckpt: Any) -> "TitansLM":
@@ -170,6 +190,13 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if labels is not None and (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool):
+            raise ValueError(f"labels must be an integer tensor of token ids (-100: ignored), got {labels.dtype}")
+        if labels is not None and labels.numel():
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
+            if bool(bad.any()):
+                raise ValueError(f"labels must lie in [0, vocab_size={self.config.vocab_size}) or be -100, got "
+                                 f"{int(labels[bad][0])}")
         if labels is not None and labels.numel() and bool((labels == -100).all()):
             raise ValueError("labels: every position is -100 (ignored), so there is nothing to score")
         B, T = input_ids.shape

@@ -201,9 +201,11 @@ def recall_batches(task: str, batch_size: int, vocab_size: int, *, seed: int = 0
 
 @torch.no_grad()
 def evaluate_recall(model: Callable[..., Any], task: str, batch_size: int, vocab_size: int, *,
-                    n_batches: int = 1, seed: int = 1, **kwargs: Any) -> float:
+                    n_batches: int = 1, seed: int = 1, progress: Callable[[int], None] | None = None,
+                    **kwargs: Any) -> float:
     """Accuracy of `model` (model(inputs).logits [B, T, V]) on `n_batches` batches of a recall
-    task, over all scored positions. Use another seed than training (default 1)."""
+    task, over all scored positions. Use another seed than training (default 1). `progress` is
+    called with 1 after each batch (e.g. a tqdm bar's update)."""
     make = _maker(task, batch_size, vocab_size, seed, kwargs)
     right = total = 0
     for step in range(check_int("n_batches", n_batches, 1)):
@@ -212,4 +214,6 @@ def evaluate_recall(model: Callable[..., Any], task: str, batch_size: int, vocab
         scored = targets != -100
         right += int((pred[scored] == targets[scored]).sum())
         total += int(scored.sum())
+        if progress is not None:
+            progress(1)
     return right / total
