@@ -48,15 +48,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_and_fsdp_match_one_process(tiny, tmp_path):
-    """2 ranks x 2 rows == 1 process x 4 rows, with grad_accum=2, clipping, eval, and resume."""
-    kw = dict(steps=6, ckpt_every=3, grad_accum=2)
+@pytest.mark.parametrize("carry", [0, 4])
+def test_ddp_and_fsdp_match_one_process(tiny, tmp_path, carry):
+    """2 ranks x 2 rows == 1 process x 4 rows, with grad_accum=2, clipping, eval, and resume.
+    carry 4: the tiny TitansLM with its state carried across steps (TBPTT): each rank carries its
+    own rows' states, and the step-3 checkpoint holds every rank's."""
+    kw = dict(steps=6, ckpt_every=3, grad_accum=2, carry_state=carry)
     single = tiny.make(tiny.base_cfg(str(tmp_path / "single"), **kw)).fit()
     env = {**os.environ, "PYTHONPATH": str(TINY_LM.parents[2])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(TINY_LM),
            "--modes", "ddp,fsdp", "--out", str(tmp_path), "--steps", "6", "--ckpt-every", "3",
-           "--grad-accum", "2"]
+           "--grad-accum", "2", "--carry-state", str(carry)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "losses.json").read_text())

@@ -94,9 +94,18 @@ def tokens(n: int = 4000, seed: int = 0) -> np.ndarray:
 
 def make(cfg: TrainConfig, model_cfg: TinyConfig | None = None, sleep: float = 0.0
          ) -> Trainer:
-    """A Trainer over TinyLM (initialised from cfg.seed) and the synthetic stream."""
+    """A Trainer over TinyLM (initialised from cfg.seed) and the synthetic stream; with
+    cfg.carry_state, over the tiny TitansLM (LMM) reading contiguous streams (StreamBatches)."""
     model_cfg = model_cfg or TinyConfig()
     seed_everything(cfg.seed)
+    if cfg.carry_state:
+        from titans import TitansConfig, TitansLM
+        from titans.data import StreamBatches
+        model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm"))
+        batches = StreamBatches(tokens(), cfg.batch_size, cfg.seq_len, cfg.carry_state, seed=cfg.seed,
+                                micro_batches=cfg.grad_accum)
+        val = EvalWindows(tokens(600, seed=1), cfg.seq_len, batch_size=4)
+        return Trainer(model, batches, val, cfg, config_dict=model.config.to_dict())
     model = TinyLM(model_cfg, sleep=sleep)
     batches = TokenBatches(tokens(), cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     val = EvalWindows(tokens(600, seed=1), cfg.seq_len, batch_size=4)
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--carry-state", type=int, default=0)
     p.add_argument("--modes", default="")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     a = p.parse_args(argv)
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {}
     for mode in a.modes.split(","):
         kw = dict(distributed=mode, steps=a.steps, ckpt_every=a.ckpt_every,
-                  grad_accum=a.grad_accum)
+                  grad_accum=a.grad_accum, carry_state=a.carry_state)
         full = make(base_cfg(f"{a.out}/{mode}", **kw)).fit()
         ckpt = f"{a.out}/{mode}/checkpoints/step_{a.ckpt_every:06d}"
         resumed = make(base_cfg(f"{a.out}/{mode}-resumed", resume=ckpt, **kw)).fit()

@@ -78,13 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The `titans` parser. Building it imports no torch (the command modules import their
     heavy modules inside the commands), so --help and --version are quick."""
     from .._version import __version__
-    from . import domains, lm, long_context
+    from . import domains, lm, long_context, positions
 
     p = _Parser(prog="titans", description="Titans: learning to memorize at test time.")
     p.add_argument("--version", action="version", version=f"titans {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="action", required=True)
-    for module in (lm, long_context, domains):
+    for module in (lm, long_context, positions, domains):
         module.register(sub, ev)
     for parser in _parsers(p):
         parser.formatter_class = _HelpFormatter
@@ -127,11 +127,14 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; an expected exception ends in one line on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except UserError as e:
         print(f"titans: error: {e}", file=sys.stderr)
         return 2
+    import shlex
+    args.command_line = shlex.join(["titans", *argv])  # kept with a run (titans export's model card)
     show = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:

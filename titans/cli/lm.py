@@ -17,7 +17,7 @@ DEFAULT_SEQ_LEN = 256  # tokens per training sequence of the corpus (--task lm) 
 # The flag's default for a new run is here (the parser's default is None, so a flag given can
 # be told from one left out).
 RUN_DEFAULTS = {"batch_size": 8, "seq_len": None, "grad_accum": 1, "lr": 2e-3, "warmup": 20, "seed": 0,
-                "bf16": False}
+                "bf16": False, "carry_state": 0}
 
 
 def build_model(config, device=None):
@@ -182,7 +182,7 @@ def _resume_run(a: argparse.Namespace, overrides: dict):
 def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
-    from ..data import EvalWindows, TokenBatches, load_tokenizer, tokenizer_fingerprint
+    from ..data import EvalWindows, StreamBatches, TokenBatches, load_tokenizer, tokenizer_fingerprint
     from ..data.tasks import RECALL_TASKS, task_arguments
     from ..models import TitansConfig, TitansLM
     from ..train import TrainConfig, Trainer, list_checkpoints
@@ -254,7 +254,9 @@ def cmd_train(a: argparse.Namespace) -> None:
             raise UserError(f"--resume: the training data {a.data or default_corpus('byte')} has {len(train_file):,} "
                             f"tokens, but the run in {a.out} trained on {trained_on:,}: it changed since (prepared "
                             f"again?); resume on the run's own data")
-        batches = TokenBatches(train_file, a.batch_size, a.seq_len, seed=a.seed)
+        batches = (StreamBatches(train_file, a.batch_size, a.seq_len, a.carry_state, seed=a.seed,
+                                 micro_batches=a.grad_accum) if a.carry_state
+                   else TokenBatches(train_file, a.batch_size, a.seq_len, seed=a.seed))
         val = EvalWindows(val_file, a.seq_len, batch_size=a.batch_size)
         what = f"{len(train_file):,} training tokens"
     else:
@@ -272,7 +274,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                       lr=a.lr, warmup=a.warmup, bf16=a.bf16, compile=a.compile, seed=a.seed,
                       eval_every=a.eval_every, eval_batches=a.eval_batches, ckpt_every=a.ckpt_every,
-                      out_dir=a.out, resume=a.resume, distributed=a.distributed)
+                      out_dir=a.out, resume=a.resume, distributed=a.distributed, carry_state=a.carry_state)
     torch.manual_seed(a.seed)
     model = build_model(config)
     if init is not None:
@@ -283,7 +285,9 @@ def cmd_train(a: argparse.Namespace) -> None:
     # what --resume and the evaluations read back: the data's resolved path (the default corpus
     # too, so a resume on other data is refused by name), and a token file's companions
     run_info = {"task": a.task, "task_args": a.task_args,
-                "data": str(Path(a.data or default_corpus("byte")).resolve()) if a.task == "lm" else None}
+                "data": str(Path(a.data or default_corpus("byte")).resolve()) if a.task == "lm" else None,
+                # every command that trained this run, for the exported model card
+                "commands": [*(run_facts(resumed).get("commands") or []), getattr(a, "command_line", None)]}
     if data_is_file:
         run_info.update(val_data=str(Path(a.val_data).resolve()), tokenizer=a.tokenizer, dtype=a.dtype)
     trainer = Trainer(model, batches, val, cfg, config_dict=config.to_dict(), tokenizer=tokenizer, run_info=run_info)
@@ -417,6 +421,7 @@ def cmd_eval_harness(a: argparse.Namespace) -> None:
     if unknown:
         raise UserError(f"--tasks: unknown task(s) {unknown} (local task YAMLs: --include-path DIR)")
     # lm_eval shows its own progress bars (stderr) while it scores; --quiet turns them off
+    _quiet_git_hash()
     model = TitansHarnessLM(a.model, piece=a.piece, progress=not a.quiet)
     results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=a.num_fewshot, limit=a.limit,
                                       task_manager=manager, verbosity="ERROR" if a.quiet else None)
@@ -426,16 +431,84 @@ def cmd_eval_harness(a: argparse.Namespace) -> None:
         Path(a.json).write_text(json.dumps(results["results"], indent=1, default=str))
 
 
+def _quiet_git_hash() -> None:
+    """lm_eval records `git describe` of the current directory with git's stderr on ours, which
+    prints "fatal: not a git repository" outside a checkout: ask git quietly instead."""
+    import subprocess
+
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
+
+    def git_hash() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True)
+        except OSError:
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+    for module in (lm_eval.evaluator, lm_eval.loggers.utils):
+        if hasattr(module, "get_git_commit_hash"):
+            module.get_git_commit_hash = git_hash
+
+
 def cmd_export(a: argparse.Namespace) -> None:
     out = check_output(a.out, "--out", directory=True)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not an empty directory")
     model, tokenizer, ckpt = load_run(a.model)
-    model.save_pretrained(out)
+    model.save_pretrained(out, model_card=_model_card(model, tokenizer, ckpt, a.model))
     tokenizer.save(out)  # tokenizer.json for a BPE; the byte tokenizer needs no file
     what = f"step {ckpt.step} of {a.model}" if ckpt else str(a.model)
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))}) from {what}; "
           f"load it with TitansLM.from_pretrained({str(out)!r})")
+
+
+def _validation(ckpt) -> dict | None:
+    """The last validation row (step, val_loss, val_ppl) of the run's log.csv at or before the
+    checkpoint's step; None without one."""
+    import csv
+    log = Path(ckpt.path).parent.parent / "log.csv"
+    if not log.is_file():
+        return None
+    with open(log, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_ppl") and int(r["step"]) <= ckpt.step]
+    return rows[-1] if rows else None
+
+
+def _model_card(model, tokenizer, ckpt, source: str) -> str:
+    """What `titans export` writes as README.md: only what the run recorded (variant, size,
+    training tokens, validation perplexity, the commands), and "not recorded" where it did not."""
+    from ..models.hub import default_card
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    lines = [f"# Titans {c.variant}", "",
+             "A `titans` language model (Titans: Learning to Memorize at Test Time, arXiv 2501.00663).", "",
+             "| | |", "|---|---|",
+             f"| variant | `{c.variant}` (layers {', '.join(c.layer_kinds)}) |",
+             f"| size | {n:,} parameters; {c.n_layers} layers, width {c.dim}, {c.heads} heads; memory depth "
+             f"{c.memory_depth} |",
+             f"| tokenizer | {tokenizer.name} (vocabulary {c.vocab_size}) |"]
+    if ckpt is None:
+        lines += [f"| training | not recorded: exported from the saved model {source} |"]
+    else:
+        tc, run = ckpt.state.get("train_config") or {}, run_facts(ckpt)
+        seen = (ckpt.step * tc["batch_size"] * tc["seq_len"] * tc.get("grad_accum", 1)
+                if {"batch_size", "seq_len"} <= set(tc) else None)
+        lines.append(f"| training | step {ckpt.step}: " + (f"{seen:,} tokens ({tc['batch_size']} x {tc['seq_len']} "
+                     f"tokens x {tc.get('grad_accum', 1)} per step)" if seen else "tokens not recorded") + " |")
+        task = run.get("task") or "not recorded"
+        data = run.get("data")
+        lines.append(f"| task | {task}" + (f", data `{data}`" if data else "")
+                     + (f", {run['task_args']}" if run.get("task_args") else "") + " |")
+        val = _validation(ckpt)
+        lines.append("| validation | " + (f"loss {float(val['val_loss']):.4f}, perplexity {float(val['val_ppl']):.2f} "
+                                          f"per token (step {val['step']}, the run's held-out batches)"
+                                          if val else "not recorded") + " |")
+        commands = [cmd for cmd in run.get("commands") or [] if cmd]
+        lines += ["", "Made with:", ""] + ([f"    {cmd}" for cmd in commands] if commands
+                                           else ["    (the command was not recorded)"])
+        lines += ["", f"Exported from `{ckpt.path}` with `titans export`."]
+    lines += ["", "    from titans import TitansLM", "    model = TitansLM.from_pretrained(\"<this directory>\")", ""]
+    return default_card(model, "\n".join(lines))
 
 
 # --------------------------------------------------------------------------- parsers
@@ -487,6 +560,10 @@ def register(sub, ev) -> None:
     t.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per step (default 1){run}")
     t.add_argument("--lr", type=float, help=f"peak learning rate (default 2e-3){run}")
     t.add_argument("--warmup", type=nonnegative_int, help=f"warmup steps (default 20){run}")
+    t.add_argument("--carry-state", type=nonnegative_int, metavar="K",
+                   help="carry the model's state, detached, across K consecutive steps (--task lm: each batch row "
+                        f"a contiguous stream, TBPTT; a task: each sequence starts from the previous batch's final "
+                        f"state, State Passing); 0: every sequence starts empty (default 0; docs/training.md){run}")
     t.add_argument("--bf16", action="store_true", default=None, help=f"bfloat16 autocast{run}")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--seed", type=nonnegative_int, help=f"(default 0){run}")
@@ -528,7 +605,8 @@ def register(sub, ev) -> None:
     h.add_argument("--tasks", required=True, help="comma list, e.g. piqa,hellaswag,winogrande,arc_easy,arc_challenge")
     h.add_argument("--num-fewshot", type=nonnegative_int, default=0)
     h.add_argument("--limit", type=float, default=None, help="at most this many documents per task (or a fraction)")
-    h.add_argument("--piece", type=positive_int, default=2048, help="tokens per forward call; longer inputs carry the state")
+    h.add_argument("--piece", type=positive_int, default=2048,
+                   help="tokens per forward call; longer inputs carry the state")
     h.add_argument("--include-path", help="a directory of extra task YAMLs (e.g. local data)")
     h.add_argument("--json", help="write the results as JSON")
     add_quiet(h)

@@ -32,7 +32,7 @@ from torch import Tensor
 from .corpus import Document, load_documents, split_documents
 from .tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["prepare", "TokenFile", "StepBatches", "TokenBatches", "EvalWindows", "META_FILE", "token_dtype",
+__all__ = ["prepare", "TokenFile", "StepBatches", "TokenBatches", "StreamBatches", "EvalWindows", "META_FILE", "token_dtype",
            "document_separator"]
 
 META_FILE = "meta.json"
@@ -97,10 +97,12 @@ def prepare(out_dir: str | os.PathLike, documents: Sequence[Document] | None = N
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, docs in (("train", train), ("val", val)):
-        n = _write_tokens(out / f"{split}.bin", docs, tok, sep, dtype, progress)
+        starts = _write_tokens(out / f"{split}.bin", docs, tok, sep, dtype, progress)
+        n = starts[-1]
         splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": len(docs),
                          "characters": sum(len(d.text) for d in docs),
-                         "names": [d.name for d in docs]}
+                         "names": [d.name for d in docs],
+                         "starts": starts[:-1]}   # each document's first token (eval ppl --by-position)
     tok_file = tok.save(out)
     if tok_file is None:  # a tokenizer.json left by an earlier run would contradict meta.json
         (out / TOKENIZER_FILE).unlink(missing_ok=True)
@@ -133,10 +135,11 @@ def document_separator(tokenizer: Tokenizer) -> list[int]:
 
 
 def _write_tokens(path: Path, docs: Sequence[Document], tok: Tokenizer, sep: list[int],
-                  dtype: np.dtype, progress: Callable[[int], None] | None = None) -> int:
-    """Write every document's ids followed by `sep`; the number of tokens written."""
+                  dtype: np.dtype, progress: Callable[[int], None] | None = None) -> list[int]:
+    """Write every document's ids followed by `sep`; where each document starts, and the number of
+    tokens written as the last entry."""
     tmp = path.with_name(path.name + ".tmp")
-    n = 0
+    n, starts = 0, []
     batch = getattr(tok, "encode_batch", None)
     with open(tmp, "wb") as f:
         for i in range(0, len(docs), 256):
@@ -146,11 +149,12 @@ def _write_tokens(path: Path, docs: Sequence[Document], tok: Tokenizer, sep: lis
                 if a.size and (a.min() < 0 or a.max() >= tok.vocab_size):
                     raise ValueError(f"tokenizer {tok.name!r} gave an id outside [0, {tok.vocab_size})")
                 a.astype(dtype.newbyteorder("<")).tofile(f)
+                starts.append(n)
                 n += a.size
             if progress is not None:
                 progress(len(texts))
     os.replace(tmp, path)
-    return n
+    return starts + [n]
 
 
 class TokenFile:
@@ -220,6 +224,18 @@ class TokenFile:
         if self.meta.get("tokenizer_file"):
             return load_tokenizer(self.path.parent / self.meta["tokenizer_file"])
         return load_tokenizer(self.meta["tokenizer"])
+
+    def documents(self) -> list[tuple[str, int, int]]:
+        """(name, start, end) of every document in this split of a prepared directory: tokens
+        [start, end) are its ids and the separator after them."""
+        info = next((s for s in (self.meta or {}).get("splits", {}).values() if s["file"] == self.path.name), None)
+        if info is None:
+            raise ValueError(f"path {str(self.path)!r} is not a split of a prepared directory: it has no documents")
+        if "starts" not in info:
+            raise ValueError(f"{str(self.path.parent)!r} was prepared before documents were recorded: run "
+                             f"`titans data prepare` again")
+        ends = info["starts"][1:] + [len(self)]
+        return list(zip(info["names"], info["starts"], ends))
 
     def __repr__(self) -> str:
         return f"TokenFile({str(self.path)!r}, tokens={len(self)}, dtype={self.tokens.dtype})"
@@ -318,6 +334,62 @@ class TokenBatches(StepBatches):
         """Continue from a `state_dict()`; the next batch is the one the saved run would see."""
         mine = self.state_dict()
         for key in ("seed", "batch_size", "seq_len", "num_tokens"):
+            if key not in state or state[key] != mine[key]:
+                raise ValueError(f"state_dict {key} is {state.get(key)!r} but this sampler has "
+                                 f"{mine[key]!r}: the batches would differ")
+        self.step = _check_int("state_dict step", state.get("step"), 0)
+
+
+class StreamBatches(StepBatches):
+    """Training windows read along contiguous streams, for truncated backpropagation through time
+    (TrainConfig.carry_state): row r of a batch continues row r of the previous one.
+
+    Each row follows a stream of `windows` consecutive windows (windows * seq_len tokens from a
+    random start), then all rows jump to new random starts together, the step at which the trainer
+    starts them from an empty state again. With `micro_batches` micro-batches per optimizer step,
+    micro-batch m continues micro-batch m of the previous step. Streams run across document
+    boundaries: the corpus's separator marks them, as at inference over a long input.
+
+    Batch number s is a function of (seed, s) alone: micro-batch m = s % micro_batches of step
+    k = s // micro_batches is window k % windows of stream k // windows, whose B starts come from
+    a generator seeded by (seed, k // windows, m).
+
+    Args:
+        token_file: a TokenFile, a path TokenFile accepts, or a 1-d integer array [N].
+        batch_size: B.  seq_len: T.  windows: K >= 1 (the file needs N >= K T + 1 tokens).
+        seed: >= 0.  micro_batches: the trainer's grad_accum.
+    """
+
+    def __init__(self, token_file: TokenFile | np.ndarray | str | os.PathLike, batch_size: int, seq_len: int,
+                 windows: int, seed: int = 0, micro_batches: int = 1) -> None:
+        self.tokens = _as_tokens(token_file)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seq_len = _check_int("seq_len", seq_len, 1)
+        self.windows = _check_int("windows", windows, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.micro_batches = _check_int("micro_batches", micro_batches, 1)
+        if len(self.tokens) < self.windows * self.seq_len + 1:
+            raise ValueError(f"streams of {windows} windows of {seq_len} tokens need at least "
+                             f"{self.windows * self.seq_len + 1} tokens, the file has {len(self.tokens)}")
+        self.step = 0
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The batch number `step` (does not move the position)."""
+        k, m = divmod(_check_int("step", step, 0), self.micro_batches)
+        stream, j = divmod(k, self.windows)
+        rng = np.random.default_rng([self.seed, stream, m])
+        starts = rng.integers(0, len(self.tokens) - self.windows * self.seq_len, size=self.batch_size)
+        return _windows(self.tokens, starts + j * self.seq_len, self.seq_len)
+
+    def state_dict(self) -> dict:
+        """The position, plus what must match for the same batches to follow."""
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "windows": self.windows, "micro_batches": self.micro_batches, "num_tokens": len(self.tokens)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`; the next batch is the one the saved run would see."""
+        mine = self.state_dict()
+        for key in ("seed", "batch_size", "seq_len", "windows", "micro_batches", "num_tokens"):
             if key not in state or state[key] != mine[key]:
                 raise ValueError(f"state_dict {key} is {state.get(key)!r} but this sampler has "
                                  f"{mine[key]!r}: the batches would differ")

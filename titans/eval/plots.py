@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-__all__ = ["format_length", "grid_table", "heatmap", "accuracy_curves"]
+__all__ = ["format_length", "grid_table", "heatmap", "accuracy_curves", "position_curves"]
 
 
 def format_length(n: int) -> str:
@@ -103,6 +103,26 @@ def accuracy_curves(cells: Mapping[tuple[Any, Any], float], path: str | os.PathL
     ax.set_ylim(-2, 102)
     ax.set_xlabel(col_name)
     ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def position_curves(curves: Mapping[str, list[float]], buckets: list[tuple[int, int]], path: str | os.PathLike, *,
+                    title: str) -> None:
+    """Loss by position bucket, one line per curve (e.g. "carried", "reset"), as a PNG; the x axis
+    is the bucket in multiples of the trained length."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(buckets))
+    for name, values in curves.items():
+        ax.plot(x, values, marker="o", label=name, linestyle="--" if "reset" in name else "-")
+    ax.set_xticks(list(x), [f"{lo}-{hi}x" for lo, hi in buckets])
+    ax.set_xlabel("position (multiples of the trained length)")
+    ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -105,7 +105,7 @@ class Attention(nn.Module):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         w = self.wk.weight
-        empty = w.new_zeros(batch_size, self.heads, 0, self.head_dim)
+        empty = torch.zeros(batch_size, self.heads, 0, self.head_dim, dtype=w.dtype, device=w.device)  # not a DTensor
         return AttentionState(empty, empty.clone(), 0)
 
     def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:

@@ -197,7 +197,8 @@ class NeuralMemory(nn.Module):
         """The state before the first token: W_0, zero momentum, an empty (zero) conv window."""
         conv = None
         if self.conv_kernel:
-            conv = self.wqkv.weight.new_zeros(batch_size, self.wqkv.out_features, self.conv_kernel - 1)
+            w = self.wqkv.weight   # torch.zeros, not w.new_zeros: under FSDP w is a sharded DTensor here
+            conv = torch.zeros(batch_size, self.wqkv.out_features, self.conv_kernel - 1, dtype=w.dtype, device=w.device)
         return NeuralMemoryState(memory=None, conv=conv, chunk_gates=None, position=0)
 
     def _gates(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

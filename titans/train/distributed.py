@@ -112,17 +112,19 @@ def fsdp_units(module: nn.Module) -> Iterator[nn.Module]:
             yield from fsdp_units(child)
 
 
-def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
+def wrap_model(model: nn.Module, env: DistEnv, unused_parameters: bool = False) -> nn.Module:
     """Move `model` to the device and wrap it for `env.mode` (returns it unchanged for "none").
 
     "ddp": DistributedDataParallel (broadcasts rank 0's weights, averages gradients).
+    unused_parameters: some steps leave parameters without a gradient (a carried state does not
+    read the learned initial memory W_0), so DDP must look for them (find_unused_parameters).
     "fsdp": broadcast rank 0's weights, then `fully_shard` each unit and the root; the
     module keeps its class and parameter names, its parameters become sharded DTensors.
     """
     model = model.to(env.device)
     if env.mode == "ddp":
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters)
     if env.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
         with torch.no_grad():

@@ -197,7 +197,7 @@ class Trainer:
             raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the "
                              f"world size {self.env.world_size}")
         seed_everything(cfg.seed + self.env.rank)  # distinct dropout streams per rank
-        self.model = wrap_model(model, self.env)
+        self.model = wrap_model(model, self.env, unused_parameters=cfg.carry_state > 1)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.lr, cfg.weight_decay, cfg.betas)
         self.forward = (torch.compile(self.model, backend=cfg.compile_backend) if cfg.compile
                         else self.model)

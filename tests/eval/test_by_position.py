@@ -1,0 +1,70 @@
+"""Loss by position on long documents (titans/eval/by_position.py, `titans eval by-position`):
+the carried losses are the losses of one full pass over the document, the reset losses those of
+each piece read alone, bucketed by piece index."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans import TitansConfig, TitansLM
+from titans.cli import main
+from titans.eval.by_position import loss_by_position
+
+
+def _by_hand(model, ids, P, buckets):
+    n = min((ids.numel() - 1) // P, max(hi for _, hi in buckets))
+    x, y = ids[:n * P], ids[1:n * P + 1]
+    with torch.no_grad():
+        full = F.cross_entropy(model(x[None]).logits[0], y, reduction="none").view(n, P).sum(1)
+        alone = F.cross_entropy(model(x.view(n, P)).logits.flatten(0, 1), y, reduction="none").view(n, P).sum(1)
+    return ([full[lo:min(hi, n)].sum().item() / (P * (min(hi, n) - lo)) for lo, hi in buckets],
+            [alone[lo:min(hi, n)].sum().item() / (P * (min(hi, n) - lo)) for lo, hi in buckets])
+
+
+@pytest.mark.parametrize("variant", ["lmm", "mac"])
+def test_carried_is_one_full_pass_and_reset_is_each_piece_alone(variant):
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig.from_preset("tiny", variant=variant)).eval()
+    ids = torch.randint(0, 256, (16 * 24 + 5,))
+    buckets = ((0, 1), (1, 4), (4, 16), (16, 64))
+    got = loss_by_position(model, [ids], piece=24, buckets=buckets, batch_size=5)
+    carried, reset = _by_hand(model, ids, 24, buckets[:3])
+    assert got.count == [24, 72, 288, 0] and got.documents == 1
+    torch.testing.assert_close(torch.tensor(got.carried[:3]), torch.tensor(carried), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got.reset[:3]), torch.tensor(reset), rtol=1e-5, atol=1e-5)
+    assert got.carried[0] == pytest.approx(got.reset[0], abs=1e-6)        # the first piece: both empty
+    assert got.carried[1] != pytest.approx(got.reset[1], abs=1e-4)        # past it the state matters
+    assert math.isnan(got.carried[3]) and math.isnan(got.reset[3])        # no document reaches 16x
+
+
+def test_bad_arguments():
+    model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm"))
+    with pytest.raises(ValueError, match="piece"):
+        loss_by_position(model, [], piece=0)
+    with pytest.raises(ValueError, match="buckets"):
+        loss_by_position(model, [], piece=4, buckets=((2, 1),))
+
+
+def test_cli_table_json_and_errors(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm"))
+    model.save_pretrained(tmp_path / "m")
+    text = tmp_path / "doc.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)   # 2,700 bytes
+    assert main(["eval", "by-position", "--model", str(tmp_path / "m"), "--text", str(text), "--piece", "64",
+                 "--min-pieces", "16", "--json", str(tmp_path / "out.json"), "--baseline", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "4-16x" in out and "c - best short" in out
+    rows = json.loads((tmp_path / "out.json").read_text())["model"]["rows"]
+    assert [r["bucket"] for r in rows][:3] == ["0-1x", "1-4x", "4-16x"] and rows[2]["tokens"] == 12 * 64
+    # a saved model has no training length; a document shorter than --min-pieces is refused
+    assert main(["eval", "by-position", "--model", str(tmp_path / "m"), "--text", str(text)]) == 2
+    assert "give --piece" in capsys.readouterr().err
+    assert main(["eval", "by-position", "--model", str(tmp_path / "m"), "--text", str(text), "--piece", "64",
+                 "--min-pieces", "100"]) == 2
+    assert "no document of at least 100 pieces" in capsys.readouterr().err
