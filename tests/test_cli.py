@@ -36,6 +36,10 @@ def test_prepare_train_eval_generate_info(corpus, capsys):
     # exported the Hugging Face way, the model scores the same (and loads in Python the same way)
     assert main(["export", "--model", str(run), "--out", str(corpus / "exported")]) == 0
     assert "from_pretrained" in capsys.readouterr().out
+    card = (corpus / "exported" / "README.md").read_text()  # the model card: what the run recorded
+    assert "variant | `mac`" in card and "step 3: 192 tokens (2 x 32 tokens x 1 per step)" in card
+    assert "validation | loss" in card and "perplexity" in card and "pushed to the Hub" not in card
+    assert "titans train --preset tiny --variant mac --steps 3" in card
     assert main(["eval", "ppl", "--model", str(corpus / "exported"), "--seq-len", "32", "--max-windows", "3"]) == 0
     assert capsys.readouterr().out.split("(")[0] == ppl.split("(")[0]
     assert main(["export", "--model", str(run), "--out", str(corpus / "exported")]) == 2  # not over a model

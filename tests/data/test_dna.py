@@ -60,6 +60,10 @@ def test_read_fasta_plain_gz_multirecord(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match="no FASTA record"):
         read_fasta(empty)
+    binary = tmp_path / "binary.fa"
+    binary.write_bytes(b">x\nAC\xff\xfeGT\n")
+    with pytest.raises(ValueError, match=r"binary.fa': not a readable FASTA file"):
+        read_fasta(binary)
 
 
 def make_genomes(tmp_path, n_strains={"alpha": 3, "beta": 2, "gamma": 1}, length=1000, seed=0):

@@ -83,6 +83,10 @@ def test_csv_ett_protocol_and_bad_arguments(tmp_path):
         run_forecast(vals, "arima", progress=False)
     with pytest.raises(ValueError, match="neither an example"):
         run_forecast(str(tmp_path / "missing.csv"), progress=False)
+    with pytest.raises(ValueError, match=r"columns \['nope'\] not in the header"):
+        run_forecast(path, columns=["nope"], progress=False)
+    with pytest.raises(ValueError, match="no column names"):
+        run_forecast(vals, columns=["a"], progress=False)
     with pytest.raises(RuntimeError, match="training diverged at step 2"):
         run_forecast(vals, "dlinear", lookback=24, horizons=(24,), lr=1e30, max_steps=5, progress=False)
 

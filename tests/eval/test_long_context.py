@@ -180,3 +180,14 @@ def test_evaluate_babilong_accuracy_by_task_and_length(tmp_path):
     assert (tmp_path / "babilong.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="tasks"):
         evaluate_babilong(oracle, TOK, ["qa9"], [700])
+
+
+def test_lengths_too_short_are_refused_before_the_first_sample():
+    # qa1's stories fit in 450 tokens, qa3's (more facts) do not: nothing is scored before the error
+    done = []
+    with pytest.raises(ValueError, match=r"length 450 is too short for qa3 \(its stories need up to \d+ tokens\)$"):
+        evaluate_babilong(tiny(), TOK, ["qa1", "qa3"], [2048, 450], n_samples=2, documents=DOCS, piece=512,
+                          progress=done.append)
+    with pytest.raises(ValueError, match="length 20 is too short for task 'pk'"):
+        evaluate_niah(tiny(), TOK, "pk", [512, 20], depths=2, progress=done.append)
+    assert done == []

@@ -97,6 +97,10 @@ def test_bad_model_inputs():
         model.generate(torch.tensor([1, 2]), 3)
     with pytest.raises(ValueError, match="nothing to score"):
         model(torch.tensor([[1, 2]]), labels=torch.full((1, 2), -100))
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):  # not truncated to 1, 2
+        model(torch.tensor([[1, 2]]), labels=torch.tensor([[1.5, 2.7]]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, vocab_size=256\) or be -100, got 300"):
+        model(torch.tensor([[1, 2]]), labels=torch.tensor([[300, -100]]))
 
 
 @pytest.mark.parametrize("other,match", [

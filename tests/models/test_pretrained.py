@@ -80,3 +80,31 @@ def test_a_bad_directory_is_one_clear_error(tmp_path, damage, match):
     with pytest.raises(ValueError, match=match) as info:
         TitansLM.from_pretrained(d)
     assert "\n" not in str(info.value)
+
+
+def test_a_path_that_is_not_there_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for missing in ("./typo/path", "runs/x/y", str(tmp_path / "nope")):  # not hub ids: no network at all
+        with pytest.raises(FileNotFoundError, match="no such directory") as info:
+            TitansLM.from_pretrained(missing)
+        assert missing in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="'typo/path': no such directory, and the hub"):
+        TitansLM.from_pretrained("typo/path")  # a hub id's form: the hub is asked (offline here)
+    d = tmp_path / "m"
+    _model().save_pretrained(d)
+    with pytest.raises(ValueError, match="is a file"):
+        TitansLM.from_pretrained(d / "model.safetensors")
+    (d / "config.json").write_text('{"dim": 64,')
+    with pytest.raises(ValueError, match=r"config.json' is not valid JSON"):
+        TitansLM.from_pretrained(d)
+
+
+def test_the_model_card_says_what_the_model_is_and_no_more(tmp_path):
+    model = _model("lmm")
+    model.save_pretrained(tmp_path / "m")
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: titans") and "variant `lmm`" in card
+    assert f"{sum(p.numel() for p in model.parameters()):,} parameters" in card
+    assert "pushed to the Hub" not in card
+    model.save_pretrained(tmp_path / "n", model_card="my card")
+    assert (tmp_path / "n" / "README.md").read_text() == "my card"

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 __all__ = ["UserError", "parse_overrides", "load_run", "run_facts", "token_file", "default_corpus",
-           "haystack_documents", "check_tokenizer", "given", "refuse", "positive_int", "nonnegative_int", "check_output", "plot_path",
+           "haystack_documents", "check_tokenizer", "given", "refuse", "positive_int", "nonnegative_int",
+           "check_output", "plot_path",
            "progress", "add_quiet"]
 
 

@@ -50,7 +50,6 @@ def read_fasta(path: str | os.PathLike) -> list[FastaRecord]:
     records: list[FastaRecord] = []
     header: str | None = None
     parts: list[str] = []
-    lineno = 0
     try:
         with _open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
@@ -66,7 +65,7 @@ def read_fasta(path: str | os.PathLike) -> list[FastaRecord]:
                 else:
                     parts.append("".join(line.split()))
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:  # binary or truncated: name the file
-        raise ValueError(f"path {str(path)!r}, line {lineno + 1}: not a readable FASTA file ({e})") from None
+        raise ValueError(f"path {str(path)!r}: not a readable FASTA file ({e})") from None
     if header is not None:
         records.append(_record(header, parts))
     if not records:

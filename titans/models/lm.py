@@ -7,24 +7,19 @@ Shape legend
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from ..layers import NeuralMemory, NeuralMemoryState, RMSNorm
 from .blocks import Block
 from .config import TitansConfig
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # 'name' or 'owner/name'
 
 __all__ = ["TitansLM", "LMOutput", "ModelState"]
 
@@ -62,7 +57,7 @@ class LMOutput:
     state: ModelState
 
 
-class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["titans", "test-time-memory"]):
+class TitansLM(nn.Module):
     """A causal language model built from TitansConfig.
 
     out = model(input_ids, state=None, labels=None): labels are the targets of each position
@@ -70,9 +65,10 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
     and loss is their mean cross-entropy. Passing out.state to the next call continues the
     sequence exactly as one longer call would.
 
-    Sharing follows the Hugging Face convention (`huggingface_hub.PyTorchModelHubMixin`):
-    `model.save_pretrained(dir)` writes config.json and model.safetensors, `push_to_hub(repo)`
-    uploads them, and `TitansLM.from_pretrained(x)` loads a saved directory, a hub repository
+    Sharing follows the Hugging Face convention (models/hub.py, the layout of
+    `huggingface_hub.PyTorchModelHubMixin`): `model.save_pretrained(dir)` writes config.json,
+    model.safetensors and a model card (README.md), `push_to_hub(repo)` uploads them, and
+    `TitansLM.from_pretrained(x)` loads a saved directory, a hub repository
     id, or a training run (its newest good checkpoint) or checkpoint directory alike. Loading
     reads JSON and safetensors only (never a pickle) and is strict: a missing or corrupt file,
     or weights that do not fit the config, is a ValueError naming it.
@@ -119,32 +115,45 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
                 module.reset_memory_parameters()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "TitansLM":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, force_download: bool = False,
+                        local_files_only: bool = False, token: str | bool | None = None,
+                        map_location: str = "cpu") -> "TitansLM":
+        """A saved directory, a hub repository id ("owner/name"), a training run (its newest
+        good checkpoint) or a checkpoint directory, in eval mode."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        from .hub import resolve_pretrained
         path = Path(pretrained_model_name_or_path)
         if path.is_dir():
             from ..train.checkpoint import load_run_checkpoint  # a training run or one of its checkpoints
             ckpt = load_run_checkpoint(path)
             if ckpt is not None:
                 return cls.from_checkpoint(ckpt)
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise ValueError(f"{str(path)!r} has no config.json: not a saved TitansLM (save_pretrained writes one)")
-        if path.is_dir():  # read here so a corrupt file is named (the hub mixin's error does not say which)
-            try:
-                json.loads((path / "config.json").read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON: {e}") from None
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        name = str(pretrained_model_name_or_path)
-        if path.exists():
-            raise ValueError(f"{name!r} is a file: give the directory that holds config.json and model.safetensors")
-        if not _HUB_ID.fullmatch(name):  # the hub's own error would be about the form of a repo id
-            raise FileNotFoundError(f"{name!r}: no such directory (and not a hub repository id 'owner/name')")
+        config, weights = resolve_pretrained(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                             force_download=force_download, local_files_only=local_files_only,
+                                             token=token)
+        model = cls(TitansConfig.from_dict(config))
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except OSError as e:  # the hub's not-found, offline and HTTP errors
+            load_model(model, weights, strict=True, device=map_location)
+        except (SafetensorError, OSError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [""])[0]
-            raise FileNotFoundError(f"{name!r}: no such directory, and the hub has no such model or cannot be "
-                                    f"reached ({type(e).__name__}: {first})") from None
+            raise ValueError(f"{weights!r} is corrupt or does not fit config.json: {first}") from None
+        return model.eval()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: str | None = None) -> Path:
+        """Write config.json, model.safetensors and README.md (`model_card`, default a card that
+        says what the model is and nothing it cannot know) to save_directory."""
+        from .hub import save_pretrained
+        return save_pretrained(self, save_directory, model_card)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload a titans model", private: bool | None = None,
+                    token: str | None = None, model_card: str | None = None) -> str:
+        """Upload the saved model to the hub repository `repo_id` (created if needed); its URL."""
+        from .hub import push_to_hub
+        return push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
+                           card=model_card)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Any) -> "TitansLM":
@@ -153,29 +162,6 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
             raise ValueError(f"checkpoint {str(ckpt.path)!r} has no config.json")
         model = cls(TitansConfig.from_dict(ckpt.config))
         model.load_state_dict(ckpt.model_state)
-        return model.eval()
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
-                         force_download: bool, local_files_only: bool, token: str | bool | None,
-                         config: TitansConfig | dict, map_location: str = "cpu", **_: Any) -> "TitansLM":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model
-
-        model = cls(config if isinstance(config, TitansConfig) else TitansConfig.from_dict(config))
-        if os.path.isdir(model_id):
-            weights = os.path.join(model_id, "model.safetensors")
-            if not os.path.isfile(weights):
-                raise ValueError(f"{weights!r} is missing")
-        else:
-            from huggingface_hub import hf_hub_download
-            weights = hf_hub_download(model_id, "model.safetensors", revision=revision, cache_dir=cache_dir,
-                                      force_download=force_download, local_files_only=local_files_only, token=token)
-        try:
-            load_model(model, weights, strict=True, device=map_location)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ValueError(f"{weights!r} is corrupt or does not fit config.json: {first}") from None
         return model.eval()
 
     def init_state(self, batch_size: int) -> ModelState:
@@ -190,7 +176,8 @@ class TitansLM(nn.Module, PyTorchModelHubMixin, library_name="titans", tags=["ti
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-        if labels is not None and (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool):
+        if labels is not None and (labels.dtype.is_floating_point or labels.dtype.is_complex
+                                   or labels.dtype == torch.bool):
             raise ValueError(f"labels must be an integer tensor of token ids (-100: ignored), got {labels.dtype}")
         if labels is not None and labels.numel():
             bad = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
