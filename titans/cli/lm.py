@@ -600,7 +600,7 @@ def register(sub, ev) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
-    h = ev.add_parser("harness", help="lm-evaluation-harness tasks (the paper's Table 1; needs titans[harness])")
+    h = ev.add_parser("harness", help="lm-evaluation-harness tasks (the paper's Table 1; needs titans-lm[harness])")
     h.add_argument("--model", required=True, help="run, checkpoint or saved model directory")
     h.add_argument("--tasks", required=True, help="comma list, e.g. piqa,hellaswag,winogrande,arc_easy,arc_challenge")
     h.add_argument("--num-fewshot", type=nonnegative_int, default=0)

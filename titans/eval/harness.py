@@ -1,6 +1,6 @@
 """An lm-evaluation-harness adapter: score a Titans model on the harness's tasks (the paper's
 Table 1: PIQA, HellaSwag, WinoGrande, ARC-e/c, SIQA, BoolQ, LAMBADA) with the harness's own
-prompts and metrics. Needs the `harness` extra (`pip install titans[harness]`).
+prompts and metrics. Needs the `harness` extra (`pip install 'titans-lm[harness]'`).
 
     titans eval harness --model runs/x --tasks piqa,hellaswag        # machines that reach the data
     lm_eval --model titans --model_args pretrained=runs/x ...         # after `import titans.eval.harness`
@@ -28,7 +28,7 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as e:  # the optional extra is missing
-    raise ImportError("the lm-evaluation-harness adapter needs lm-eval: pip install 'titans[harness]'") from e
+    raise ImportError("the lm-evaluation-harness adapter needs lm-eval: pip install 'titans-lm[harness]'") from e
 
 __all__ = ["TitansHarnessLM"]
 

@@ -58,7 +58,7 @@ def _pyplot() -> Any:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plots need matplotlib: pip install matplotlib "
-                          "(or the titans[train] extra)") from None
+                          "(or the titans-lm[train] extra)") from None
     return plt
 
 
