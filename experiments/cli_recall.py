@@ -20,18 +20,13 @@ as they finish; the report is the section "Recall through the CLI's defaults" of
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import ROOT, Store, cpu_name, spread, write_section
+from common import ROOT, Store, cpu_name, run_parallel, spread, titans_cli, write_section
 
-TITANS = [sys.executable, "-m", "titans"]
 LENGTHS = (1, 4, 8)   # multiples of the trained length
 
 
@@ -48,8 +43,8 @@ def runs(seeds: list[int]) -> list[dict]:
     return out
 
 
-def train_command(run: dict, a: argparse.Namespace, out: Path) -> list[str]:
-    return [*TITANS, "train", "--task", "mqar", "--task-arg", f"n_pairs={run['pairs']}", "--task-arg", "power_a=1",
+def train_args(run: dict, a: argparse.Namespace, out: Path) -> list[str]:
+    return ["train", "--task", "mqar", "--task-arg", f"n_pairs={run['pairs']}", "--task-arg", "power_a=1",
             "--preset", "tiny", "--variant", run["variant"], "--steps", str(a.steps), "--batch-size",
             str(a.batch_size), "--seq-len", str(a.seq_len), "--seed", str(run["seed"]), *run["flags"],
             "--out", str(out)]
@@ -58,17 +53,15 @@ def train_command(run: dict, a: argparse.Namespace, out: Path) -> list[str]:
 def one(run: dict, a: argparse.Namespace) -> dict:
     out = Path(a.out) / "runs" / f"{run['name']}-s{run['seed']}"
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    done = subprocess.run(train_command(run, a, out), env=env, capture_output=True, text=True)
+    done = titans_cli(*train_args(run, a, out), check=False)
     seconds = time.perf_counter() - t0
     row = dict(name=run["name"], seed=run["seed"], seconds=round(seconds), error=None, acc={})
     if done.returncode:
         row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
         return row
     for m in LENGTHS:
-        ev = subprocess.run([*TITANS, "eval", "recall", "--model", str(out), "--task-arg",
-                             f"seq_len={m * a.seq_len}"], env=env, capture_output=True, text=True, check=True)
+        ev = titans_cli("eval", "recall", "--model", str(out), "--task-arg", f"seq_len={m * a.seq_len}")
         row["acc"][str(m)] = float(re.search(r"accuracy ([0-9.]+)", ev.stdout).group(1))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # keep log.csv, drop the weights
     return row
@@ -122,11 +115,9 @@ def main() -> None:
         prefixes = [s for s in a.only.split(",") if s]
         todo = [r for r in runs(a.seeds) if not store.done(name=r["name"], seed=r["seed"])
                 and (not prefixes or r["name"].startswith(tuple(prefixes)))]
-        with ThreadPoolExecutor(a.jobs) as pool:
-            for i, row in enumerate(pool.map(lambda r: one(r, a), todo)):
-                store.add(row)
-                print(f"[{i + 1}/{len(todo)}] {row['name']} seed {row['seed']}: {row['seconds']} s "
-                      + (row["error"] or " ".join(f"{m}x {v:.3f}" for m, v in row["acc"].items())), flush=True)
+        run_parallel(store, todo, lambda r: one(r, a), lambda row: f"{row['name']} seed {row['seed']}: "
+                     f"{row['seconds']} s " + (row["error"] or " ".join(f"{m}x {v:.3f}" for m, v in row["acc"].items())),
+                     jobs=a.jobs)
     report(store, a)
 
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
 import statistics
 import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -82,6 +85,24 @@ def run_pending(store: Store, keys: list[dict], run: Callable[[dict], dict], des
         row = run(key)
         store.add(row)
         print(f"[{i + 1}/{len(todo)}] {describe(row)}" + ("  DIVERGED" if row.get("diverged") else ""), flush=True)
+
+
+TITANS = [sys.executable, "-m", "titans"]   # the CLI, as a user runs it
+
+
+def titans_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `titans ARGS...` in a subprocess with one thread (studies run two at a time)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*TITANS, *args], env=env, capture_output=True, text=True, check=check)
+
+
+def run_parallel(store: Store, todo: list[dict], run: Callable[[dict], dict], describe: Callable[[dict], str],
+                 jobs: int = 2) -> None:
+    """Like run_pending, `jobs` runs at a time (each a one-thread subprocess), stored as they finish."""
+    with ThreadPoolExecutor(jobs) as pool:
+        for i, row in enumerate(pool.map(run, todo)):
+            store.add(row)
+            print(f"[{i + 1}/{len(todo)}] {describe(row)}", flush=True)
 
 
 def corpus() -> Path:

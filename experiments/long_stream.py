@@ -1,0 +1,128 @@
+"""The long-stream study: does training on carried states (`titans train --carry-state K`, TBPTT)
+make the memory earn its keep past the trained length on language?
+
+Every model is trained through the CLI on the byte corpus at the same budget, once on random
+windows (plain) and once on contiguous streams whose state carries for K windows (carry), then
+scored with `titans eval by-position` on the held-out plays (pieces of the trained length, the
+state carried against reset at every piece, buckets 0-1x ... 64-256x). The report puts each
+variant's carried loss beside the best short-context loss at the same budget: the lower of the
+reset losses of its plain and its carry run (docs/long_context.md, "Loss by position").
+
+    python experiments/long_stream.py                                  # the whole study, resumable
+    python experiments/long_stream.py --variants lmm,mac --seeds 0     # a part of it
+    python experiments/long_stream.py --report-only
+
+Runs go two at a time (--jobs), one thread each, and are stored in runs/long_stream/results.jsonl;
+the report is the section "Long streams: loss by position" of docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from common import ROOT, Store, corpus, cpu_name, run_parallel, titans_cli, write_section
+
+MODES = ("plain", "carry")
+
+
+def one(key: dict, a: argparse.Namespace) -> dict:
+    name = f"{key['variant']}-{key['mode']}-s{key['seed']}"
+    out = Path(a.out) / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)
+    carry = ["--carry-state", str(a.carry)] if key["mode"] == "carry" else []
+    t0 = time.perf_counter()
+    done = titans_cli("train", "--preset", "tiny", "--variant", key["variant"], "--steps", str(a.steps),
+                      "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--seed", str(key["seed"]),
+                      *carry, "--eval-every", "0", "--ckpt-every", "0", "--out", str(out), check=False)
+    row = {**key, "seconds": round(time.perf_counter() - t0), "error": None}
+    if done.returncode:
+        row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return row
+    titans_cli("eval", "by-position", "--model", str(out), "--json", str(out / "by_position.json"), "--quiet")
+    rows = json.loads((out / "by_position.json").read_text())["model"]["rows"]
+    row.update(buckets=[r["bucket"] for r in rows], carried=[r["carried"] for r in rows],
+               reset=[r["reset"] for r in rows], tokens=[r["tokens"] for r in rows])
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return row
+
+
+def _fmt(v: float | None, sign: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:+.3f}" if sign else f"{v:.3f}"
+
+
+def report(store: Store, a: argparse.Namespace) -> None:
+    rows = [r for r in store.rows if not r.get("error")]
+    if not rows:
+        return
+    buckets = rows[0]["buckets"]
+    lines = ["## Long streams: loss by position", "",
+             f"`python experiments/long_stream.py`: tiny preset, byte corpus, `titans train --preset tiny --variant V "
+             f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --seed S` (plain: random windows) "
+             f"and the same with `--carry-state {a.carry}` (carry: TBPTT on contiguous streams, the state carried "
+             f"for {a.carry} windows of {a.seq_len}, so 1/{a.carry} of the steps start empty); every other setting "
+             f"the CLI's default. Budget per run: {a.steps} steps x {a.batch_size} x {a.seq_len} = "
+             f"{a.steps * a.batch_size * a.seq_len / 1e6:.1f}M tokens, one thread, two runs at a time on {cpu_name()}. "
+             f"Scored with `titans eval by-position` on the two held-out plays (pieces of {a.seq_len}). "
+             f"Loss in nats per byte.", "",
+             "Carried minus reset of the same run (< 0: the carried memory helps):", "",
+             "| variant | training | seed | train s | 0-1x loss | " + " | ".join(buckets[1:]) + " |",
+             "|---|---|---|---|---|" + "---|" * (len(buckets) - 1)]
+    key = lambda r: (r["variant"], MODES.index(r["mode"]), r["seed"])
+    for r in sorted(rows, key=key):
+        lines.append(f"| {r['variant']} | {r['mode']} | {r['seed']} | {r['seconds']} | {_fmt(r['carried'][0])} | "
+                     + " | ".join(_fmt(c - s, True) for c, s in zip(r["carried"][1:], r["reset"][1:])) + " |")
+    lines += ["", "Carried loss minus the best short-context loss at the same budget (the lower reset loss of "
+              "the variant's plain and carry runs with the same seed), and the first bucket's cost of carry "
+              "training (carry minus plain, 0-1x):", "",
+              "| variant | seed | carry 0-1x - plain 0-1x | " + " | ".join(f"carry run {b}" for b in buckets[1:])
+              + " | " + " | ".join(f"plain run {b}" for b in buckets[1:]) + " |",
+              "|---|---|---|" + "---|" * (2 * len(buckets) - 2)]
+    for variant in dict.fromkeys(r["variant"] for r in sorted(rows, key=key)):
+        for seed in sorted({r["seed"] for r in rows if r["variant"] == variant}):
+            runs = {r["mode"]: r for r in rows if r["variant"] == variant and r["seed"] == seed}
+            if set(runs) != set(MODES):
+                continue
+            p, c = runs["plain"], runs["carry"]
+            best = [min(x, y) for x, y in zip(p["reset"], c["reset"])]
+            lines.append(f"| {variant} | {seed} | {_fmt(c['carried'][0] - p['carried'][0], True)} | "
+                         + " | ".join(_fmt(x - b, True) for x, b in zip(c["carried"][1:], best[1:])) + " | "
+                         + " | ".join(_fmt(x - b, True) for x, b in zip(p["carried"][1:], best[1:])) + " |")
+    write_section(ROOT / "docs" / "RESULTS.md", "## Long streams: loss by position", lines + [""])
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="lmm,mac,mag,mal,transformer,swa")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--carry", type=int, default=8, help="--carry-state K of the carry runs")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("--out", default=str(ROOT / "runs" / "long_stream"))
+    p.add_argument("--report-only", action="store_true")
+    a = p.parse_args()
+    corpus()  # the byte corpus must be prepared (with its document starts)
+    store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
+                                                      carry=a.carry))
+    if not a.report_only:
+        keys = [dict(variant=v, mode=m, seed=int(s)) for s in a.seeds.split(",") for v in a.variants.split(",")
+                for m in MODES]
+        todo = [k for k in keys if not store.done(**k)]
+        run_parallel(store, todo, lambda k: one(k, a),
+                     lambda r: f"{r['variant']} {r['mode']} seed {r['seed']}: {r['seconds']} s "
+                     + (r["error"] or " ".join(f"{b} {c - s:+.3f}" for b, c, s in
+                                                zip(r["buckets"], r["carried"], r["reset"]))), jobs=a.jobs)
+    report(store, a)
+
+
+if __name__ == "__main__":
+    main()
