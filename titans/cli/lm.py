@@ -423,8 +423,13 @@ def cmd_eval_harness(a: argparse.Namespace) -> None:
     # lm_eval shows its own progress bars (stderr) while it scores; --quiet turns them off
     _quiet_git_hash()
     model = TitansHarnessLM(a.model, piece=a.piece, progress=not a.quiet)
-    results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=a.num_fewshot, limit=a.limit,
-                                      task_manager=manager, verbosity="ERROR" if a.quiet else None)
+    try:
+        results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=a.num_fewshot, limit=a.limit,
+                                          task_manager=manager, verbosity="ERROR" if a.quiet else None)
+    except OSError as e:  # offline: the data sets come from the hub, once, then from its cache
+        from . import error_message
+        raise UserError(f"{error_message(e)}: the harness downloads each task's data set from the Hugging Face "
+                        f"hub the first time; run where the hub is reachable") from None
     print(make_table(results))
     if a.json:
         import json
