@@ -274,7 +274,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum,
                       lr=a.lr, warmup=a.warmup, bf16=a.bf16, compile=a.compile, seed=a.seed,
                       eval_every=a.eval_every, eval_batches=a.eval_batches, ckpt_every=a.ckpt_every,
-                      out_dir=a.out, resume=a.resume, distributed=a.distributed, carry_state=a.carry_state)
+                      out_dir=a.out, resume=a.resume, distributed=a.distributed, carry_state=a.carry_state,
+                      progress=not a.quiet)
     torch.manual_seed(a.seed)
     model = build_model(config)
     if init is not None:
@@ -580,7 +581,9 @@ def register(sub, ev) -> None:
     t.add_argument("--out", default="runs/default", help="run directory")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest good checkpoint, with its own model config, "
-                        "tokenizer, task and data")
+                        "batch size, sequence length, tokenizer, task and data")
+    t.add_argument("--quiet", action="store_true",
+                   help="no progress bar (shown on a terminal) and no line per evaluation (shown otherwise)")
     t.set_defaults(func=cmd_train)
 
     pp = ev.add_parser("ppl", help="perplexity on the held-out split")
