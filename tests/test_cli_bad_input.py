@@ -35,6 +35,8 @@ def world(tmp_path_factory):
                  "--ckpt-every", "2", "--out", str(root / "lm")]) == 0
     assert main(["train", *common, "--task", "mqar", "--task-arg", "n_pairs=2", "--seq-len", "32", "--steps", "2",
                  "--out", str(root / "mqar")]) == 0
+    assert main(["train", *common, "--task", "babilong", "--babilong-tasks", "qa1", "--text", str(docs),
+                 "--seq-len", "400", "--steps", "1", "--out", str(root / "qa")]) == 0
     return root
 
 
@@ -133,6 +135,10 @@ BAD = [
      "--batch-size 4 but the run in"),
     (["train", "--resume", "--out", "{root}/lm", "--seq-len", "64", "--steps", "6"], "trained with 32"),
     (["train", "--resume", "--out", "{root}/lm", "--data", "{root}/byte2", "--steps", "6"], "byte2 but the run"),
+    (["train", "--resume", "--out", "{root}/qa", "--babilong-tasks", "qa2", "--steps", "3"],
+     "--babilong-tasks qa2 but the run in"),
+    (["train", "--resume", "--out", "{root}/qa", "--text", "{root}/one.txt", "--steps", "3"], "one.txt'] but the run"),
+    (["eval", "recall", "--model", "{root}/mqar", "--piece", "64"], "--piece does not apply with eval recall"),
 ]
 
 
@@ -184,6 +190,14 @@ def test_resume_takes_batch_size_seq_len_and_data_from_the_run(world, capsys, tm
     state = json.loads((run / "checkpoints" / "step_000005" / "trainer_state.json").read_text())
     assert state["train_config"]["batch_size"] == 2 and state["train_config"]["seq_len"] == 32
     assert state["run"]["data"] == str((world / "byte").resolve())
+    qa = tmp_path / "qa"  # a babilong run: its QA tasks and distractor text come from the record too
+    shutil.copytree(world / "qa", qa)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["train", "--resume", "--out", str(qa), "--steps", "2", "--eval-every", "0",
+                     "--eval-batches", "1"]) == 0
+    state = json.loads((qa / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["run"]["babilong_tasks"] == "qa1" and state["run"]["text"] == [str((world / "docs").resolve())]
 
 
 def test_plot_to_a_directory_lands_inside_it(world, capsys, tmp_path):

@@ -166,6 +166,15 @@ def _resume_run(a: argparse.Namespace, overrides: dict):
     for key in ("val_data", "tokenizer", "dtype"):
         if run.get(key) is not None and getattr(a, key) is None:
             setattr(a, key, run[key])
+    if task == "babilong":  # its data: the QA tasks and the distractor text
+        if a.text:
+            a.text = [str(Path(t).resolve()) for t in a.text]
+        for key, flag in (("babilong_tasks", "--babilong-tasks"), ("text", "--text")):
+            if key in run:
+                if given(a, key) and getattr(a, key) != run[key]:
+                    raise UserError(f"--resume: {flag} {getattr(a, key)} but the run in {a.out} was trained "
+                                    f"with {run[key]}")
+                setattr(a, key, run[key])
     if a.task_args:
         from ..data.tasks import task_arguments
         merged = task_arguments(task, {**task_args, **a.task_args})
@@ -291,6 +300,8 @@ def cmd_train(a: argparse.Namespace) -> None:
                 "commands": [*(run_facts(resumed).get("commands") or []), getattr(a, "command_line", None)]}
     if data_is_file:
         run_info.update(val_data=str(Path(a.val_data).resolve()), tokenizer=a.tokenizer, dtype=a.dtype)
+    if a.task == "babilong":
+        run_info.update(babilong_tasks=a.babilong_tasks, text=[str(Path(t).resolve()) for t in a.text or []] or None)
     trainer = Trainer(model, batches, val, cfg, config_dict=config.to_dict(), tokenizer=tokenizer, run_info=run_info)
     rows = trainer.fit()
     last_val = next((r for r in reversed(rows) if r.get("val_loss") is not None), None)

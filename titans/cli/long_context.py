@@ -105,6 +105,7 @@ def cmd_stream(a: argparse.Namespace) -> None:
 def cmd_recall(a: argparse.Namespace) -> None:
     from ..data.tasks import RECALL_TASKS, evaluate_recall, task_arguments
 
+    refuse(a, ("piece",), "eval recall", "a recall sequence goes through the model in one call")
     model, _, ckpt = load_run(a.model)
     run = run_facts(ckpt)
     trained = run.get("task") in RECALL_TASKS
