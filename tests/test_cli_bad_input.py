@@ -312,3 +312,14 @@ def test_help_of_every_subcommand_does_not_import_torch():
             "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_one_place_maps_expected_exceptions_to_one_line():
+    import requests
+
+    from titans.cli import error_message
+    assert error_message(NotADirectoryError(20, "Not a directory", "out/x.json")) == "out/x.json: Not a directory"
+    assert error_message(requests.exceptions.ConnectionError("no route")) == "ConnectionError: no route"
+    assert error_message(RuntimeError("Storage size\n  overflowed")) == "Storage size overflowed"
+    assert error_message(json.JSONDecodeError("Expecting value", "{", 1)).startswith("JSONDecodeError: Expecting value")
+    assert error_message(KeyError("x")) is None and error_message(TypeError("x")) is None  # bugs keep a traceback

@@ -98,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Exceptions that bad input or a bad environment raise (not bugs): reported as one line. OSError
 # covers missing and unwritable files, and the network (requests' and the hub's connection and
-# HTTP errors derive from it); ValueError covers JSON, config and hub repo-id errors;
-# RuntimeError torch's refusals (a model too large to allocate); ImportError a missing extra.
+# HTTP errors derive from it); ValueError covers JSON, config, checkpoint (CheckpointError) and
+# hub repo-id errors; RuntimeError torch's refusals; ImportError a missing extra.
 _EXPECTED = (UserError, ValueError, OSError, RuntimeError, ImportError, MemoryError)
 
 
 def error_message(e: BaseException) -> str | None:
     """The one line for an expected exception (None: a bug, let its traceback show)."""
-    if not isinstance(e, _EXPECTED) and type(e).__name__ != "CheckpointError":
+    if not isinstance(e, _EXPECTED):
         return None
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         text = f"{e.filename}: {e.strerror}"
