@@ -138,6 +138,11 @@ def test_bad_arguments():
     for x in (torch.ones(1, 3, 24, dtype=torch.long), torch.randn(1, 3, 24)):  # layer is float64
         with pytest.raises(ValueError, match="floating-point tensor matching the layer's torch.float64"):
             layer(x)
+    with pytest.raises(ValueError, match="matching the layer's torch.float32 .* got torch.bfloat16"):
+        make().float()(torch.randn(1, 3, 24, dtype=torch.bfloat16))   # outside autocast
+    _, state = layer(torch.randn(2, 5, 24, dtype=torch.float64))
+    with pytest.raises(ValueError, match="state holds a batch of 2 sequences, x has 4"):
+        layer(torch.randn(4, 3, 24, dtype=torch.float64), state=state)
 
 
 def one_shot_progress(depth: int, seed: int, others: int = 64) -> torch.Tensor:

@@ -124,6 +124,10 @@ def test_resume_falls_back_and_warns_on_changed_config(tiny, tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"TrainConfig fields differ.*\['lr'\]"):
         tiny.make(tiny.base_cfg(str(run), steps=6, lr=0.5, resume=True))
     with warnings.catch_warnings():
+        warnings.simplefilter("error")  # more steps is how a run trains on: a notice, not a warning
+        tiny.make(tiny.base_cfg(str(run), steps=9, resume=True)).close()
+    assert "the schedule now runs to step 9 (the run was set up for 6)" in capsys.readouterr().err
+    with warnings.catch_warnings():
         warnings.simplefilter("error")  # a path resumes that exact checkpoint, no fallback
         t = tiny.make(tiny.base_cfg(str(run), steps=6, resume=str(run / "checkpoints" /
                                                                   "step_000004")))

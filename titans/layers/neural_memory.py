@@ -243,7 +243,8 @@ class NeuralMemory(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, T, dim={self.dim}], got {tuple(x.shape)}")
         own = self.wqkv.weight.dtype
-        if not x.is_floating_point() or (x.dtype == torch.float64) != (own == torch.float64):
+        autocast = x.dtype == torch.bfloat16 and torch.is_autocast_enabled(x.device.type)
+        if not x.is_floating_point() or (x.dtype != own and not autocast):
             raise ValueError(f"x must be a floating-point tensor matching the layer's {own} (bfloat16 under "
                              f"autocast), got {x.dtype}; convert x, or the layer with .to(dtype)")
         B, T, _ = x.shape
@@ -251,6 +252,10 @@ class NeuralMemory(nn.Module):
             state = self.init_state(B)
         elif not isinstance(state, NeuralMemoryState):
             raise ValueError(f"state must be a NeuralMemoryState or None, got {type(state).__name__}")
+        else:
+            held = {t.shape[0] for t in (state.conv, *(state.memory.weights if state.memory else ())) if t is not None}
+            if held and held != {B}:
+                raise ValueError(f"state holds a batch of {held.pop()} sequences, x has {B}")
         q, k, v, conv = self._qkv(x, state)
         theta, eta, alpha, chunk_gates = self._gates(x, state)
         y, memory = memory_rule(q, k, v, theta, eta, alpha, list(self.memory), chunk_size=self.chunk_size,

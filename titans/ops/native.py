@@ -34,7 +34,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch.utils import cpp_extension
 
 __all__ = ["available", "features_available", "module"]
 
@@ -58,6 +57,8 @@ def _cpu_id() -> str:
 
 def _command(cxx: str, source: Path, target: Path) -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    from torch.utils import cpp_extension   # here, not at import: it loads setuptools (~0.2 s of start-up)
+
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     libs = cpp_extension.library_paths()
     return [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DTORCH_EXTENSION_NAME={_NAME}",

@@ -381,8 +381,11 @@ class Trainer:
             self._restore_carried(found)
         saved = found.state.get("train_config", {})
         changed = sorted(k for k, v in self.cfg.to_dict().items()
-                         if k not in _FREE_ON_RESUME and k in saved
+                         if k not in _FREE_ON_RESUME | {"steps"} and k in saved
                          and saved[k] != (list(v) if isinstance(v, tuple) else v))
+        if saved.get("steps", self.cfg.steps) != self.cfg.steps:  # the documented way to train on
+            self._notice(f"resume: the schedule now runs to step {self.cfg.steps} (the run was set up for "
+                         f"{saved['steps']}), so the learning rate from here on follows the new length")
         if changed:
             warnings.warn(f"resume: TrainConfig fields differ from the checkpoint's: {changed}; "
                           f"the run will not match an uninterrupted one", stacklevel=3)

@@ -1,7 +1,7 @@
 """Start-up time of the `titans` command (issue 31): `--help` must not import torch, and
 `titans generate` must print its first token within 0.5 s of torch's own import time.
 
-    python tools/startup.py [--runs 5]
+    python benchmarks/startup.py [--runs 5]
 
 Each case runs in a fresh process, `--runs` times; the table gives the median wall time. The
 generate case times from the process start to the first byte of the first generated token on
