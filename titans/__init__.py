@@ -1,5 +1,6 @@
 """Titans: Learning to Memorize at Test Time (Behrouz, Zhong, Mirrokni 2025) in PyTorch."""
 
+from ._lazy import lazy_attributes
 from ._version import __version__
 
 # Every public name loads on first use (PEP 562), so `import titans` and `titans --help` do
@@ -14,16 +15,7 @@ _LAZY = {
     **{name: "train" for name in ("CheckpointError", "TrainConfig", "Trainer", "load_checkpoint")},
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 __all__ = [

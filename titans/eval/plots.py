@@ -101,14 +101,19 @@ def accuracy_curves(cells: Mapping[tuple[Any, Any], float], path: str | os.PathL
         ax.set_xscale("log", base=2)
         ax.set_xticks(cols, [_label(c) for c in cols])
     ax.set_ylim(-2, 102)
-    ax.set_xlabel(col_name)
-    ax.set_ylabel("accuracy (%)")
+    _finish(fig, ax, path, title=title, xlabel=col_name, ylabel="accuracy (%)")
+
+
+def _finish(fig: Any, ax: Any, path: str | os.PathLike, *, title: str, xlabel: str, ylabel: str) -> None:
+    """Labels, grid and legend of a line plot, then write it and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def position_curves(curves: Mapping[str, list[float]], buckets: list[tuple[int, int]], path: str | os.PathLike, *,
@@ -121,11 +126,5 @@ def position_curves(curves: Mapping[str, list[float]], buckets: list[tuple[int, 
     for name, values in curves.items():
         ax.plot(x, values, marker="o", label=name, linestyle="--" if "reset" in name else "-")
     ax.set_xticks(list(x), [f"{lo}-{hi}x" for lo, hi in buckets])
-    ax.set_xlabel("position (multiples of the trained length)")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, title=title, xlabel="position (multiples of the trained length)",
+            ylabel="loss (nats per token)")

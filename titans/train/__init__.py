@@ -1,5 +1,7 @@
 """Training: one model-agnostic loop (`Trainer`), checkpoints with exact resume, DDP / FSDP2."""
 
+from .._lazy import lazy_attributes
+
 # Checkpoints load without the trainer: the trainer and distributed modules pull in
 # torch.distributed.checkpoint (~0.8 s, `python -X importtime -m titans generate ...`), which
 # `titans generate` and the evaluations never use. Every name loads on first use (PEP 562).
@@ -11,16 +13,7 @@ _LAZY = {
     **{name: "trainer" for name in ("LOG_COLUMNS", "TrainConfig", "Trainer", "seed_everything")},
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 __all__ = ["TrainConfig", "Trainer", "seed_everything", "LOG_COLUMNS", "Checkpoint",
