@@ -97,7 +97,10 @@ class TitansLM(nn.Module):
         residual stream (each mixer's and MLP's last linear) are scaled down by sqrt(2 n_layers)
         so the stream's variance does not grow with depth (GPT-2); norms start at 1. The neural
         memory's own parameters (initial memory W_0, gate biases, convolution) keep the
-        documented initialisation of NeuralMemory.reset_memory_parameters.
+        documented initialisation of NeuralMemory.reset_memory_parameters. With
+        config.memory_fan_in_init the memory's q, k, v projection is N(0, 1/dim) instead: AdamW's
+        first steps move every weight by about lr whatever its gradient, which at init_std 0.02
+        unties the tied q and k within a few steps without warmup or at lr 1e-2 (docs/models.md).
         """
         std = self.config.init_std
         for name, module in self.named_modules():
@@ -112,7 +115,9 @@ class TitansLM(nn.Module):
             if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             if isinstance(module, NeuralMemory):
-                module.reset_memory_parameters()
+                if self.config.memory_fan_in_init:
+                    nn.init.normal_(module.wqkv.weight, std=module.wqkv.in_features ** -0.5)
+                module.reset_memory_parameters()   # after: it ties q to the (re-drawn) k
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
