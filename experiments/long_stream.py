@@ -2,8 +2,10 @@
 make the memory earn its keep past the trained length on language?
 
 Every model is trained through the CLI on the byte corpus at the same budget, once on random
-windows (plain) and once on contiguous streams whose state carries for K windows (carry), then
-scored with `titans eval by-position` on the held-out plays (pieces of the trained length, the
+windows (plain) and once on contiguous streams whose state carries for K windows (carry). Two
+more arms follow Buitrago & Gu's post-training recipe: the plain run continued for P more steps
+with `--init PLAIN --carry-state K` (post), and, at the same budget, continued for P plain steps
+(postctl). Each is scored with `titans eval by-position` on the held-out plays (pieces of the trained length, the
 state carried against reset at every piece, buckets 0-1x ... 64-256x). The report puts each
 variant's carried loss beside the best short-context loss at the same budget: the lower of the
 reset losses of its plain and its carry run (docs/long_context.md, "Loss by position").
@@ -27,18 +29,28 @@ from pathlib import Path
 
 from common import ROOT, Store, corpus, cpu_name, run_parallel, titans_cli, write_section
 
-MODES = ("plain", "carry")
+MODES = ("plain", "carry", "post", "postctl")
+POST_LR = 5e-4   # the post-training steps continue a trained model: a tenth of the CLI's peak lr
 
 
 def one(key: dict, a: argparse.Namespace) -> dict:
     name = f"{key['variant']}-{key['mode']}-s{key['seed']}"
     out = Path(a.out) / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
-    carry = ["--carry-state", str(a.carry)] if key["mode"] == "carry" else []
+    carry = ["--carry-state", str(a.carry)] if key["mode"] in ("carry", "post") else []
+    if key["mode"] in ("post", "postctl"):   # continue the plain run (it runs beside: wait for its end)
+        base = Path(a.out) / "runs" / f"{key['variant']}-plain-s{key['seed']}"
+        while not (base / "done").exists():
+            time.sleep(5)
+        model = ["--init", str(base), "--steps", str(a.post), "--lr", str(POST_LR)]
+    else:
+        model = ["--preset", "tiny", "--variant", key["variant"], "--steps", str(a.steps)]
     t0 = time.perf_counter()
-    done = titans_cli("train", "--preset", "tiny", "--variant", key["variant"], "--steps", str(a.steps),
-                      "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--seed", str(key["seed"]),
-                      *carry, "--eval-every", "0", "--ckpt-every", "0", "--out", str(out), check=False)
+    done = titans_cli("train", *model, "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
+                      "--seed", str(key["seed"]), *carry, "--eval-every", "0", "--ckpt-every", "0",
+                      "--out", str(out), check=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "done").touch()   # the post arms wait for it
     row = {**key, "seconds": round(time.perf_counter() - t0), "error": None}
     if done.returncode:
         row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -47,7 +59,6 @@ def one(key: dict, a: argparse.Namespace) -> dict:
     rows = json.loads((out / "by_position.json").read_text())["model"]["rows"]
     row.update(buckets=[r["bucket"] for r in rows], carried=[r["carried"] for r in rows],
                reset=[r["reset"] for r in rows], tokens=[r["tokens"] for r in rows])
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return row
 
 
@@ -67,7 +78,9 @@ def report(store: Store, a: argparse.Namespace) -> None:
              f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --seed S` (plain: random windows) "
              f"and the same with `--carry-state {a.carry}` (carry: TBPTT on contiguous streams, the state carried "
              f"for {a.carry} windows of {a.seq_len}, so 1/{a.carry} of the steps start empty); every other setting "
-             f"the CLI's default. Budget per run: {a.steps} steps x {a.batch_size} x {a.seq_len} = "
+             f"the CLI's default; post and postctl continue the plain run for {a.post} steps at lr {POST_LR} "
+             f"(`--init PLAIN`, with and without `--carry-state {a.carry}`). Budget per run: "
+             f"{a.steps} steps x {a.batch_size} x {a.seq_len} = "
              f"{a.steps * a.batch_size * a.seq_len / 1e6:.1f}M tokens, one thread, two runs at a time on {cpu_name()}. "
              f"Scored with `titans eval by-position` on the two held-out plays (pieces of {a.seq_len}). "
              f"Loss in nats per byte.", "",
@@ -78,22 +91,23 @@ def report(store: Store, a: argparse.Namespace) -> None:
     for r in sorted(rows, key=key):
         lines.append(f"| {r['variant']} | {r['mode']} | {r['seed']} | {r['seconds']} | {_fmt(r['carried'][0])} | "
                      + " | ".join(_fmt(c - s, True) for c, s in zip(r["carried"][1:], r["reset"][1:])) + " |")
-    lines += ["", "Carried loss minus the best short-context loss at the same budget (the lower reset loss of "
-              "the variant's plain and carry runs with the same seed), and the first bucket's cost of carry "
-              "training (carry minus plain, 0-1x):", "",
-              "| variant | seed | carry 0-1x - plain 0-1x | " + " | ".join(f"carry run {b}" for b in buckets[1:])
-              + " | " + " | ".join(f"plain run {b}" for b in buckets[1:]) + " |",
-              "|---|---|---|" + "---|" * (2 * len(buckets) - 2)]
-    for variant in dict.fromkeys(r["variant"] for r in sorted(rows, key=key)):
-        for seed in sorted({r["seed"] for r in rows if r["variant"] == variant}):
-            runs = {r["mode"]: r for r in rows if r["variant"] == variant and r["seed"] == seed}
-            if set(runs) != set(MODES):
-                continue
-            p, c = runs["plain"], runs["carry"]
-            best = [min(x, y) for x, y in zip(p["reset"], c["reset"])]
-            lines.append(f"| {variant} | {seed} | {_fmt(c['carried'][0] - p['carried'][0], True)} | "
-                         + " | ".join(_fmt(x - b, True) for x, b in zip(c["carried"][1:], best[1:])) + " | "
-                         + " | ".join(_fmt(x - b, True) for x, b in zip(p["carried"][1:], best[1:])) + " |")
+    lines += ["", "Each long-stream arm against its control at the same budget (carry against plain, "
+              f"{a.steps} steps; post against postctl, {a.steps} + {a.post} steps): its first bucket's cost "
+              "(0-1x, arm minus control) and its carried loss minus the best short-context loss (the lower of "
+              "the two runs' reset losses) per bucket; < 0: the memory beats every short-context model of "
+              "that budget:", "",
+              "| arm | variant | seed | 0-1x cost | " + " | ".join(buckets[1:]) + " |",
+              "|---|---|---|---|" + "---|" * (len(buckets) - 1)]
+    for arm, control in (("carry", "plain"), ("post", "postctl")):
+        for variant in dict.fromkeys(r["variant"] for r in sorted(rows, key=key)):
+            for seed in sorted({r["seed"] for r in rows if r["variant"] == variant}):
+                runs = {r["mode"]: r for r in rows if r["variant"] == variant and r["seed"] == seed}
+                if arm not in runs or control not in runs:
+                    continue
+                x, c = runs[arm], runs[control]
+                best = [min(u, v) for u, v in zip(x["reset"], c["reset"])]
+                lines.append(f"| {arm} | {variant} | {seed} | {_fmt(x['carried'][0] - c['carried'][0], True)} | "
+                             + " | ".join(_fmt(u - b, True) for u, b in zip(x["carried"][1:], best[1:])) + " |")
     write_section(ROOT / "docs" / "RESULTS.md", "## Long streams: loss by position", lines + [""])
     print("\n".join(lines))
 
@@ -106,13 +120,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--carry", type=int, default=8, help="--carry-state K of the carry runs")
+    p.add_argument("--post", type=int, default=200, help="steps of the post and postctl runs")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--out", default=str(ROOT / "runs" / "long_stream"))
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
     corpus()  # the byte corpus must be prepared (with its document starts)
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                                                      carry=a.carry))
+                                                      carry=a.carry, post=a.post))
     if not a.report_only:
         keys = [dict(variant=v, mode=m, seed=int(s)) for s in a.seeds.split(",") for v in a.variants.split(",")
                 for m in MODES]
