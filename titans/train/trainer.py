@@ -332,11 +332,13 @@ class Trainer:
         """Write a checkpoint of the current step (every rank calls; rank 0 writes)."""
         model_state, optim_state = full_state_dicts(self.model, self.optimizer)
         rngs: list = [ckpt.rng_state()]
-        carried: list = [self._flat_carried()]
+        carried: list = [self._flat_carried()] if self.cfg.carry_state else []
         if self.env.active:
-            rngs, carried = [None] * self.env.world_size, [None] * self.env.world_size
+            rngs = [None] * self.env.world_size
             dist.all_gather_object(rngs, ckpt.rng_state())
-            dist.all_gather_object(carried, self._flat_carried())
+            if self.cfg.carry_state:
+                carried = [None] * self.env.world_size
+                dist.all_gather_object(carried, self._flat_carried())
         path = None
         if self.env.is_main:
             data = getattr(self.train_batches, "state_dict", None)
