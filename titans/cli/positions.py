@@ -8,15 +8,14 @@ import json
 import math
 from pathlib import Path
 
-from .common import UserError, add_quiet, check_output, check_tokenizer, default_corpus, load_run, progress, run_facts
+from .common import (UserError, add_quiet, check_output, check_tokenizer, default_corpus, load_run, positive_int,
+                     progress, run_facts, token_file)
 
 DEFAULT_MIN_PIECES = 64
 
 
 def _trained_length(ckpt, flag: int | None, who: str) -> int:
     if flag is not None:
-        if flag < 1:
-            raise UserError(f"--piece must be >= 1, got {flag}")
         return flag
     seq_len = (ckpt.state.get("train_config") or {}).get("seq_len") if ckpt is not None else None
     if not seq_len:
@@ -28,7 +27,7 @@ def _documents(a: argparse.Namespace, tokenizer, ckpt, piece: int):
     """[(name, ids)]: the --text files, or the long documents of the run's held-out split."""
     import torch
 
-    from ..data import TokenFile, tokenizer_fingerprint
+    from ..data import tokenizer_fingerprint
     from ..data.tokens import document_separator
     need = a.min_pieces * piece + 1
     if a.text:
@@ -40,10 +39,7 @@ def _documents(a: argparse.Namespace, tokenizer, ckpt, piece: int):
                 raise UserError(f"--text {path}: {e}") from None
             docs.append((path, torch.tensor(document_separator(tokenizer) + tokenizer.encode(text))))
     else:
-        root = Path(a.data or run_facts(ckpt).get("data") or default_corpus(tokenizer.name))
-        if not (root / "meta.json").exists():
-            raise UserError(f"no prepared corpus at {root}: run `titans data prepare` first (or pass --data)")
-        data = TokenFile(root, split=a.split)
+        data = token_file(str(a.data or run_facts(ckpt).get("data") or default_corpus(tokenizer.name)), a.split)
         check_tokenizer(tokenizer_fingerprint(tokenizer), data, f"the model {a.model}")
         # a document is read from the separator before it, as the model saw documents in training
         docs = [(name, torch.from_numpy(data.tokens[max(0, s - 1):e].astype("int64")))
@@ -61,8 +57,6 @@ def cmd_by_position(a: argparse.Namespace) -> None:
     for flag, path in (("--json", a.json), ("--plot", a.plot)):
         if path:
             check_output(path, flag)
-    if a.min_pieces < 1 or a.batch_size < 1:
-        raise UserError("--min-pieces and --batch-size must be >= 1")
     model, tokenizer, ckpt = load_run(a.model)
     piece = _trained_length(ckpt, a.piece, f"--model {a.model}")
     models = [("model", a.model, model)]
@@ -116,13 +110,13 @@ def register(sub, ev) -> None:
     p = ev.add_parser("by-position", help="loss by position on long held-out documents, state carried vs reset")
     p.add_argument("--model", required=True, help="run, checkpoint or saved model directory")
     p.add_argument("--baseline", help="a second model scored the same way (e.g. trained without --carry-state)")
-    p.add_argument("--piece", type=int, help="tokens per piece (default: the run's training length)")
+    p.add_argument("--piece", type=positive_int, help="tokens per piece (default: the run's training length)")
     p.add_argument("--data", help="prepared corpus directory (default: the one the run trained on)")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--text", action="append", help="score this text file as one document instead (repeatable)")
-    p.add_argument("--min-pieces", type=int, default=DEFAULT_MIN_PIECES,
+    p.add_argument("--min-pieces", type=positive_int, default=DEFAULT_MIN_PIECES,
                    help="use only documents of at least this many pieces")
-    p.add_argument("--batch-size", type=int, default=16, help="pieces scored together from an empty state")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="pieces scored together from an empty state")
     p.add_argument("--json", help="write the table as JSON")
     p.add_argument("--plot", help="write the curves as a PNG")
     add_quiet(p)
