@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch import Tensor, nn
 from ..layers import NeuralMemory, NeuralMemoryState, RMSNorm
 from .blocks import Block
 from .config import TitansConfig
+
+if TYPE_CHECKING:
+    from .decode import Decoder
 
 __all__ = ["TitansLM", "LMOutput", "ModelState"]
 
@@ -216,7 +219,8 @@ class TitansLM(nn.Module):
     def generate_stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, state: ModelState | None = None,
                         generator: torch.Generator | None = None) -> Iterator[Tensor]:
-        """Yield the next token ids [B], one at a time: a parallel prefill, then one token per step.
+        """Yield the next token ids [B], one at a time: a parallel prefill (the chunked forward),
+        then the one-token decode step (`decoder`) for every new token.
 
         Memory does not grow with the tokens seen (for every block kind but full attention,
         whose key/value cache is the point of it). temperature 0 is greedy decoding.
@@ -235,12 +239,28 @@ class TitansLM(nn.Module):
         if input_ids.shape[1] == 0:
             raise ValueError("generate needs at least one prompt token")
         out = self(input_ids, state=state)
-        logits, state = out.logits[:, -1], out.state
-        for _ in range(max_new_tokens):
+        logits = out.logits[:, -1]
+        decoder = self.decoder(out.state) if max_new_tokens > 1 else None
+        for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
             yield token
-            out = self(token[:, None], state=state)
-            logits, state = out.logits[:, -1], out.state
+            if i + 1 < max_new_tokens:   # the last token's logits are never used
+                logits = decoder.step(token)
+
+    def decoder(self, state: ModelState) -> "Decoder":
+        """The one-token decode step from `state` (titans.models.decode.Decoder): logits [B, V] =
+        decoder.step(tokens [B]), decoder.state() the ModelState so far. state must come from a
+        forward of at least one token (the prefill), on this model."""
+        from .decode import Decoder
+        if not isinstance(state, ModelState) or set(state.layers) != {f"blocks.{i}" for i in range(len(self.blocks))}:
+            raise ValueError("state must be a ModelState from this model (one entry per block)")
+        if state.shape not in (None, self._state_shape):
+            raise ValueError(f"state was made by another architecture ({state.shape}) than this model's "
+                             f"({self._state_shape})")
+        if state.position < 1 or state.batch_size is None:
+            raise ValueError("decoding continues a prefill: run the prompt (at least one token) through the model "
+                             "first and pass its out.state")
+        return Decoder(self, state)
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, state: ModelState | None = None,

@@ -15,5 +15,6 @@ if _os.environ.get("TITANS_KEEP_DENORMALS", "") in ("", "0"):
 from .memory_rule import IMPLS, memory_rule
 from .nets import ACTIVATIONS, memory_forward
 from .state import MemoryState
+from .step import memory_step, owned_state
 
-__all__ = ["memory_rule", "MemoryState", "IMPLS", "ACTIVATIONS", "memory_forward"]
+__all__ = ["memory_rule", "MemoryState", "IMPLS", "ACTIVATIONS", "memory_forward", "memory_step", "owned_state"]
