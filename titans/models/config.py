@@ -66,7 +66,7 @@ class TitansConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    memory_fan_in_init: bool = False       # the memory's q, k, v projection ~ N(0, 1/dim), not N(0, init_std^2)
+    memory_fan_in_init: bool = True        # the memory's q, k, v projection ~ N(0, 1/dim), not N(0, init_std^2)
 
     def __post_init__(self) -> None:
         check_fields(self)  # every field to its annotated type: text from --set is parsed, lists become tuples
