@@ -15,8 +15,6 @@ streaming state (a copy), equal to what the chunked forward reaches over the sam
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,20 +24,35 @@ from ..ops.features import NORM_EPS, RMS_EPS
 from .attention import Attention, AttentionState
 from .neural_memory import NeuralMemory, NeuralMemoryState
 
-__all__ = ["MemoryDecoder", "AttentionDecoder", "attend", "rope", "rope_angles"]
+__all__ = ["MemoryDecoder", "AttentionDecoder", "RopeTable", "attend", "rope"]
 
 
 def _rms(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """RMSNorm over the last dim (RMSNorm and the memory's per-head output norm)."""
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return x if weight is None else x * weight
+    """RMSNorm over the last dim, weight of that dim's size (the layers' RMSNorm, float32 or float64)."""
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
-def rope_angles(position: int, head_dim: int, base: float, dtype: torch.dtype, device: torch.device):
-    """cos, sin [Dh] of RoPE at one position, computed as ops.attention.rotary does (float64 angles)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-    angles = (position * inv_freq).repeat(2)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def l2norm_(x: Tensor) -> Tensor:
+    """features.l2norm in place: x / sqrt(|x|^2 + NORM_EPS) over the last dim."""
+    return x.mul_(torch.rsqrt(x.square().sum(-1, keepdim=True).add_(NORM_EPS)))
+
+
+class RopeTable:
+    """cos, sin [Dh] of RoPE by position, as ops.attention.rotary computes them (float64 angles),
+    made `block` positions at a time so a decode step only looks its position up."""
+
+    def __init__(self, head_dim: int, base: float, dtype: torch.dtype, device: torch.device, block: int = 256) -> None:
+        self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+        self.dtype, self.block, self.start = dtype, block, None
+
+    def __call__(self, position: int) -> tuple[Tensor, Tensor]:
+        if self.start is None or not self.start <= position < self.start + self.block:
+            self.start = position
+            pos = torch.arange(position, position + self.block, dtype=torch.float64, device=self.inv_freq.device)
+            angles = (pos[:, None] * self.inv_freq).repeat(1, 2)                # [block, Dh]
+            self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        i = position - self.start
+        return self.cos[i], self.sin[i]
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -65,9 +78,9 @@ class MemoryDecoder:
         self.b_in = torch.cat([w.new_zeros(3 * self.inner), layer.wgates.bias, w.new_zeros(self.inner)]).detach()
         self.split = (3 * self.inner, 3 * layer.heads, self.inner)
         if layer.conv_kernel:
-            self.conv_w = layer.conv_weight.detach().squeeze(1)           # [C, K]: tap K - 1 is the newest
+            self.conv_w = layer.conv_weight.detach().squeeze(1).t().contiguous()   # [K, C]: row K - 1 the newest tap
             self.conv_b = layer.conv_bias.detach()
-            self.conv = state.conv.detach().clone()                        # [B, C, K - 1]
+            self.conv = state.conv.detach().transpose(1, 2).contiguous()           # [B, K - 1, C], oldest first
         self.memory = owned_state(state.memory, [p.detach() for p in layer.memory], batch_size)
         self.chunk_gates = None if state.chunk_gates is None else state.chunk_gates.detach().clone()
         self.position = state.position
@@ -78,15 +91,17 @@ class MemoryDecoder:
         m, B, H = self.layer, self.B, self.layer.heads
         u, logits, g = F.linear(x, self.w_in, self.b_in).split(self.split, dim=-1)
         if m.conv_kernel:
-            s = torch.addcmul(self.conv_b, u, self.conv_w[:, -1]) + (self.conv * self.conv_w[:, :-1]).sum(-1)
-            self.conv = torch.cat([self.conv[..., 1:], u.unsqueeze(-1)], dim=-1)
+            window = torch.cat([self.conv, u.unsqueeze(1)], dim=1)              # [B, K, C]
+            s = (window * self.conv_w).sum(1).add_(self.conv_b)
+            self.conv = window[:, 1:]
         else:
-            s = u
-        q, k, v = s.view(B, 3, H, m.head_dim).unbind(1)                  # [B, H, Dh] each
+            s = u.clone()
+        s = s.view(B, 3, H, m.head_dim)
         if m.qk_silu:
-            q, k = F.silu(q), F.silu(k)
-        q, k, v = (q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + NORM_EPS),
-                   k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + NORM_EPS), F.silu(v))
+            F.silu(s, inplace=True)
+        else:
+            F.silu(s[:, 2], inplace=True)
+        q, k, v = l2norm_(s[:, :2]).unbind(1) + (s[:, 2],)                   # [B, H, Dh] each
         y, _ = memory_step(q, k, v, *self._gates(logits), self.memory, **self.rule)
         self.position += 1
         return self.read_out(y, g)
@@ -99,25 +114,29 @@ class MemoryDecoder:
             if self.position % m.chunk_size == 0 or self.chunk_gates is None:
                 self.chunk_gates = g
             g = self.chunk_gates
-        theta = m.max_lr * g[:, 0]
-        eta = g[:, 1] if m.momentum else torch.zeros_like(g[:, 1])
-        if m.momentum and m.momentum_form == "bounded":
+        theta, eta, alpha = g.unbind(1)
+        theta = theta * m.max_lr
+        if not m.momentum:
+            eta = torch.zeros_like(eta)
+        elif m.momentum_form == "bounded":
             theta = theta * (1 - eta)
-        alpha = g[:, 2] if m.forgetting else torch.zeros_like(g[:, 2])
+        if not m.forgetting:
+            alpha = torch.zeros_like(alpha)
         return theta, eta, alpha
 
     def read_out(self, r: Tensor, g: Tensor) -> Tensor:
         """The memory's output path for a read r [B, H, Dh] and the output gate's input g = x W_gate_out."""
         m = self.layer
-        r = _rms(r, m.out_norm, RMS_EPS).reshape(self.B, self.inner)
-        return F.linear(r * F.silu(g), m.wo.weight)
+        r = F.rms_norm(r, r.shape[-1:], None, RMS_EPS).mul_(m.out_norm).view(self.B, self.inner)
+        return F.linear(r.mul_(F.silu(g)), m.wo.weight)
 
     def retrieve(self, x: Tensor, weights: list[Tensor]) -> Tensor:
         """MAC's read of the memory `weights` with a query from x, through the output path."""
         m = self.layer
         q = F.linear(x, self.w_in[:self.inner])
-        q = (F.silu(q) if m.qk_silu else q).view(self.B, m.heads, m.head_dim)
-        q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + NORM_EPS)
+        if m.qk_silu:
+            F.silu(q, inplace=True)
+        q = l2norm_(q.view(self.B, m.heads, m.head_dim))
         r = memory_forward(q.unsqueeze(-2), weights, m.activation, m.residual).squeeze(-2)
         return self.read_out(r, F.linear(x, m.wgate_out.weight))
 
@@ -125,8 +144,9 @@ class MemoryDecoder:
         s = self.memory
         copy = lambda ts: [t.clone() for t in ts]
         memory = type(s)(copy(s.weights), copy(s.momentum), copy(s.chunk_start), s.position)
-        return NeuralMemoryState(memory, self.conv.clone() if self.layer.conv_kernel else None,
-                                 None if self.chunk_gates is None else self.chunk_gates.clone(), self.position)
+        conv = self.conv.transpose(1, 2).contiguous() if self.layer.conv_kernel else None
+        return NeuralMemoryState(memory, conv, None if self.chunk_gates is None else self.chunk_gates.clone(),
+                                 self.position)
 
 
 class AttentionDecoder:
@@ -149,6 +169,7 @@ class AttentionDecoder:
         w = layer.wk.weight
         self.k = torch.zeros(batch_size, H, self.Np + cap, Dh, dtype=w.dtype, device=w.device)
         self.v = torch.zeros_like(self.k)
+        self.rope = RopeTable(Dh, layer.rope_base, w.dtype, w.device)
         if self.Np:   # persistent keys: no RoPE, position-free
             p = layer.persistent().detach().to(w.dtype)                        # [Np, dim]
             self.k[:, :, :self.Np] = self._heads(F.linear(p, layer.wk.weight), layer.k_norm).transpose(0, 1)
@@ -171,7 +192,7 @@ class AttentionDecoder:
         q, k, v = F.linear(x, self.w_qkv).view(B, 3, a.heads, a.head_dim).unbind(1)   # [B, H, Dh] each
         if a.q_norm is not None:
             q, k = _rms(q, a.q_norm.weight, a.q_norm.eps), _rms(k, a.k_norm.weight, a.k_norm.eps)
-        cos, sin = rope_angles(pos, a.head_dim, a.rope_base, q.dtype, q.device)
+        cos, sin = self.rope(pos)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if a.window is None and self.Np + pos >= self.k.shape[2]:   # full attention: double the buffer
             grow = lambda t: torch.cat([t, torch.zeros_like(t[:, :, self.Np:])], dim=2)
@@ -192,7 +213,5 @@ class AttentionDecoder:
 
 def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention of one query per row q [B, H, Dh] over keys k, v [B, H, n, Dh] (all
-    visible), scale 1/sqrt(Dh), in float32 at least (as ops.attention). Returns [B, H, Dh]."""
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.matmul(k.to(dtype), q.to(dtype).unsqueeze(-1)).squeeze(-1) / math.sqrt(q.shape[-1])  # [B, H, n]
-    return torch.matmul(scores.softmax(-1).unsqueeze(-2), v.to(dtype)).squeeze(-2).to(q.dtype)
+    visible), scale 1/sqrt(Dh), as ops.attention. Returns [B, H, Dh]."""
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v).squeeze(2)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import Attention, NeuralMemory
-from ..layers.decode import AttentionDecoder, MemoryDecoder, attend, rope, rope_angles
-from .variants import MAC, MAG, MAL, AttnMemoryState, MACState
+from ..layers import Attention, NeuralMemory, RMSNorm
+from ..layers.decode import AttentionDecoder, MemoryDecoder, RopeTable, attend, rope
+from .variants import MAC, MAG, MAL, AttnMemoryState, BranchGate, MACState
 
 __all__ = ["Decoder"]
 
@@ -46,6 +46,7 @@ class MACDecoder:
         w = mac.wk.weight
         self.k = torch.zeros(batch_size, mac.heads, self.Np + 2 * mac.C, mac.head_dim, dtype=w.dtype, device=w.device)
         self.v = torch.zeros_like(self.k)
+        self.rope = RopeTable(mac.head_dim, mac.rope_base, w.dtype, w.device)
         if self.Np:
             p = mac.persistent().detach().to(w.dtype)
             kv = F.linear(p, self.w_h).view(self.Np, 2, mac.heads, mac.head_dim).permute(1, 2, 0, 3)  # [2, H, Np, Dh]
@@ -72,7 +73,7 @@ class MACDecoder:
         h = self.memory.retrieve(x, weights)                                        # [B, dim]
         q, kx, vx = F.linear(x, self.w_x).view(B, 3, H, Dh).unbind(1)
         kh, vh = F.linear(h, self.w_h).view(B, 2, H, Dh).unbind(1)
-        cos, sin = rope_angles(self.position, Dh, mac.rope_base, q.dtype, q.device)
+        cos, sin = self.rope(self.position)
         slot = self.Np + 2 * offset
         self.k[:, :, slot], self.k[:, :, slot + 1] = rope(kh, cos, sin), rope(kx, cos, sin)
         self.v[:, :, slot], self.v[:, :, slot + 1] = vh, vx
@@ -81,7 +82,7 @@ class MACDecoder:
         written = y if mac.write == "y" else x if mac.write == "x" else x + y
         m = self.memory.step(written)
         self.position += 1
-        return mac.gate(y, m)
+        return branch_gate(mac.gate, y, m)
 
     def state(self) -> MACState:
         mac, B = self.mac, self.B
@@ -103,7 +104,7 @@ class MAGDecoder:
         self.memory = MemoryDecoder(mag.memory, state.memory, batch_size)
 
     def step(self, x: Tensor) -> Tensor:
-        return self.gate(self.attention.step(x), self.memory.step(x))
+        return branch_gate(self.gate, self.attention.step(x), self.memory.step(x))
 
     def state(self) -> AttnMemoryState:
         return AttnMemoryState(self.attention.state(), self.memory.state())
@@ -120,11 +121,21 @@ class MALDecoder:
     def step(self, x: Tensor) -> Tensor:
         y = self.memory.step(x)
         if self.mal.residual:
-            return y + self.attention.step(self.mal.norm(x + y))
-        return self.attention.step(self.mal.norm(y))
+            return y + self.attention.step(rms_norm(self.mal.norm, x + y))
+        return self.attention.step(rms_norm(self.mal.norm, y))
 
     def state(self) -> AttnMemoryState:
         return AttnMemoryState(self.attention.state(), self.memory.state())
+
+
+def rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
+    """An RMSNorm module applied without its checks (x [B, dim] in the model's float32 or float64)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+
+
+def branch_gate(gate: BranchGate, y: Tensor, m: Tensor) -> Tensor:
+    """variants.BranchGate, o = W_o (RMSNorm_y(y) * sigmoid(RMSNorm_m(m))), for one token per row."""
+    return F.linear(rms_norm(gate.norm_y, y).mul_(torch.sigmoid(rms_norm(gate.norm_m, m))), gate.wo.weight)
 
 
 def mixer_decoder(mixer: nn.Module, state: Any, batch_size: int):
@@ -162,10 +173,11 @@ class Decoder:
         m = self.model
         x = F.embedding(tokens, m.embed.weight)
         for block, dec in zip(m.blocks, self.blocks):
-            x = x + dec.step(block.norm1(x))
-            x = x + block.mlp(block.norm2(x))
+            x = x + dec.step(rms_norm(block.norm1, x))
+            gate, up = F.linear(rms_norm(block.norm2, x), block.mlp.w_in.weight).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate).mul_(up), block.mlp.w_out.weight)
         self.position += 1
-        return m.head(m.norm(x)).float()
+        return F.linear(rms_norm(m.norm, x), m.head.weight).float()
 
     def state(self):
         """The model's ModelState after the tokens so far (a copy: decoding on does not change it)."""

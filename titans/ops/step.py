@@ -44,36 +44,37 @@ def memory_step(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alp
     state must come from `owned_state` (or an earlier memory_step): its tensors are updated in
     place and it is returned, at position + 1. No autograd: this is the inference path.
     """
-    B, H, Dk = q.shape
+    B, H, _ = q.shape
     N = B * H
     W, S, Wc = state.weights, state.momentum, state.chunk_start   # Wc: where this token's gradient is taken
     act = ACTIVATIONS[activation]
-    flat = lambda x: x.reshape(N, x.shape[-1])
-    kf, vf = flat(k), flat(v)
+    col = lambda x: x.reshape(N, x.shape[-1], 1)                   # [N, d, 1]: a column per (batch, head)
+    mat = lambda w: w.view(N, w.shape[-2], w.shape[-1])            # [N, d_out, d_in]
+    kc, vc = col(k), col(v)
     # forward of f(k; W_c), keeping each layer's input h and pre-activation z for the backward
-    hs, zs, h = [], [], kf
+    hs, zs, h = [], [], kc
     for l, w in enumerate(Wc):
         hs.append(h)
-        z = torch.bmm(w.view(N, *w.shape[2:]), h.unsqueeze(-1)).squeeze(-1)   # [N, d_out]
+        z = torch.bmm(mat(w), h)                                    # [N, d_out, 1]
         zs.append(z)
         h = act.fn(z) if l < len(Wc) - 1 else z
-    d = 2 * (h + kf - vf if residual else h - vf)                               # dl/df, [N, Dv]
-    # backward: u_l = g_l h_{l-1}^T with g_L = d, g_{l-1} = (W_l^T g_l) * act'(z_{l-1})
-    gs = [d]
+    e = h + kc - vc if residual else h - vc                         # f(k) - v; dl/df = 2 e
+    # backward: u_l = 2 g_l h_{l-1}^T with g_L = e, g_{l-1} = (W_l^T g_l) * act'(z_{l-1})
+    gs = [e]
     for l in range(len(Wc) - 1, 0, -1):
-        w = Wc[l].view(N, *Wc[l].shape[2:])
-        gs.insert(0, torch.bmm(w.transpose(1, 2), gs[0].unsqueeze(-1)).squeeze(-1) * act.grad(zs[l - 1]))
-    step = theta.reshape(N)
-    if normalize_step:   # |u_l|^2 = |g_l|^2 |h_{l-1}|^2 for an outer product
-        sq = lambda x: x.pow(2).sum(-1)
-        u2 = sum(sq(g) * sq(x) for g, x in zip(gs, hs))
-        step = step * normalized_step(u2, sq(d), sq(kf), sq(vf))
+        gs.insert(0, torch.bmm(mat(Wc[l]).transpose(1, 2), gs[0]).mul_(act.grad(zs[l - 1])))
+    step = theta.reshape(N, 1, 1) * 2
+    if normalize_step:   # |u_l|^2 = 4 |g_l|^2 |h_{l-1}|^2 for an outer product
+        sq = lambda x: x.square().sum((1, 2))
+        d2 = 4 * sq(e)
+        u2 = 4 * sum(sq(g) * sq(x) for g, x in zip(gs, hs)) if len(gs) > 1 else d2 * sq(kc)
+        step = step * normalized_step(u2, d2, sq(kc), sq(vc)).view(N, 1, 1)
     keep, decay = eta.reshape(N, 1, 1), (1 - alpha).reshape(N, 1, 1)
     for w, s, g, x in zip(W, S, gs, hs):
-        s3, w3 = s.view(N, *s.shape[2:]), w.view(N, *w.shape[2:])
         # S_t = eta S_{t-1} - theta u_t;  W_t = (1 - alpha) W_{t-1} + S_t
-        s3.mul_(keep).baddbmm_((g * step[:, None]).unsqueeze(-1), x.unsqueeze(1), alpha=-1)
-        w3.mul_(decay).add_(s3)
+        s3 = mat(s)
+        s3.mul_(keep).baddbmm_(g * step, x.transpose(1, 2), alpha=-1)
+        mat(w).mul_(decay).add_(s3)
     y = memory_forward(q.unsqueeze(-2), W, activation, residual).squeeze(-2)   # [B, H, Dv]
     state.position += 1
     if state.position % chunk_size == 0:   # a new chunk starts: its gradients are taken at the weights reached here
