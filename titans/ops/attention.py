@@ -56,14 +56,45 @@ def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     if not (isinstance(base, (int, float)) and base > 0):
         raise ValueError(f"base must be a number > 0, got {base!r}")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = base ** (-torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)  # [D/2]
-    angles = positions.to(torch.float64)[:, None] * inv_freq                                # [T, D/2]
-    angles = torch.cat([angles, angles], dim=-1)                                           # [T, D]
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = _rope_tables(positions, D, float(base), dtype)                               # [T, D/2] each
     xc = x.to(dtype)
     x1, x2 = xc.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xc * cos + rotated * sin).to(x.dtype)
+    # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]: the rotate-half form x cos + [-x2, x1] sin,
+    # term for term (a + (-b) c rounds as a - b c), without the concatenated copies
+    if torch.is_grad_enabled() and xc.requires_grad:
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    out = torch.empty_like(xc)          # without autograd: written in place, half by half
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).sub_(x2 * sin)
+    torch.mul(x2, cos, out=o2).add_(x1 * sin)
+    return out.to(x.dtype)
+
+
+# The last few RoPE tables, by position values: every block of a model rotates the same positions
+# in one forward (MAC twice per segment), and the float64 cos and sin cost more than the rotation
+# (`python benchmarks/inference.py`'s prefill spent ~6% of its time in them at batch 1).
+_ROPE_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+_ROPE_CACHE_SIZE, _ROPE_CACHE_MAX_T = 8, 8192
+
+
+def _rope_tables(positions: Tensor, D: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [T, D/2] of the angles positions * base^(-2c/D), computed in float64, in dtype."""
+    cacheable = (positions.shape[0] <= _ROPE_CACHE_MAX_T and positions.device.type == "cpu"
+                 and not torch.compiler.is_compiling())
+    # an inference-mode table must not reach a graph that autograd saves, nor the reverse
+    key = (D, base, dtype, positions.dtype, positions.shape[0], torch.is_inference_mode_enabled())
+    if cacheable:
+        hit = _ROPE_CACHE.get(key)
+        if hit is not None and torch.equal(hit[0], positions):
+            return hit[1], hit[2]
+    inv_freq = base ** (-torch.arange(0, D, 2, dtype=torch.float64, device=positions.device) / D)  # [D/2]
+    angles = positions.to(torch.float64)[:, None] * inv_freq                                       # [T, D/2]
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    if cacheable:
+        if key not in _ROPE_CACHE and len(_ROPE_CACHE) >= _ROPE_CACHE_SIZE:
+            del _ROPE_CACHE[next(iter(_ROPE_CACHE))]          # the oldest
+        _ROPE_CACHE[key] = (positions.clone(), cos, sin)
+    return cos, sin
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,

@@ -66,31 +66,36 @@ def _rows(past: Tensor | None, u: Tensor, lo: int, hi: int) -> Tensor:
     return torch.cat([past[:, lo:], u[:, :hi - P]], dim=1)
 
 
+def _qkv_forward(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int,
+                 qk_silu: bool) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, bool]:
+    """The input path's forward: ((q, k, v) [B, T, H, Dh] each, the q and k norms [2, B, H, T, 1], native?)."""
+    if native.features_available(u, past, weight, bias) and u.stride(-1) == 1:
+        # the same math in one C++ pass per token (native.py), in fp32 inside
+        out, norm = native.module().qkv_forward(u, _rows_contiguous(past), *_native_conv(weight, bias), heads, qk_silu)
+        return tuple(o.transpose(1, 2) for o in out), norm, True
+    B, T, C = u.shape
+    K = 1 if weight is None else weight.shape[1]
+    out = u.new_empty(3, B, heads, T, C // (3 * heads))  # contiguous: [B H, T, Dh] is a view
+    norm = u.new_empty(2, B, heads, T, 1)
+    for t0, t1 in _blocks(T):
+        # a block of our own (the conv's output, or a copy of u), so that the SiLU runs in place
+        s = u[:, t0:t1].clone() if weight is None else conv_forward(_rows(past, u, t0, t1 + K - 1), weight, bias)
+        s = _split(s, heads)                                        # [3, B, H, n, Dh]
+        F.silu(s if qk_silu else s[2], inplace=True)
+        norm[:, :, :, t0:t1] = torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True).square_().add_(NORM_EPS).sqrt_()
+        torch.div(s[:2], norm[:, :, :, t0:t1], out=out[:2, :, :, t0:t1])
+        out[2, :, :, t0:t1] = s[2]
+    return tuple(o.transpose(1, 2) for o in out), norm, False                   # each [B, T, H, Dh]
+
+
 class _QKVFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int,
                 qk_silu: bool):
         ctx.heads, ctx.qk_silu = heads, qk_silu
-        ctx.native = native.features_available(u, past, weight, bias) and u.stride(-1) == 1
-        if ctx.native:  # the same math in one C++ pass per token (native.py), in fp32 inside
-            out, norm = native.module().qkv_forward(u, _rows_contiguous(past), *_native_conv(weight, bias), heads,
-                                                      qk_silu)
-            ctx.save_for_backward(u, past, weight, bias, norm)
-            return tuple(o.transpose(1, 2) for o in out)
-        B, T, C = u.shape
-        K = 1 if weight is None else weight.shape[1]
-        out = u.new_empty(3, B, heads, T, C // (3 * heads))  # contiguous: [B H, T, Dh] is a view
-        norm = u.new_empty(2, B, heads, T, 1)
-        for t0, t1 in _blocks(T):
-            # a block of our own (the conv's output, or a copy of u), so that the SiLU runs in place
-            s = u[:, t0:t1].clone() if weight is None else conv_forward(_rows(past, u, t0, t1 + K - 1), weight, bias)
-            s = _split(s, heads)                                        # [3, B, H, n, Dh]
-            F.silu(s if qk_silu else s[2], inplace=True)
-            norm[:, :, :, t0:t1] = torch.linalg.vector_norm(s[:2], dim=-1, keepdim=True).square_().add_(NORM_EPS).sqrt_()
-            torch.div(s[:2], norm[:, :, :, t0:t1], out=out[:2, :, :, t0:t1])
-            out[2, :, :, t0:t1] = s[2]
+        out, norm, ctx.native = _qkv_forward(u, past, weight, bias, heads, qk_silu)
         ctx.save_for_backward(u, past, weight, bias, norm)
-        return tuple(o.transpose(1, 2) for o in out)                    # each [B, T, H, Dh]
+        return out
 
     @staticmethod
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
@@ -171,7 +176,13 @@ def qkv_features(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Te
     None too). qk_silu: False leaves q and k linear before their L2 norm (v keeps its SiLU).
     q, k, v are views of one [3, B, H, T, Dh] buffer (see the module doc).
     """
+    if not _needs_grad(u, past, weight, bias):   # inference: no autograd node, nothing saved
+        return _qkv_forward(u, past, weight, bias, heads, qk_silu)[0]
     return _QKVFeatures.apply(u, past, weight, bias, heads, qk_silu)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def qkv_features_ref(u: Tensor, past: Tensor | None, weight: Tensor | None, bias: Tensor | None, heads: int,
@@ -190,25 +201,28 @@ def l2norm(s: Tensor) -> Tensor:
     return s * torch.rsqrt(s.pow(2).sum(-1, keepdim=True) + NORM_EPS)
 
 
+def _rms_forward(r: Tensor, weight: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, bool]:
+    """The output path's forward: (out, and what the backward keeps: r in fp32 at least, weight,
+    g, rstd; native?). In-place steps throughout: every temporary here is [B, T, H Dh]."""
+    B, T, H, Dh = r.shape
+    r = r.to(torch.promote_types(r.dtype, torch.float32))
+    if r.dtype == torch.float32 and weight.dtype == torch.float32 and native.features_available(r, weight, g):
+        r, weight, g = r.contiguous(), weight.contiguous(), g.contiguous()
+        out, rstd = native.module().rms_forward(r, weight, g)   # the same math in one C++ pass per token
+        return out, r, weight, g, rstd, True
+    rms = torch.linalg.vector_norm(r, dim=-1, keepdim=True)             # [B, T, H, 1]
+    rstd = rms.square_().div_(Dh).add_(RMS_EPS).rsqrt_()
+    out = r.new_empty(B, T, H, Dh)
+    torch.mul(r, rstd, out=out).mul_(weight)
+    out = out.view(B, T, H * Dh).mul_(F.silu(g))
+    return out, r, weight, g, rstd, False
+
+
 class _GatedRMSNorm(torch.autograd.Function):
-    # in-place steps throughout: every temporary here is [B, T, H Dh]
     @staticmethod
     def forward(ctx, r: Tensor, weight: Tensor, g: Tensor):
-        B, T, H, Dh = r.shape
-        r = r.to(torch.promote_types(r.dtype, torch.float32))
-        ctx.native = (r.dtype == torch.float32 and weight.dtype == torch.float32
-                      and native.features_available(r, weight, g))
-        if ctx.native:  # the same math in one C++ pass per token (native.py)
-            r, weight, g = r.contiguous(), weight.contiguous(), g.contiguous()
-            out, rstd = native.module().rms_forward(r, weight, g)
-            ctx.save_for_backward(r, weight, g, rstd)
-            return out
-        rms = torch.linalg.vector_norm(r, dim=-1, keepdim=True)             # [B, T, H, 1]
-        rstd = rms.square_().div_(Dh).add_(RMS_EPS).rsqrt_()
-        out = r.new_empty(B, T, H, Dh)
-        torch.mul(r, rstd, out=out).mul_(weight)
-        out = out.view(B, T, H * Dh).mul_(F.silu(g))
-        ctx.save_for_backward(r, weight, g, rstd)
+        out, *kept, ctx.native = _rms_forward(r, weight, g)
+        ctx.save_for_backward(*kept)
         return out
 
     @staticmethod
@@ -237,6 +251,8 @@ class _GatedRMSNorm(torch.autograd.Function):
 def gated_rms_norm(r: Tensor, weight: Tensor, g: Tensor) -> Tensor:
     """RMSNorm(r) * weight * SiLU(g) per head. r: [B, T, H, Dh]; weight: [H, Dh]; g: [B, T, H Dh]
     -> [B, T, H Dh], in r's dtype promoted to at least fp32."""
+    if not _needs_grad(r, weight, g):   # inference: no autograd node, nothing saved
+        return _rms_forward(r, weight, g)[0]
     return _GatedRMSNorm.apply(r, weight, g)
 
 

@@ -483,6 +483,63 @@ std::vector<Tensor> advance_state(std::vector<Tensor> WS, std::vector<Tensor> a,
   return advance_state_mm(WS, a, delta, beta, g, G, e_last, s_last, std::move(out), mixed);
 }
 
+// NaN-propagating min, as torch.minimum / clamp_max (a NaN gate must reach the trainer's check).
+inline float nan_min(float x, float y) { return (std::isnan(x) || std::isnan(y)) ? NAN : std::min(x, y); }
+
+inline float sum_sq(const float* x, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; j++) s += x[j] * x[j];
+  return s;
+}
+
+// chunk.step_scale (nets.normalized_step) in one pass per token, and delta and t scaled by it in
+// place: s = min(1, |dl/df|^2 |k|^2 / |u|^2, sqrt(16 max(|v|^2, |k|^2) / |dl/df|^2)), a bound 1 where
+// its denominator is 0, |u|^2 = sum_l |delta_l|^2 |a_l|^2. Returns s, [BH, n]. (In torch operations
+// these were ~20 small kernels per piece, most of the key path's time at batch 1.)
+Tensor step_scale(const std::vector<Tensor>& a, std::vector<Tensor>& delta, std::vector<Tensor>& t, const Tensor& v) {
+  const int64_t L = (int64_t)delta.size(), BH = v.size(0), n = v.size(1);
+  Tensor scale = at::empty({BH, n}, v.options());
+  float* sc = scale.data_ptr<float>();
+  std::vector<Rows<float>> A, D, Tt;
+  for (int64_t l = 0; l < L; l++) {
+    A.emplace_back(a[l]);
+    D.emplace_back(delta[l]);
+  }
+  for (auto& x : t) Tt.emplace_back(x);
+  const Rows<float> V(v);
+  const float tiny = std::numeric_limits<float>::min();
+  const int64_t work = BH * n * v.size(2) * 2 * L;
+  #pragma omp parallel for collapse(2) schedule(static) if (work >= kParallelMin)
+  for (int64_t i = 0; i < BH; i++)
+    for (int64_t r = 0; r < n; r++) {
+      float un = 0.f, k2 = 0.f, dl = 0.f;
+      for (int64_t l = 0; l < L; l++) {
+        const float d2 = sum_sq(D[l](i, r), delta[l].size(2)), a2 = sum_sq(A[l](i, r), a[l].size(2));
+        un += d2 * a2;
+        if (l == 0) k2 = a2;
+        if (l == L - 1) dl = d2;
+      }
+      const float v2 = sum_sq(V(i, r), v.size(2));
+      const float ratio = un > 0.f ? dl * k2 / std::max(un, tiny) : 1.f;
+      const float bound = (std::isnan(v2) || std::isnan(k2) ? NAN : std::max(v2, k2)) * 16.f;
+      const float clip = dl > 0.f ? std::sqrt(bound / std::max(dl, tiny)) : 1.f;
+      const float s = nan_min(nan_min(ratio, clip), 1.f);
+      sc[i * n + r] = s;
+      for (int64_t l = 0; l < L; l++) {
+        float* d = D[l](i, r);
+#pragma omp simd
+        for (int64_t j = 0; j < delta[l].size(2); j++) d[j] *= s;
+      }
+      for (size_t l = 0; l < Tt.size(); l++) {
+        float* x = Tt[l](i, r);
+#pragma omp simd
+        for (int64_t j = 0; j < t[l].size(2); j++) x[j] *= s;
+      }
+    }
+  return scale;
+}
+
 // The key path (chunk.key_path): the memory's forward on the keys at Wg and the analytic backward
 // of ||f(k) - v||^2. Wgc: per layer [BH, do, di] in the products' dtype. Fills a (a[0] = k), zk,
 // delta, t, and acs, dcs: a and delta as product operands.
@@ -532,20 +589,8 @@ void key_path(const Tensor& k, const Tensor& v, const std::vector<Tensor>& Wgc, 
     dcs[l] = to_mm(delta[l], mixed);
   }
   if (normalize) {  // chunk.step_scale: delta and t times its s_m
-    const float tiny = std::numeric_limits<float>::min();
-    Tensor un = at::zeros({BH, n}, opts);
-    for (int64_t l = 0; l < L; l++) un.add_(delta[l].square().sum(-1) * a[l].square().sum(-1));
-    Tensor dl = delta[L - 1].square().sum(-1), k2 = k.square().sum(-1);
-    Tensor ratio = at::where(un > 0, dl * k2 / un.clamp_min(tiny), at::ones_like(un));
-    Tensor bound = at::maximum(v.square().sum(-1), k2).mul_(16.f);
-    Tensor clip = at::where(dl > 0, (bound / dl.clamp_min(tiny)).sqrt(), at::ones_like(dl));
-    scale = at::minimum(ratio, clip).clamp_max_(1.f);
-    Tensor col = scale.unsqueeze(-1);
-    for (int64_t l = 0; l < L; l++) {
-      delta[l].mul_(col);
-      dcs[l] = to_mm(delta[l], mixed);
-    }
-    for (auto& x : t) x.mul_(col);
+    scale = step_scale(a, delta, t, v);
+    for (int64_t l = 0; l < L; l++) dcs[l] = to_mm(delta[l], mixed);
   }
 }
 
