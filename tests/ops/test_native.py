@@ -94,6 +94,36 @@ def test_native_resuming_mid_chunk_equals_python(monkeypatch):
         assert rel(x, y) <= 1e-5
 
 
+@pytest.mark.skipif(native.module() is None, reason="the C++ chunk path is not built here")
+@pytest.mark.parametrize("depth,residual,chunk_size", [(1, False, 8), (2, False, 8), (2, True, 5), (3, False, 16)])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("normalize_step", [False, True], ids=["plain", "normalized"])
+def test_native_inference_scan_equals_python(monkeypatch, depth, residual, chunk_size, bf16, normalize_step):
+    # without autograd the loop over pieces runs in C++ (scan_inference): outputs and states as the
+    # Python loop gives them, over calls that start and end inside chunks
+    tensors, weights = make_inputs(T=61, depth=depth, Dk=16, Dv=16, dtype=torch.float32, seed=depth + chunk_size)
+    monkeypatch.setattr(chunk, "BF16_MIN_MATRIX", 0)
+    kw = dict(chunk_size=chunk_size, residual=residual, normalize_step=normalize_step)
+    runs, calls = [], []
+    scan = native.module().scan_inference
+    monkeypatch.setattr(native.module(), "scan_inference", lambda *a: calls.append(1) or scan(*a))
+    for use_native in (True, False):   # the loop in C++, in Python (both with the native pieces)
+        monkeypatch.setattr(chunk, "NATIVE_SCAN", use_native)
+        ys, state = [], None
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for lo, hi in ((0, 3), (3, 30), (30, 61)):
+                y, state = memory_rule(*(t[:, lo:hi] for t in tensors), weights, state=state, **kw)
+                ys.append(y)
+        runs.append((torch.cat(ys, 1), state))
+        assert len(calls) == 3, "the C++ loop ran for the three calls, the Python loop for none"
+    (ya, sa), (yb, sb) = runs
+    tol = 2e-3 if bf16 else 1e-6
+    assert rel(ya, yb) <= tol
+    for field in ("weights", "momentum", "chunk_start"):
+        for x, y in zip(getattr(sa, field), getattr(sb, field)):
+            assert rel(x, y) <= tol, field
+
+
 def test_switched_off_by_environment():
     code = "from titans.ops import native; import torch; print(native.available('silu', torch.zeros(1)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

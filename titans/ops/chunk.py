@@ -51,6 +51,10 @@ __all__ = ["memory_rule_chunk", "chunk_gates", "ChunkGates", "BF16_MIN_MATRIX"]
 # step took 0.38 s against 0.50 s with fp32 products (ad-hoc timing, T=4096, B=1).
 BF16_MIN_MATRIX = 2 ** 18
 
+# Without autograd the native path runs the loop over pieces in C++ too (scan_inference; the tests
+# switch it off to compare with the Python loop, chunk_backward.scan_forward).
+NATIVE_SCAN = True
+
 
 class ChunkGates(NamedTuple):
     """The gate products of one chunk (or a batch of chunks: extra leading dims)."""
@@ -499,6 +503,9 @@ def memory_rule_chunk(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tenso
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs + WS0 + Wg0):
             y, *outs = ChunkScan.apply(setup, plan, L, *inputs, *WS0, *Wg0)
             WS_end, WS_last_start = outs[:L], outs[L:]
+        elif use_native and NATIVE_SCAN:  # inference, the loop over pieces in C++ too
+            y, WS_end, WS_last_start = native.module().scan_inference(*inputs, WS0, Wg0, head, b, residual, mixed,
+                                                                       normalize_step)
         else:  # inference: nothing to keep for a backward
             y, WS_end, WS_last_start, _ = scan_forward(setup, plan, *inputs, WS0, Wg0 or None, track=False)
 

@@ -1368,9 +1368,44 @@ std::vector<Tensor> rms_backward(Tensor r, Tensor weight, Tensor g, Tensor rstd,
                                           : rms_backward_impl<float>(r, weight, g, rstd, dout);
 }
 
+// The loop over pieces without autograd (chunk_backward.scan_forward with track=False) in one call:
+// the pieces of chunk.Plan(head, (T - head) / b, b), each piece's gate products (chunk_gates, row by
+// row as the batched call computes them) and its piece_forward, the states in two recycled buffers.
+// At batch 1 the Python loop cost about as much as the pieces' arithmetic. Inputs in the flat
+// layout: q, k [BH, T, Dk], v [BH, T, Dv], theta, eta, alpha [BH, T]; WS0 per layer [BH, 2 do, di]
+// (not written); Wg0: the chunk-start weights when the call resumes inside a chunk (else empty).
+// Returns (y [BH, T, Dv], WS after the last piece, WS at the start of the last piece).
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>
+scan_inference(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, std::vector<Tensor> WS0,
+               std::vector<Tensor> Wg0, int64_t head, int64_t b, bool residual, bool mixed, bool normalize) {
+  const int64_t T = q.size(1);
+  std::vector<std::pair<int64_t, int64_t>> pieces;
+  if (head > 0) pieces.emplace_back(0, head);
+  int64_t lo = head;
+  for (; lo + b <= T; lo += b) pieces.emplace_back(lo, lo + b);
+  if (lo < T) pieces.emplace_back(lo, T);
+  Tensor y_all = at::empty({v.size(0), T, v.size(2)}, v.options());
+  std::vector<Tensor> WS = WS0, start = WS0, bufs[2];
+  for (size_t p = 0; p < pieces.size(); p++) {
+    const int64_t a = pieces[p].first, n = pieces[p].second - a;
+    const std::vector<Tensor> gates = chunk_gates(theta.narrow(1, a, n), eta.narrow(1, a, n), alpha.narrow(1, a, n));
+    auto& out = bufs[p % 2];
+    if (out.empty())
+      for (const auto& ws : WS0) out.push_back(at::empty_like(ws));
+    auto res = piece_forward(q.narrow(1, a, n), k.narrow(1, a, n), v.narrow(1, a, n), gates[0], gates[1], gates[2],
+                             gates[3], gates[4], WS, p == 0 ? Wg0 : std::vector<Tensor>{}, out, {}, residual, mixed,
+                             normalize);
+    y_all.narrow(1, a, n).copy_(std::get<0>(res));
+    start = WS;
+    WS = std::get<1>(res);
+  }
+  return {y_all, WS, start};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advance_state", &advance_state, "the state after a piece (chunk.advance_state)");
   m.def("piece_forward", &piece_forward, "one piece of the chunk path (chunk.piece_forward)");
+  m.def("scan_inference", &scan_inference, "the loop over pieces without autograd (chunk_backward.scan_forward)");
   m.def("chunk_gates", &chunk_gates, "the gate products of chunks (chunk.chunk_gates)");
   m.def("chunk_gates_backward", &chunk_gates_backward, "their backward (chunk.chunk_gates_backward)");
   m.def("expand", &expand, "the elementwise part of KeptInternals.expand (chunk.py)");
