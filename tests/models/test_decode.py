@@ -10,6 +10,7 @@ import torch
 
 from titans.layers import Attention
 from titans.layers.decode import AttentionDecoder
+from titans.ops import native
 
 from .test_variants import HYBRID, VARIANTS, ids, tiny
 
@@ -44,8 +45,18 @@ def assert_same(a, b, where: str, tol: float = 1e-12) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.fixture(params=["native", "python"])
+def path(request, monkeypatch):
+    """The memory's decode step in C++ (csrc/step_native.cpp) or in Python (its definition)."""
+    if request.param == "python":
+        monkeypatch.setattr(native, "step_module", lambda: None)
+    elif native.step_module() is None:
+        pytest.fail("the C++ decode step did not build (a compiler is part of the test set-up)")
+    return request.param
+
+
 @pytest.mark.parametrize("variant,kw", CASES, ids=NAMES)
-def test_decode_equals_the_forward_at_every_step(variant, kw):
+def test_decode_equals_the_forward_at_every_step(variant, kw, path):
     model = tiny(variant, **kw)
     x = ids()                          # T = 70: chunk (16), window (32) and segment (32) edges in the decode
     full = model(x).logits

@@ -19,12 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import memory_forward, memory_step, owned_state
+from ..ops import memory_forward, memory_step, native, owned_state
 from ..ops.features import NORM_EPS, RMS_EPS
 from .attention import Attention, AttentionState
 from .neural_memory import NeuralMemory, NeuralMemoryState
 
-__all__ = ["MemoryDecoder", "AttentionDecoder", "RopeTable", "attend", "rope"]
+# the memory activations by their index in csrc/step_native.cpp
+ACT_CODES = {"silu": 0, "gelu": 1, "tanh": 2}
+
+__all__ = ["MemoryDecoder", "AttentionDecoder", "RopeTable", "attend", "rope", "step_native"]
+
+
+def step_native(like: Tensor):
+    """The compiled decode step (csrc/step_native.cpp) for tensors like `like` (CPU float32 or
+    float64), or None: then the decoders run the Python below, which is its definition."""
+    return native.step_module() if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64) else None
 
 
 def _rms(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -70,6 +79,7 @@ class MemoryDecoder:
 
     def __init__(self, layer: NeuralMemory, state: NeuralMemoryState | None, batch_size: int) -> None:
         self.layer, self.B = layer, batch_size
+        self.out_norm = layer.out_norm.detach()
         state = state if state is not None else layer.init_state(batch_size)
         w = layer.wqkv.weight
         self.inner = layer.heads * layer.head_dim
@@ -86,10 +96,25 @@ class MemoryDecoder:
         self.position = state.position
         self.rule = dict(chunk_size=layer.chunk_size, activation=layer.activation, residual=layer.residual,
                          normalize_step=layer.normalize_step)
+        # the C++ step (csrc/step_native.cpp) where it applies: CPU float32 / float64
+        self.native = step_native(w)
+        if self.native is not None and not layer.conv_kernel:
+            self.conv = self.conv_w = self.conv_b = w.new_zeros(0)
+        self.w_read = torch.cat([w[:self.inner], layer.wgate_out.weight]).detach()   # MAC's retrieval: q and gate
 
     def step(self, x: Tensor) -> Tensor:
         m, B, H = self.layer, self.B, self.layer.heads
         u, logits, g = F.linear(x, self.w_in, self.b_in).split(self.split, dim=-1)
+        if self.native is not None:
+            mem = self.memory
+            out = self.native.memory_decode_step(
+                u.contiguous(), self._gate_values(logits).reshape(B, 3 * H).contiguous(), g.contiguous(), self.conv,
+                self.conv_w, self.conv_b, mem.weights, mem.momentum, mem.chunk_start, self.out_norm, H, m.head_dim,
+                ACT_CODES[m.activation], m.residual, m.normalize_step, m.qk_silu, m.max_lr, m.momentum,
+                m.momentum_form == "bounded", m.forgetting, (mem.position + 1) % m.chunk_size == 0)
+            mem.position += 1
+            self.position += 1
+            return F.linear(out, m.wo.weight)
         if m.conv_kernel:
             window = torch.cat([self.conv, u.unsqueeze(1)], dim=1)              # [B, K, C]
             s = (window * self.conv_w).sum(1).add_(self.conv_b)
@@ -106,15 +131,21 @@ class MemoryDecoder:
         self.position += 1
         return self.read_out(y, g)
 
-    def _gates(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """theta, eta, alpha [B, H], as NeuralMemory._gates for one token."""
+    def _gate_values(self, logits: Tensor) -> Tensor:
+        """The sigmoid of the gate logits [B, 3, H] (theta, eta, alpha before their settings), with
+        per-chunk gates those of the chunk's first token."""
         m = self.layer
-        g = torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)).view(self.B, 3, m.heads))
-        if m.gate_mode == "chunk":   # every token takes the gates of its chunk's first token
+        g = torch.sigmoid(logits.view(self.B, 3, m.heads))
+        if m.gate_mode == "chunk":
             if self.position % m.chunk_size == 0 or self.chunk_gates is None:
                 self.chunk_gates = g
             g = self.chunk_gates
-        theta, eta, alpha = g.unbind(1)
+        return g
+
+    def _gates(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """theta, eta, alpha [B, H], as NeuralMemory._gates for one token."""
+        m = self.layer
+        theta, eta, alpha = self._gate_values(logits).unbind(1)
         theta = theta * m.max_lr
         if not m.momentum:
             eta = torch.zeros_like(eta)
@@ -127,12 +158,17 @@ class MemoryDecoder:
     def read_out(self, r: Tensor, g: Tensor) -> Tensor:
         """The memory's output path for a read r [B, H, Dh] and the output gate's input g = x W_gate_out."""
         m = self.layer
-        r = F.rms_norm(r, r.shape[-1:], None, RMS_EPS).mul_(m.out_norm).view(self.B, self.inner)
+        r = F.rms_norm(r, r.shape[-1:], None, RMS_EPS).mul_(self.out_norm).view(self.B, self.inner)
         return F.linear(r.mul_(F.silu(g)), m.wo.weight)
 
     def retrieve(self, x: Tensor, weights: list[Tensor]) -> Tensor:
         """MAC's read of the memory `weights` with a query from x, through the output path."""
         m = self.layer
+        if self.native is not None:
+            q, g = F.linear(x, self.w_read).chunk(2, dim=-1)
+            out = self.native.memory_decode_read(q.contiguous(), g.contiguous(), weights, self.out_norm, m.heads,
+                                                 m.head_dim, ACT_CODES[m.activation], m.residual, m.qk_silu)
+            return F.linear(out, m.wo.weight)
         q = F.linear(x, self.w_in[:self.inner])
         if m.qk_silu:
             F.silu(q, inplace=True)
@@ -170,6 +206,7 @@ class AttentionDecoder:
         self.k = torch.zeros(batch_size, H, self.Np + cap, Dh, dtype=w.dtype, device=w.device)
         self.v = torch.zeros_like(self.k)
         self.rope = RopeTable(Dh, layer.rope_base, w.dtype, w.device)
+        self.native = step_native(w)
         if self.Np:   # persistent keys: no RoPE, position-free
             p = layer.persistent().detach().to(w.dtype)                        # [Np, dim]
             self.k[:, :, :self.Np] = self._heads(F.linear(p, layer.wk.weight), layer.k_norm).transpose(0, 1)
@@ -192,16 +229,19 @@ class AttentionDecoder:
         q, k, v = F.linear(x, self.w_qkv).view(B, 3, a.heads, a.head_dim).unbind(1)   # [B, H, Dh] each
         if a.q_norm is not None:
             q, k = _rms(q, a.q_norm.weight, a.q_norm.eps), _rms(k, a.k_norm.weight, a.k_norm.eps)
-        cos, sin = self.rope(pos)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if a.window is None and self.Np + pos >= self.k.shape[2]:   # full attention: double the buffer
             grow = lambda t: torch.cat([t, torch.zeros_like(t[:, :, self.Np:])], dim=2)
             self.k, self.v = grow(self.k), grow(self.v)
         slot = self._slot(pos)
-        self.k[:, :, slot], self.v[:, :, slot] = k, v
         n = self.Np + (pos + 1 if a.window is None else min(pos + 1, a.window))
-        o = attend(q, self.k[:, :, :n], self.v[:, :, :n])
         self.position += 1
+        if self.native is not None:
+            o = self.native.attend_step(q.contiguous(), k.unsqueeze(2).contiguous(), v.unsqueeze(2).contiguous(),
+                                        self.k, self.v, [slot], n, pos, a.rope_base)
+            return F.linear(o, a.wo.weight)
+        cos, sin = self.rope(pos)
+        self.k[:, :, slot], self.v[:, :, slot] = rope(k, cos, sin), v
+        o = attend(rope(q, cos, sin), self.k[:, :, :n], self.v[:, :, :n])
         return F.linear(o.reshape(B, -1), a.wo.weight)
 
     def state(self) -> AttentionState:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import Attention, NeuralMemory, RMSNorm
-from ..layers.decode import AttentionDecoder, MemoryDecoder, RopeTable, attend, rope
+from ..layers.decode import AttentionDecoder, MemoryDecoder, RopeTable, attend, rope, step_native
 from .variants import MAC, MAG, MAL, AttnMemoryState, BranchGate, MACState
 
 __all__ = ["Decoder"]
@@ -47,6 +47,7 @@ class MACDecoder:
         self.k = torch.zeros(batch_size, mac.heads, self.Np + 2 * mac.C, mac.head_dim, dtype=w.dtype, device=w.device)
         self.v = torch.zeros_like(self.k)
         self.rope = RopeTable(mac.head_dim, mac.rope_base, w.dtype, w.device)
+        self.native = step_native(w)
         if self.Np:
             p = mac.persistent().detach().to(w.dtype)
             kv = F.linear(p, self.w_h).view(self.Np, 2, mac.heads, mac.head_dim).permute(1, 2, 0, 3)  # [2, H, Np, Dh]
@@ -73,16 +74,20 @@ class MACDecoder:
         h = self.memory.retrieve(x, weights)                                        # [B, dim]
         q, kx, vx = F.linear(x, self.w_x).view(B, 3, H, Dh).unbind(1)
         kh, vh = F.linear(h, self.w_h).view(B, 2, H, Dh).unbind(1)
-        cos, sin = self.rope(self.position)
         slot = self.Np + 2 * offset
-        self.k[:, :, slot], self.k[:, :, slot + 1] = rope(kh, cos, sin), rope(kx, cos, sin)
-        self.v[:, :, slot], self.v[:, :, slot + 1] = vh, vx
-        o = attend(rope(q, cos, sin), self.k[:, :, :slot + 2], self.v[:, :, :slot + 2])
+        if self.native is not None:
+            o = self.native.attend_step(q.contiguous(), torch.stack([kh, kx], 2), torch.stack([vh, vx], 2), self.k,
+                                        self.v, [slot, slot + 1], slot + 2, self.position, mac.rope_base)
+        else:
+            cos, sin = self.rope(self.position)
+            self.k[:, :, slot], self.k[:, :, slot + 1] = rope(kh, cos, sin), rope(kx, cos, sin)
+            self.v[:, :, slot], self.v[:, :, slot + 1] = vh, vx
+            o = attend(rope(q, cos, sin), self.k[:, :, :slot + 2], self.v[:, :, :slot + 2])
         y = F.linear(o.reshape(B, -1), mac.wo.weight)
         written = y if mac.write == "y" else x if mac.write == "x" else x + y
         m = self.memory.step(written)
         self.position += 1
-        return branch_gate(mac.gate, y, m)
+        return branch_gate(mac.gate, y, m, self.native)
 
     def state(self) -> MACState:
         mac, B = self.mac, self.B
@@ -104,7 +109,7 @@ class MAGDecoder:
         self.memory = MemoryDecoder(mag.memory, state.memory, batch_size)
 
     def step(self, x: Tensor) -> Tensor:
-        return branch_gate(self.gate, self.attention.step(x), self.memory.step(x))
+        return branch_gate(self.gate, self.attention.step(x), self.memory.step(x), self.memory.native)
 
     def state(self) -> AttnMemoryState:
         return AttnMemoryState(self.attention.state(), self.memory.state())
@@ -121,21 +126,28 @@ class MALDecoder:
     def step(self, x: Tensor) -> Tensor:
         y = self.memory.step(x)
         if self.mal.residual:
-            return y + self.attention.step(rms_norm(self.mal.norm, x + y))
-        return self.attention.step(rms_norm(self.mal.norm, y))
+            return y + self.attention.step(rms_norm(self.mal.norm, x + y, self.memory.native))
+        return self.attention.step(rms_norm(self.mal.norm, y, self.memory.native))
 
     def state(self) -> AttnMemoryState:
         return AttnMemoryState(self.attention.state(), self.memory.state())
 
 
-def rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
-    """An RMSNorm module applied without its checks (x [B, dim] in the model's float32 or float64)."""
+def rms_norm(norm: RMSNorm, x: Tensor, native=None) -> Tensor:
+    """An RMSNorm module applied to one token per row, x [B, dim] (`native`: the compiled step module)."""
+    if native is not None:
+        return native.rms_norm(x.contiguous(), norm.weight, norm.eps)
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
 
 
-def branch_gate(gate: BranchGate, y: Tensor, m: Tensor) -> Tensor:
+def branch_gate(gate: BranchGate, y: Tensor, m: Tensor, native=None) -> Tensor:
     """variants.BranchGate, o = W_o (RMSNorm_y(y) * sigmoid(RMSNorm_m(m))), for one token per row."""
-    return F.linear(rms_norm(gate.norm_y, y).mul_(torch.sigmoid(rms_norm(gate.norm_m, m))), gate.wo.weight)
+    if native is not None:
+        g = native.branch_gate(y.contiguous(), m.contiguous(), gate.norm_y.weight, gate.norm_m.weight,
+                               gate.norm_y.eps, gate.norm_m.eps)
+    else:
+        g = rms_norm(gate.norm_y, y).mul_(torch.sigmoid(rms_norm(gate.norm_m, m)))
+    return F.linear(g, gate.wo.weight)
 
 
 def mixer_decoder(mixer: nn.Module, state: Any, batch_size: int):
@@ -166,6 +178,7 @@ class Decoder:
         self.shape = state.shape
         self.position = state.position
         self.blocks = [mixer_decoder(b.mixer, state.layers[f"blocks.{i}"], self.B) for i, b in enumerate(model.blocks)]
+        self.native = step_native(model.embed.weight)
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
@@ -173,11 +186,11 @@ class Decoder:
         m = self.model
         x = F.embedding(tokens, m.embed.weight)
         for block, dec in zip(m.blocks, self.blocks):
-            x = x + dec.step(rms_norm(block.norm1, x))
-            gate, up = F.linear(rms_norm(block.norm2, x), block.mlp.w_in.weight).chunk(2, dim=-1)
+            x = x + dec.step(rms_norm(block.norm1, x, self.native))
+            gate, up = F.linear(rms_norm(block.norm2, x, self.native), block.mlp.w_in.weight).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate).mul_(up), block.mlp.w_out.weight)
         self.position += 1
-        return F.linear(rms_norm(m.norm, x), m.head.weight).float()
+        return F.linear(rms_norm(m.norm, x, self.native), m.head.weight).float()
 
     def state(self):
         """The model's ModelState after the tokens so far (a copy: decoding on does not change it)."""

@@ -35,16 +35,18 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["available", "features_available", "module"]
+__all__ = ["available", "features_available", "module", "step_module"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "chunk_native.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCE = _CSRC / "chunk_native.cpp"
 _NAME = "_titans_chunk_native"
+# the decode step (layers/decode.py), a module of its own: a generation never waits for the chunk path's build
+_STEP_SOURCE, _STEP_NAME = _CSRC / "step_native.cpp", "_titans_step_native"
 # -ffp-contract=off: no fused multiply-adds, so that an elementwise chain rounds exactly as the
 # same chain of torch operations (the backward's kept internals are rebuilt by torch operations and
 # must equal what the forward computed, bit for bit)
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-_module: ModuleType | None = None
-_tried = False
+_modules: dict[str, ModuleType | None] = {}
 
 
 def _cpu_id() -> str:
@@ -55,57 +57,65 @@ def _cpu_id() -> str:
     return "\n".join(sorted({ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))}))
 
 
-def _command(cxx: str, source: Path, target: Path) -> list[str]:
+def _command(cxx: str, source: Path, target: Path, name: str) -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     from torch.utils import cpp_extension   # here, not at import: it loads setuptools (~0.2 s of start-up)
 
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     libs = cpp_extension.library_paths()
-    return [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DTORCH_EXTENSION_NAME={_NAME}",
+    return [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DTORCH_EXTENSION_NAME={name}",
             "-DTORCH_API_INCLUDE_EXTENSION_H", *(f"-I{p}" for p in includes), str(source), "-o", str(target),
             *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
             "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
 
 
-def _build() -> ModuleType | None:
+def _build(source: Path, name: str) -> ModuleType | None:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None or platform.system() != "Linux" or platform.machine() != "x86_64":
         return None
-    src = _SOURCE.read_bytes()
+    src = source.read_bytes()
     key = hashlib.sha256(b"\0".join([src, torch.__version__.encode(), cxx.encode(), " ".join(_FLAGS).encode(),
                                      _cpu_id().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("TITANS_CACHE", Path.home() / ".cache" / "titans"))
-    target = cache / f"{_NAME}-{key}.so"
+    target = cache / f"{name}-{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         # compile to a temporary name and rename: concurrent first uses never load a partial file
         with tempfile.NamedTemporaryFile(dir=cache, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
         try:
-            subprocess.run(_command(cxx, _SOURCE, partial), check=True, capture_output=True, timeout=600)
+            subprocess.run(_command(cxx, source, partial, name), check=True, capture_output=True, timeout=600)
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
-    loader = importlib.machinery.ExtensionFileLoader(_NAME, str(target))
-    spec = importlib.util.spec_from_file_location(_NAME, str(target), loader=loader)
+    loader = importlib.machinery.ExtensionFileLoader(name, str(target))
+    spec = importlib.util.spec_from_file_location(name, str(target), loader=loader)
     mod = importlib.util.module_from_spec(spec)
     loader.exec_module(mod)
     return mod
 
 
-def module() -> ModuleType | None:
-    """The compiled module (built on the first call), or None when it cannot be had."""
-    global _module, _tried
-    if not _tried:
-        _tried = True
+def _load(source: Path, name: str, what: str) -> ModuleType | None:
+    if name not in _modules:
+        _modules[name] = None
         if os.environ.get("TITANS_NATIVE", "1") != "0":
             try:
-                _module = _build()
+                _modules[name] = _build(source, name)
             except (OSError, ImportError, subprocess.SubprocessError) as e:
                 detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-500:]
-                warnings.warn(f"titans: the C++ chunk path could not be built ({e}) {detail}; using the Python one",
-                              RuntimeWarning, stacklevel=3)
-    return _module
+                warnings.warn(f"titans: the C++ {what} could not be built ({e}) {detail}; using the Python one",
+                              RuntimeWarning, stacklevel=4)
+    return _modules[name]
+
+
+def module() -> ModuleType | None:
+    """The compiled chunk path and input/output paths (built on the first call), or None when it cannot be had."""
+    return _load(_SOURCE, _NAME, "chunk path")
+
+
+def step_module() -> ModuleType | None:
+    """The compiled decode step (csrc/step_native.cpp), or None when it cannot be had."""
+    return _load(_STEP_SOURCE, _STEP_NAME, "decode step")
 
 
 def available(activation: str, *tensors: torch.Tensor) -> bool:
