@@ -70,31 +70,40 @@ def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     return out.to(x.dtype)
 
 
-# The last few RoPE tables, by position values: every block of a model rotates the same positions
-# in one forward (MAC twice per segment), and the float64 cos and sin cost more than the rotation
-# (`python benchmarks/inference.py`'s prefill spent ~6% of its time in them at batch 1).
-_ROPE_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
-_ROPE_CACHE_SIZE, _ROPE_CACHE_MAX_T = 8, 8192
+# RoPE tables over a range of positions, by (D, base, dtype, device): every block of a model rotates
+# the same positions in one forward (MAC twice per segment), a stream moves through them in order,
+# and the float64 cos and sin cost more than the rotation (`python benchmarks/inference.py`'s
+# prefill spent ~6% of its time in them at batch 1). A call reads its rows out of the table.
+_ROPE_CACHE: dict[tuple, tuple[int, Tensor, Tensor]] = {}
+_ROPE_RANGE, _ROPE_MAX_RANGE, _ROPE_CACHE_SIZE = 4096, 1 << 16, 8
+
+
+def _rope_angles(positions: Tensor, D: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [T, D/2] of the angles positions * base^(-2c/D), computed in float64, in dtype."""
+    inv_freq = base ** (-torch.arange(0, D, 2, dtype=torch.float64, device=positions.device) / D)  # [D/2]
+    angles = positions.to(torch.float64)[:, None] * inv_freq                                       # [T, D/2]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def _rope_tables(positions: Tensor, D: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin [T, D/2] of the angles positions * base^(-2c/D), computed in float64, in dtype."""
-    cacheable = (positions.shape[0] <= _ROPE_CACHE_MAX_T and positions.device.type == "cpu"
-                 and not torch.compiler.is_compiling())
+    """_rope_angles(positions, ...), through the cached table of a range of positions."""
+    if positions.shape[0] == 0 or positions.device.type != "cpu" or torch.compiler.is_compiling():
+        return _rope_angles(positions, D, base, dtype)
+    lo, hi = positions.aminmax()
+    lo, hi = int(lo), int(hi)
+    if hi - lo >= _ROPE_MAX_RANGE:
+        return _rope_angles(positions, D, base, dtype)
     # an inference-mode table must not reach a graph that autograd saves, nor the reverse
-    key = (D, base, dtype, positions.dtype, positions.shape[0], torch.is_inference_mode_enabled())
-    if cacheable:
-        hit = _ROPE_CACHE.get(key)
-        if hit is not None and torch.equal(hit[0], positions):
-            return hit[1], hit[2]
-    inv_freq = base ** (-torch.arange(0, D, 2, dtype=torch.float64, device=positions.device) / D)  # [D/2]
-    angles = positions.to(torch.float64)[:, None] * inv_freq                                       # [T, D/2]
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    if cacheable:
+    key = (D, base, dtype, torch.is_inference_mode_enabled())
+    start, cos, sin = _ROPE_CACHE.get(key, (0, None, None))
+    if cos is None or lo < start or hi >= start + cos.shape[0]:
+        start = lo
+        cos, sin = _rope_angles(torch.arange(lo, lo + max(_ROPE_RANGE, hi - lo + 1)), D, base, dtype)
         if key not in _ROPE_CACHE and len(_ROPE_CACHE) >= _ROPE_CACHE_SIZE:
             del _ROPE_CACHE[next(iter(_ROPE_CACHE))]          # the oldest
-        _ROPE_CACHE[key] = (positions.clone(), cos, sin)
-    return cos, sin
+        _ROPE_CACHE[key] = (start, cos, sin)
+    rows = positions - start
+    return cos.index_select(0, rows), sin.index_select(0, rows)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
