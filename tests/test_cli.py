@@ -46,7 +46,14 @@ def test_prepare_train_eval_generate_info(corpus, capsys):
     capsys.readouterr()
     assert main(["generate", "--model", str(run), "--prompt", "It was", "--max-new-tokens", "5",
                  "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("It was")
+    captured = capsys.readouterr()
+    assert captured.out.startswith("It was") and "decode 4 steps x 1" in captured.err
+    # several samples decode as one batch; greedy, they are all the single sample's text
+    assert main(["generate", "--model", str(run), "--prompt", "It was", "--max-new-tokens", "5",
+                 "--temperature", "0", "--num-samples", "3", "--quiet"]) == 0
+    batch = capsys.readouterr()
+    assert batch.out.count("--- sample") == 3 and batch.err == ""
+    assert batch.out.count(captured.out.strip()) == 3
     assert main(["info", "--model", str(run)]) == 0
     assert "parameters:" in capsys.readouterr().out
     # resuming a finished run with more steps continues from its checkpoint

@@ -367,18 +367,39 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if not ids:
         raise UserError("--prompt must not be empty")
     gen = torch.Generator().manual_seed(a.seed)
-    sys.stdout.write(a.prompt)
-    sys.stdout.flush()
+    n = a.num_samples
+    stream = n == 1   # one sample streams as it is made; several are decoded as one batch, printed at the end
+    if stream:
+        sys.stdout.write(a.prompt)
+        sys.stdout.flush()
     pending: list[int] = []
-    for token in model.generate_stream(torch.tensor([ids]), a.max_new_tokens, temperature=a.temperature,
+    samples: list[torch.Tensor] = []
+    start = time.perf_counter()
+    first = start
+    for token in model.generate_stream(torch.tensor([ids] * n), a.max_new_tokens, temperature=a.temperature,
                                        top_k=a.top_k, top_p=a.top_p, generator=gen):
-        pending.append(int(token[0]))
-        text = tokenizer.decode(pending)
-        if "\ufffd" not in text:  # wait for a whole UTF-8 character
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            pending = []
-    sys.stdout.write(tokenizer.decode(pending) + "\n")
+        if not samples:
+            first = time.perf_counter()   # the prompt's prefill and the first token
+        samples.append(token)
+        if stream:
+            pending.append(int(token[0]))
+            text = tokenizer.decode(pending)
+            if "\ufffd" not in text:  # wait for a whole UTF-8 character
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                pending = []
+    end = time.perf_counter()
+    if stream:
+        sys.stdout.write(tokenizer.decode(pending) + "\n")
+    else:
+        out = torch.stack(samples, 1)
+        for i in range(n):
+            sys.stdout.write(f"--- sample {i + 1} ---\n{a.prompt}{tokenizer.decode(out[i].tolist())}\n")
+    if not a.quiet:
+        steps = len(samples) - 1
+        rate = f", {n * steps / (end - first):,.0f} tokens/s" if steps and end > first else ""
+        print(f"[prefill {len(ids)} tokens x {n}: {first - start:.2f} s; decode {steps} steps x {n}: "
+              f"{end - first:.2f} s{rate}]", file=sys.stderr)
 
 
 def cmd_info(a: argparse.Namespace) -> None:
@@ -617,6 +638,9 @@ def register(sub, ev) -> None:
     g.add_argument("--top-k", type=positive_int, default=None)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-samples", type=positive_int, default=1,
+                   help="samples of the prompt, decoded together as one batch (printed at the end)")
+    g.add_argument("--quiet", action="store_true", help="no timing line on stderr")
     g.set_defaults(func=cmd_generate)
 
     h = ev.add_parser("harness", help="lm-evaluation-harness tasks (the paper's Table 1; needs titans-lm[harness])")
