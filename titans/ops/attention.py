@@ -21,6 +21,7 @@ Two implementations with one signature, chosen by `impl=`:
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,7 @@ def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
 # prefill spent ~6% of its time in them at batch 1). A call reads its rows out of the table.
 _ROPE_CACHE: dict[tuple, tuple[int, Tensor, Tensor]] = {}
 _ROPE_RANGE, _ROPE_MAX_RANGE, _ROPE_CACHE_SIZE = 4096, 1 << 16, 8
+_ROPE_LOCK = threading.Lock()
 
 
 def _rope_angles(positions: Tensor, D: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -99,9 +101,10 @@ def _rope_tables(positions: Tensor, D: int, base: float, dtype: torch.dtype) -> 
     if cos is None or lo < start or hi >= start + cos.shape[0]:
         start = lo
         cos, sin = _rope_angles(torch.arange(lo, lo + max(_ROPE_RANGE, hi - lo + 1)), D, base, dtype)
-        if key not in _ROPE_CACHE and len(_ROPE_CACHE) >= _ROPE_CACHE_SIZE:
-            del _ROPE_CACHE[next(iter(_ROPE_CACHE))]          # the oldest
-        _ROPE_CACHE[key] = (start, cos, sin)
+        with _ROPE_LOCK:   # the staged forward (titans.eval.stream) rotates in two threads
+            if key not in _ROPE_CACHE and len(_ROPE_CACHE) >= _ROPE_CACHE_SIZE:
+                del _ROPE_CACHE[next(iter(_ROPE_CACHE))]      # the oldest
+            _ROPE_CACHE[key] = (start, cos, sin)
     rows = positions - start
     return cos.index_select(0, rows), sin.index_select(0, rows)
 
