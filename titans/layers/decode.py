@@ -21,13 +21,14 @@ from torch import Tensor
 
 from ..ops import memory_forward, memory_step, native, owned_state
 from ..ops.features import NORM_EPS, RMS_EPS
+from ..ops.attention import rotary
 from .attention import Attention, AttentionState
 from .neural_memory import NeuralMemory, NeuralMemoryState
 
 # the memory activations by their index in csrc/step_native.cpp
 ACT_CODES = {"silu": 0, "gelu": 1, "tanh": 2}
 
-__all__ = ["MemoryDecoder", "AttentionDecoder", "RopeTable", "attend", "rope", "step_native"]
+__all__ = ["MemoryDecoder", "AttentionDecoder", "attend", "rope", "step_native"]
 
 
 def step_native(like: Tensor):
@@ -46,28 +47,9 @@ def l2norm_(x: Tensor) -> Tensor:
     return x.mul_(torch.rsqrt(x.square().sum(-1, keepdim=True).add_(NORM_EPS)))
 
 
-class RopeTable:
-    """cos, sin [Dh] of RoPE by position, as ops.attention.rotary computes them (float64 angles),
-    made `block` positions at a time so a decode step only looks its position up."""
-
-    def __init__(self, head_dim: int, base: float, dtype: torch.dtype, device: torch.device, block: int = 256) -> None:
-        self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-        self.dtype, self.block, self.start = dtype, block, None
-
-    def __call__(self, position: int) -> tuple[Tensor, Tensor]:
-        if self.start is None or not self.start <= position < self.start + self.block:
-            self.start = position
-            pos = torch.arange(position, position + self.block, dtype=torch.float64, device=self.inv_freq.device)
-            angles = (pos[:, None] * self.inv_freq).repeat(1, 2)                # [block, Dh]
-            self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
-        i = position - self.start
-        return self.cos[i], self.sin[i]
-
-
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE (rotate-half) of x [..., Dh] at the angles cos, sin [Dh]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def rope(x: Tensor, position: int, base: float) -> Tensor:
+    """ops.attention.rotary of one token per row, x [..., H, Dh] at `position`."""
+    return rotary(x.unsqueeze(-2), torch.tensor([position], device=x.device), base).squeeze(-2)
 
 
 class MemoryDecoder:
@@ -205,7 +187,6 @@ class AttentionDecoder:
         w = layer.wk.weight
         self.k = torch.zeros(batch_size, H, self.Np + cap, Dh, dtype=w.dtype, device=w.device)
         self.v = torch.zeros_like(self.k)
-        self.rope = RopeTable(Dh, layer.rope_base, w.dtype, w.device)
         self.native = step_native(w)
         if self.Np:   # persistent keys: no RoPE, position-free
             p = layer.persistent().detach().to(w.dtype)                        # [Np, dim]
@@ -239,9 +220,8 @@ class AttentionDecoder:
             o = self.native.attend_step(q.contiguous(), k.unsqueeze(2).contiguous(), v.unsqueeze(2).contiguous(),
                                         self.k, self.v, [slot], n, pos, a.rope_base)
             return F.linear(o, a.wo.weight)
-        cos, sin = self.rope(pos)
-        self.k[:, :, slot], self.v[:, :, slot] = rope(k, cos, sin), v
-        o = attend(rope(q, cos, sin), self.k[:, :, :n], self.v[:, :, :n])
+        self.k[:, :, slot], self.v[:, :, slot] = rope(k, pos, a.rope_base), v
+        o = attend(rope(q, pos, a.rope_base), self.k[:, :, :n], self.v[:, :, :n])
         return F.linear(o.reshape(B, -1), a.wo.weight)
 
     def state(self) -> AttentionState:

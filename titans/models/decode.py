@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import Attention, NeuralMemory, RMSNorm
-from ..layers.decode import AttentionDecoder, MemoryDecoder, RopeTable, attend, rope, step_native
+from ..layers.decode import AttentionDecoder, MemoryDecoder, attend, rope, step_native
 from .variants import MAC, MAG, MAL, AttnMemoryState, BranchGate, MACState
 
 __all__ = ["Decoder"]
@@ -46,7 +46,6 @@ class MACDecoder:
         w = mac.wk.weight
         self.k = torch.zeros(batch_size, mac.heads, self.Np + 2 * mac.C, mac.head_dim, dtype=w.dtype, device=w.device)
         self.v = torch.zeros_like(self.k)
-        self.rope = RopeTable(mac.head_dim, mac.rope_base, w.dtype, w.device)
         self.native = step_native(w)
         if self.Np:
             p = mac.persistent().detach().to(w.dtype)
@@ -79,10 +78,10 @@ class MACDecoder:
             o = self.native.attend_step(q.contiguous(), torch.stack([kh, kx], 2), torch.stack([vh, vx], 2), self.k,
                                         self.v, [slot, slot + 1], slot + 2, self.position, mac.rope_base)
         else:
-            cos, sin = self.rope(self.position)
-            self.k[:, :, slot], self.k[:, :, slot + 1] = rope(kh, cos, sin), rope(kx, cos, sin)
+            pos, base = self.position, mac.rope_base
+            self.k[:, :, slot], self.k[:, :, slot + 1] = rope(kh, pos, base), rope(kx, pos, base)
             self.v[:, :, slot], self.v[:, :, slot + 1] = vh, vx
-            o = attend(rope(q, cos, sin), self.k[:, :, :slot + 2], self.v[:, :, :slot + 2])
+            o = attend(rope(q, pos, base), self.k[:, :, :slot + 2], self.v[:, :, :slot + 2])
         y = F.linear(o.reshape(B, -1), mac.wo.weight)
         written = y if mac.write == "y" else x if mac.write == "x" else x + y
         m = self.memory.step(written)
