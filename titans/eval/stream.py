@@ -115,11 +115,13 @@ def forward_staged(model: Any, input_ids: Tensor, state: Any = None, all_logits:
             if first:
                 handoff.put(stop)
 
+    caller_threads = torch.get_num_threads()
     workers = [threading.Thread(target=run, args=(first,), daemon=True) for first in (True, False)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
+    torch.set_num_threads(caller_threads)   # torch also keeps the last setting as the default of new threads
     if errors:
         raise errors[0]
     out_state = dataclasses.replace(start, layers=layers, position=start.position + T, batch_size=B)
