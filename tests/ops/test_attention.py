@@ -160,6 +160,31 @@ def test_rotary_hand_computed():
     assert rotary(x.bfloat16(), torch.tensor([3])).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+def test_rotary_paths_agree_bit_for_bit(dtype):
+    # with autograd (torch operations), without (C++ for fp32 on CPU, else torch in place), and the
+    # rotate-half form it replaces; on a strided view as MAC's heads are, at positions past the
+    # cached table's first range, and the gradient of the autograd path against the rotate-half's
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 300, 3, 16, generator=gen).to(dtype).transpose(1, 2)
+    pos = torch.arange(4000, 4300)
+    angles = pos.to(F64)[:, None] * 10000.0 ** (-torch.arange(0, 16, 2, dtype=F64) / 16)
+    angles = torch.cat([angles, angles], -1)
+    work = F64 if dtype == F64 else torch.float32
+    xc = x.to(work)
+    half = lambda t: torch.cat([-t[..., 8:], t[..., :8]], -1)
+    ref = lambda t: (t * angles.cos().to(work) + half(t) * angles.sin().to(work)).to(dtype)
+    with torch.no_grad():
+        fast = rotary(x, pos)
+    xg = x.detach().clone().requires_grad_()
+    slow = rotary(xg, pos)
+    assert torch.equal(fast, ref(xc)) and torch.equal(slow.detach(), fast)
+    slow.float().square().sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    ref(xr.to(work)).float().square().sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+
+
 def test_bad_inputs():
     q, k, v, pk, pv = make(Tq=4, Tk=6, Np=2)
     with pytest.raises(ValueError, match="impl"):

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 __all__ = ["attention", "attention_ref", "attention_blocked", "rotary", "ATTENTION_IMPLS"]
 
 
@@ -64,6 +66,8 @@ def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     # term for term (a + (-b) c rounds as a - b c), without the concatenated copies
     if torch.is_grad_enabled() and xc.requires_grad:
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    if dtype == torch.float32 and xc.stride(-1) == 1 and native.features_available(xc):
+        return native.module().rope_forward(xc, cos, sin).to(x.dtype)   # the same, one pass in C++
     out = torch.empty_like(xc)          # without autograd: written in place, half by half
     o1, o2 = out.chunk(2, dim=-1)
     torch.mul(x1, cos, out=o1).sub_(x2 * sin)

@@ -1368,6 +1368,35 @@ std::vector<Tensor> rms_backward(Tensor r, Tensor weight, Tensor g, Tensor rstd,
                                           : rms_backward_impl<float>(r, weight, g, rstd, dout);
 }
 
+// RoPE without autograd (ops.attention.rotary): x [B, H, T, D] fp32, any strides with unit-stride rows;
+// cos, sin [T, D/2] fp32 contiguous. out = [x1 cos - x2 sin, x2 cos + x1 sin], contiguous, rounded as
+// the torch operations round it (two products, then the difference or the sum). One pass where torch
+// makes seven, over a strided view.
+Tensor rope_forward(Tensor x, Tensor cos, Tensor sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.stride(3) == 1, "rope_forward: x fp32 [B, H, T, D]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat, "rope_forward: tables");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), h = D / 2;
+  Tensor out = at::empty({B, H, T, D}, x.options());
+  const float *px = x.data_ptr<float>(), *pc = cos.data_ptr<float>(), *ps = sin.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), st = x.stride(2);
+  #pragma omp parallel for collapse(2) schedule(static) if (B * H * T * D >= kParallelMin)
+  for (int64_t b = 0; b < B * H; b++)
+    for (int64_t t = 0; t < T; t++) {
+      const float* xr = px + (b / H) * sb + (b % H) * sh + t * st;
+      const float *c = pc + t * h, *sn = ps + t * h;
+      float* o = po + (b * T + t) * D;
+#pragma omp simd
+      for (int64_t j = 0; j < h; j++) {
+        const float x1 = xr[j], x2 = xr[h + j];
+        const float a = x1 * c[j], bb = x2 * sn[j], cc = x2 * c[j], d = x1 * sn[j];
+        o[j] = a - bb;
+        o[h + j] = cc + d;
+      }
+    }
+  return out;
+}
+
 // The loop over pieces without autograd (chunk_backward.scan_forward with track=False) in one call:
 // the pieces of chunk.Plan(head, (T - head) / b, b), each piece's gate products (chunk_gates, row by
 // row as the batched call computes them) and its piece_forward, the states in two recycled buffers.
@@ -1405,6 +1434,7 @@ scan_inference(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor al
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advance_state", &advance_state, "the state after a piece (chunk.advance_state)");
   m.def("piece_forward", &piece_forward, "one piece of the chunk path (chunk.piece_forward)");
+  m.def("rope_forward", &rope_forward, "RoPE without autograd (ops.attention.rotary)");
   m.def("scan_inference", &scan_inference, "the loop over pieces without autograd (chunk_backward.scan_forward)");
   m.def("chunk_gates", &chunk_gates, "the gate products of chunks (chunk.chunk_gates)");
   m.def("chunk_gates_backward", &chunk_gates_backward, "their backward (chunk.chunk_gates_backward)");
