@@ -1407,6 +1407,9 @@ Tensor rope_forward(Tensor x, Tensor cos, Tensor sin) {
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>
 scan_inference(Tensor q, Tensor k, Tensor v, Tensor theta, Tensor eta, Tensor alpha, std::vector<Tensor> WS0,
                std::vector<Tensor> Wg0, int64_t head, int64_t b, bool residual, bool mixed, bool normalize) {
+  // called without autograd: the many small operations inside skip its dispatch keys (every tensor
+  // returned is a fresh buffer or WS0 itself, never a view made here)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = q.size(1);
   std::vector<std::pair<int64_t, int64_t>> pieces;
   if (head > 0) pieces.emplace_back(0, head);
