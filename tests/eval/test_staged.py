@@ -49,7 +49,9 @@ def test_prefill_and_logprobs_take_it_and_agree():
         ref = model(ids)
     state, last = prefill(model, ids, piece=256)
     assert _rel(last, ref.logits[:, -1]) < 1e-5 and state.position == 400
-    logp, _, _ = token_logprobs(model, ids[0], piece=256)
+    done = []
+    logp, _, _ = token_logprobs(model, ids[0], piece=256, progress=done.append)
+    assert sum(done) == 400 and len(done) == 7                     # sub-pieces of 64 as they finish
     ref_logp = torch.log_softmax(ref.logits[0, :-1], -1).gather(1, ids[0, 1:, None])[:, 0]
     assert _rel(logp, ref_logp) < 1e-5
 

@@ -68,12 +68,14 @@ def staged_available(model: Any, input_ids: Tensor, state: Any = None) -> bool:
             and getattr(state, "batch_size", None) in (None, input_ids.shape[0]))
 
 
-def forward_staged(model: Any, input_ids: Tensor, state: Any = None, all_logits: bool = True
-                   ) -> tuple[Any, Tensor]:
-    """model(input_ids, state) in two threads, each running half of the blocks (see above).
+def forward_staged(model: Any, input_ids: Tensor, state: Any = None, all_logits: bool = True,
+                   progress: Callable[[int], None] | None = None) -> tuple[Any, Tensor]:
+    """model(input_ids, state) in two threads, each running half of the blocks (see above), in
+    sub-pieces of STAGE_PIECE tokens: memory is bounded by the sub-piece (and the logits kept).
 
     Returns (the state after input_ids, logits [B, T, V] in fp32, or with all_logits=False only the
-    last position's [B, V]). Check `staged_available` first.
+    last position's [B, V]). progress: called with each sub-piece's token count as it finishes.
+    Check `staged_available` first.
     """
     import dataclasses
     import queue
@@ -86,10 +88,20 @@ def forward_staged(model: Any, input_ids: Tensor, state: Any = None, all_logits:
     keys = [f"blocks.{i}" for i in range(len(blocks))]
     layers = dict(start.layers)
     threads = max(1, torch.get_num_threads() // 2)
-    handoff: queue.Queue = queue.Queue()   # at most T / STAGE_PIECE activations [B, STAGE_PIECE, dim]
+    handoff: queue.Queue = queue.Queue(maxsize=2)   # activations [B, STAGE_PIECE, dim] in flight
     logits: list[Tensor] = []
     errors: list[BaseException] = []
-    stop = object()
+    stop, second_done = object(), threading.Event()
+
+    def hand_over(x: Any) -> bool:
+        """Queue x for the second stage; False once it has stopped (its error ends the first stage)."""
+        while True:
+            try:
+                handoff.put(x, timeout=0.05)
+                return True
+            except queue.Full:
+                if errors or second_done.is_set():
+                    return False
 
     def run(first: bool) -> None:
         torch.set_num_threads(threads)   # this thread's own setting (OpenMP and MKL keep it per thread)
@@ -107,13 +119,20 @@ def forward_staged(model: Any, input_ids: Tensor, state: Any = None, all_logits:
                     for i in (range(h) if first else range(h, len(blocks))):
                         x, layers[keys[i]] = blocks[i](x, layers[keys[i]])
                     if first:
-                        handoff.put(x)
-                    elif all_logits or s + STAGE_PIECE >= T:
-                        logits.append(model.head(model.norm(x if all_logits else x[:, -1:])).float())
+                        if not hand_over(x):
+                            return
+                    else:
+                        if all_logits or s + STAGE_PIECE >= T:
+                            logits.append(model.head(model.norm(x if all_logits else x[:, -1:])).float())
+                        if progress is not None:
+                            progress(x.shape[1])
         except BaseException as e:  # noqa: BLE001  (raised again in the caller's thread)
             errors.append(e)
             if first:
-                handoff.put(stop)
+                hand_over(stop)
+        finally:
+            if not first:
+                second_done.set()
 
     caller_threads = torch.get_num_threads()
     workers = [threading.Thread(target=run, args=(first,), daemon=True) for first in (True, False)]
@@ -133,18 +152,18 @@ def prefill(model: Any, input_ids: Tensor, piece: int = 4096, state: Any = None)
     """Run input_ids [B, T] through `model` P = `piece` tokens at a time, carrying the state.
 
     Returns (state after the T tokens, logits of the last position [B, V]). Equals one call on
-    the whole input (the model's streaming contract) with memory bounded by the piece.
+    the whole input (the model's streaming contract) with memory bounded by the piece. Where the
+    staged forward applies (`staged_available`: CPU, >= 2 threads) the input goes through it in
+    one call instead, its memory bounded by its sub-pieces.
     """
     piece = _check_int("piece", piece, 1)
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty integer tensor [B, T]")
+    if staged_available(model, input_ids, state):
+        return forward_staged(model, input_ids, state, all_logits=False)
     last = None
     for s in range(0, input_ids.shape[1], piece):
-        ids = input_ids[:, s:s + piece]
-        if staged_available(model, ids, state):
-            state, last = forward_staged(model, ids, state, all_logits=False)
-            continue
-        out = model(ids, state=state)
+        out = model(input_ids[:, s:s + piece], state=state)
         state, last = out.state, out.logits[:, -1]
     return state, last
 
@@ -161,7 +180,8 @@ def token_logprobs(model: Any, ids: Tensor, piece: int = 4096, state: Any = None
     after ids. With a state and the logits its last token left (`last_logits` [V], as returned
     here or by `prefill`), every token of ids is scored: [T] each. The perplexity of
     `titans eval ppl --text` and the harness's log-likelihoods are this function. `progress` is
-    called with the number of tokens of each piece done (e.g. a tqdm bar's update).
+    called with the number of tokens of each piece done (e.g. a tqdm bar's update). Where the
+    staged forward applies, it takes the whole input in one call (as `prefill`).
     """
     piece = _check_int("piece", piece, 1)
     if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() == 0:
@@ -169,16 +189,16 @@ def token_logprobs(model: Any, ids: Tensor, piece: int = 4096, state: Any = None
     if (state is None) != (last_logits is None):
         raise ValueError("give state and last_logits together (or neither)")
     logits = [] if last_logits is None else [last_logits.float().reshape(1, -1)]
-    for s in range(0, ids.numel(), piece):
-        part = ids[None, s:s + piece]
-        if staged_available(model, part, state):
-            state, out_logits = forward_staged(model, part, state)
-        else:
-            out = model(part, state=state)
-            state, out_logits = out.state, out.logits
-        logits.append(out_logits[0].float())
-        if progress is not None:
-            progress(out_logits.shape[1])
+    if staged_available(model, ids[None], state):   # the whole input in one staged call (see prefill)
+        state, out_logits = forward_staged(model, ids[None], state, progress=progress)
+        logits.append(out_logits[0])
+    else:
+        for s in range(0, ids.numel(), piece):
+            out = model(ids[None, s:s + piece], state=state)
+            state = out.state
+            logits.append(out.logits[0].float())
+            if progress is not None:
+                progress(out.logits.shape[1])
     logits = torch.cat(logits)[:-1]                              # [T - 1 or T, V]: predicts the next token
     targets = ids[1:] if last_logits is None else ids
     logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None].long())[:, 0]
