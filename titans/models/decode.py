@@ -38,10 +38,8 @@ class MACDecoder:
     def __init__(self, mac: MAC, state: MACState, batch_size: int) -> None:
         self.mac, self.B = mac, batch_size
         self.memory = MemoryDecoder(mac.memory, state.memory, batch_size)
-        inner = mac.heads * mac.head_dim
-        self.inner = inner
         self.w_x = torch.cat([mac.wq.weight, mac.wk.weight, mac.wv.weight]).detach()   # x -> q, k, v
-        self.w_h = self.w_x[inner:]                                                    # h -> k, v
+        self.w_h = self.w_x[mac.heads * mac.head_dim:]                                 # h -> k, v
         self.Np = mac.persistent.n_tokens
         w = mac.wk.weight
         self.k = torch.zeros(batch_size, mac.heads, self.Np + 2 * mac.C, mac.head_dim, dtype=w.dtype, device=w.device)
