@@ -41,6 +41,18 @@ def test_staged_equals_forward(variant):
         assert _rel(model(nxt, state=state).logits, model(nxt, state=ref.state).logits) < 1e-5
 
 
+def test_inference_mode_is_kept():
+    model = TitansLM(TitansConfig.from_preset("tiny", "mac")).eval()
+    ids = torch.randint(0, 256, (1, 300))
+    with torch.inference_mode():
+        state, _ = forward_staged(model, ids)
+        state, _ = forward_staged(model, ids, state)      # an inference-mode state, continued
+    assert all(t.is_inference() for _, t in stream.state_tensors(state))
+    with torch.no_grad():
+        state, _ = forward_staged(model, ids)
+    assert not any(t.is_inference() for _, t in stream.state_tensors(state))
+
+
 def test_prefill_and_logprobs_take_it_and_agree():
     torch.manual_seed(1)
     model = TitansLM(TitansConfig.from_preset("tiny", "mac")).eval()

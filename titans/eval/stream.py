@@ -103,10 +103,12 @@ def forward_staged(model: Any, input_ids: Tensor, state: Any = None, all_logits:
                 if errors or second_done.is_set():
                     return False
 
+    inference = torch.is_inference_mode_enabled()   # grad modes are per thread: the caller's, in each stage
+
     def run(first: bool) -> None:
         torch.set_num_threads(threads)   # this thread's own setting (OpenMP and MKL keep it per thread)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(inference):
                 for s in range(0, T, STAGE_PIECE):
                     if first:
                         if errors:
