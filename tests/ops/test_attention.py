@@ -77,6 +77,20 @@ def test_blocked_equals_ref_with_gradients(Tq, Tk, window, Np, pb):
         assert rel(a, b) <= 1e-10, f"grad {name}: {rel(a, b)}"
 
 
+@pytest.mark.parametrize("Tq,Tk,window,Np,pb", CASES)
+@pytest.mark.parametrize("B", [1, 2])
+def test_blocked_without_autograd_equals_ref(Tq, Tk, window, Np, pb, B):
+    # without autograd the windowed blocks go through the fused scaled_dot_product_attention
+    tensors = make(B=B, Tq=Tq, Tk=Tk, Np=Np, prefix_batch=min(pb, B), seed=Tq * 5 + Tk + Np)
+    with torch.no_grad():
+        o = attention(*tensors[:3], window=window, prefix_k=tensors[3], prefix_v=tensors[4])
+    assert rel(o, attention(*tensors[:3], window=window, prefix_k=tensors[3], prefix_v=tensors[4], impl="ref")) <= 1e-10
+    f32 = [t.float() if t is not None else None for t in tensors]
+    with torch.no_grad():
+        o32 = attention(*f32[:3], window=window, prefix_k=f32[3], prefix_v=f32[4])
+    assert rel(o32, o) <= 1e-5
+
+
 @pytest.mark.parametrize("Tq,Tk,window,Np,pb", [(9, 9, None, 0, 1), (9, 9, 3, 2, 2), (4, 11, 3, 2, 1),
                                                 (4, 11, None, 1, 1), (7, 7, 1, 0, 1)])
 def test_ref_equals_per_query_loop(Tq, Tk, window, Np, pb):

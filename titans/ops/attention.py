@@ -220,7 +220,6 @@ def _windowed(q: Tensor, k: Tensor, v: Tensor, w: int, prefix_k: Tensor | None,
     v = F.pad(v, (0, 0, n_left, n_right)).view(B, H, nb + 1, w, Dv)
     k = torch.cat([k[:, :, :-1], k[:, :, 1:]], dim=3)   # [B, H, nb, 2w, D]  previous + own block
     v = torch.cat([v[:, :, :-1], v[:, :, 1:]], dim=3)   # [B, H, nb, 2w, Dv]
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)   # [B, H, nb, w, 2w]
     # query r of block b is at padded index (b+1)w + r, key c at b*w + c: the window is r < c <= w + r
     r = torch.arange(w, device=q.device)[:, None]
     c = torch.arange(2 * w, device=q.device)[None, :]
@@ -229,6 +228,10 @@ def _windowed(q: Tensor, k: Tensor, v: Tensor, w: int, prefix_k: Tensor | None,
     real = torch.ones(nb, 1, 2 * w, dtype=torch.bool, device=q.device)
     real[0, 0, :n_left] = False
     allowed = allowed & real                                                # [nb, w, 2w]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v) if t is not None)):
+        o = _blocks_sdpa(q, k, v, allowed, prefix_k, prefix_v)
+        return o.reshape(B, H, nb * w, Dv)[:, :, :Tq].to(out_dtype)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)   # [B, H, nb, w, 2w]
     scores = scores.masked_fill(~allowed, float("-inf"))
     if prefix_k is None:
         o = scores.softmax(dim=-1) @ v
@@ -239,6 +242,29 @@ def _windowed(q: Tensor, k: Tensor, v: Tensor, w: int, prefix_k: Tensor | None,
         Np = pk.shape[3]
         o = p[..., :Np] @ pv + p[..., Np:] @ v
     return o.reshape(B, H, nb * w, Dv)[:, :, :Tq].to(out_dtype)
+
+
+def _blocks_sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, prefix_k: Tensor | None,
+                 prefix_v: Tensor | None) -> Tensor:
+    """_windowed's blocks through the fused scaled_dot_product_attention, without autograd: the
+    blocks become batch rows, the prefix keys are put in front of every block's keys.
+    q: [B, H, nb, w, D]; k, v: [B, H, nb, 2w, .]; allowed: [nb, w, 2w]. Returns [B, H, nb, w, Dv].
+
+    The same softmax; it differs from the explicit path by fp32 rounding (~3e-7 relative) and
+    ran 1.3-1.6x faster at w=128, 4 heads of 64-96 (one thread, ad-hoc timing), with no score
+    tensor [B, H, nb, w, 2w] in memory.
+    """
+    B, H, nb, w, D = q.shape
+    if prefix_k is not None:
+        Np = prefix_k.shape[2]
+        k = torch.cat([prefix_k.to(k.dtype).unsqueeze(2).expand(B, H, nb, Np, D), k], dim=3)
+        v = torch.cat([prefix_v.to(v.dtype).unsqueeze(2).expand(B, H, nb, Np, v.shape[-1]), v], dim=3)
+        allowed = torch.cat([allowed.new_ones(nb, w, Np), allowed], dim=2)
+    rows = lambda t: t.transpose(1, 2).reshape(B * nb, H, t.shape[3], t.shape[4])      # [B nb, H, ., .]
+    mask = allowed.unsqueeze(1).expand(nb, 1, w, allowed.shape[2])
+    mask = mask if B == 1 else mask.repeat(B, 1, 1, 1)
+    o = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=mask)   # [B nb, H, w, Dv]
+    return o.view(B, nb, H, w, -1).transpose(1, 2)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
