@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    p.add_argument("--only", default="", help="comma list of run-name prefixes")
+    p.add_argument("--only", default="", help="comma list of run-name prefixes, run in that order")
     p.add_argument("--out", default=str(ROOT / "runs" / "cli_recall"))
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
@@ -113,8 +113,10 @@ def main() -> None:
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len))
     if not a.report_only:
         prefixes = [s for s in a.only.split(",") if s]
-        todo = [r for r in runs(a.seeds) if not store.done(name=r["name"], seed=r["seed"])
-                and (not prefixes or r["name"].startswith(tuple(prefixes)))]
+        todo = [r for r in runs(a.seeds) if not store.done(name=r["name"], seed=r["seed"])]
+        if prefixes:   # in the order given: the runs a decision hangs on first
+            todo = [r for p in prefixes for r in todo if r["name"].startswith(p)
+                    and not any(r["name"].startswith(q) for q in prefixes[:prefixes.index(p)])]
         run_parallel(store, todo, lambda r: one(r, a), lambda row: f"{row['name']} seed {row['seed']}: "
                      f"{row['seconds']} s " + (row["error"] or " ".join(f"{m}x {v:.3f}" for m, v in row["acc"].items())),
                      jobs=a.jobs)
