@@ -13,8 +13,7 @@ One run measures, on the CPU it names (lscpu "Model name"), each case in a fresh
   weights, which does not change the work): training tokens/s at the trainer's defaults
   (`titans train`: batch 8, 256 tokens, AdamW in the trainer's parameter groups, gradient
   clipping at 1.0, fp32), forward-only prefill tokens/s (batch 1, one long prompt through
-  `titans.eval.stream.prefill`, its default piece of 4096 tokens; and once more with its staged
-  path off, TITANS_STAGED=0, through the model's own forward), and greedy decode tokens/s
+  `titans.eval.stream.prefill`, its default piece of 4096 tokens), and greedy decode tokens/s
   through `TitansLM.generate_stream` (temperature 0, the path `titans generate` takes) at batch
   1, 8 and 32;
 - the race model against titans-pytorch 0.5.5's `MemoryAsContextTransformer` (PyPI
@@ -263,10 +262,7 @@ def cases(s: dict[str, Any], peer: bool) -> list[dict[str, Any]]:
     small = dict(preset="small", variant="mac")
     out = [dict(kind="limits", name="limits"),
            dict(kind="train", name="small train", side="ours", config=small),
-           dict(kind="prefill", name="small prefill", side="ours", config=small, tokens=s["prefill_tokens"]),
-           # the same through the model's own forward, without prefill's staged path (titans.eval.stream)
-           dict(kind="prefill", name="small prefill unstaged", side="ours", config=small, tokens=s["prefill_tokens"],
-                env=dict(TITANS_STAGED="0"))]
+           dict(kind="prefill", name="small prefill", side="ours", config=small, tokens=s["prefill_tokens"])]
     out += [dict(kind="decode", name=f"small decode B={B}", side="ours", config=small, B=B) for B in s["batches"]]
     sides = ["ours", "theirs"] if peer else ["ours"]
     for kind in ("prefill", "decode"):
@@ -317,9 +313,6 @@ def markdown(results: list[dict[str, Any]], limits: dict[str, Any], cpu: str) ->
     ratios = []
     if "small train" in by and "small prefill" in by:
         ratios.append(f"prefill / training (small): {by['small prefill']['tok_s'] / by['small train']['tok_s']:.2f}x")
-    if "small train" in by and "small prefill unstaged" in by:
-        ratios.append(f"unstaged prefill / training (small): "
-                      f"{by['small prefill unstaged']['tok_s'] / by['small train']['tok_s']:.2f}x")
     for kind in ("prefill", "decode"):
         a, b = by.get(f"race {kind} ours"), by.get(f"race {kind} theirs")
         if a and b:

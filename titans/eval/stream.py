@@ -36,133 +36,16 @@ def _check_int(name: str, value: object, low: int) -> int:
     return value
 
 
-# ------------------------------------------------------------------------------ staged forward
-# A forward-only pass at batch 1 is a chain of small operations (MAC runs one 128-token segment at a
-# time), and splitting each over two cores gains little. With two stages instead, blocks
-# 0 .. n/2-1 on one thread and the rest on another, each on its own cores, the second stage works
-# on sub-piece j while the first already runs sub-piece j + 1. Every block carries its own state,
-# so this is the streaming contract (any split equals one pass), block by block.
-STAGE_PIECE = 256   # tokens per sub-piece handed from the first stage to the second
-
-
-def staged_available(model: Any, input_ids: Tensor, state: Any = None) -> bool:
-    """Whether `forward_staged` applies: a TitansLM-like model (embed, blocks, norm, head) of at
-    least two blocks, on CPU, without autograd or autocast, with >= 2 threads, an input of at
-    least two sub-pieces, and a state the model made for this batch (anything else goes through
-    the model's own forward, which checks it)."""
-    blocks = getattr(model, "blocks", None)
-    if not (all(hasattr(model, a) for a in ("embed", "norm", "head", "init_state", "config")) and blocks is not None
-            and len(blocks) >= 2 and isinstance(input_ids, Tensor) and input_ids.dim() == 2
-            and input_ids.device.type == "cpu" and input_ids.shape[1] >= 2 * STAGE_PIECE
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and torch.get_num_threads() >= 2 and os.environ.get("TITANS_STAGED", "1") != "0"):
-        return False
-    if input_ids.dtype not in (torch.long, torch.int) or int(input_ids.min()) < 0 \
-            or int(input_ids.max()) >= model.config.vocab_size:
-        return False
-    if state is None:
-        return True
-    fresh = model.init_state(input_ids.shape[0])
-    return (type(state) is type(fresh) and set(getattr(state, "layers", {})) == set(fresh.layers)
-            and getattr(state, "shape", None) in (None, fresh.shape)
-            and getattr(state, "batch_size", None) in (None, input_ids.shape[0]))
-
-
-def forward_staged(model: Any, input_ids: Tensor, state: Any = None, all_logits: bool = True,
-                   progress: Callable[[int], None] | None = None) -> tuple[Any, Tensor]:
-    """model(input_ids, state) in two threads, each running half of the blocks (see above), in
-    sub-pieces of STAGE_PIECE tokens: memory is bounded by the sub-piece (and the logits kept).
-
-    Returns (the state after input_ids, logits [B, T, V] in fp32, or with all_logits=False only the
-    last position's [B, V]). progress: called with each sub-piece's token count as it finishes.
-    Check `staged_available` first.
-    """
-    import dataclasses
-    import queue
-    import threading
-
-    B, T = input_ids.shape
-    start = model.init_state(B) if state is None else state
-    blocks = list(model.blocks)
-    h = len(blocks) // 2
-    keys = [f"blocks.{i}" for i in range(len(blocks))]
-    layers = dict(start.layers)
-    threads = max(1, torch.get_num_threads() // 2)
-    handoff: queue.Queue = queue.Queue(maxsize=2)   # activations [B, STAGE_PIECE, dim] in flight
-    logits: list[Tensor] = []
-    errors: list[BaseException] = []
-    stop, second_done = object(), threading.Event()
-
-    def hand_over(x: Any) -> bool:
-        """Queue x for the second stage; False once it has stopped (its error ends the first stage)."""
-        while True:
-            try:
-                handoff.put(x, timeout=0.05)
-                return True
-            except queue.Full:
-                if errors or second_done.is_set():
-                    return False
-
-    inference = torch.is_inference_mode_enabled()   # grad modes are per thread: the caller's, in each stage
-
-    def run(first: bool) -> None:
-        torch.set_num_threads(threads)   # this thread's own setting (OpenMP and MKL keep it per thread)
-        try:
-            with torch.no_grad(), torch.inference_mode(inference):
-                for s in range(0, T, STAGE_PIECE):
-                    if first:
-                        if errors:
-                            return
-                        x = model.embed(input_ids[:, s:s + STAGE_PIECE])
-                    else:
-                        x = handoff.get()
-                        if x is stop:
-                            return
-                    for i in (range(h) if first else range(h, len(blocks))):
-                        x, layers[keys[i]] = blocks[i](x, layers[keys[i]])
-                    if first:
-                        if not hand_over(x):
-                            return
-                    else:
-                        if all_logits or s + STAGE_PIECE >= T:
-                            logits.append(model.head(model.norm(x if all_logits else x[:, -1:])).float())
-                        if progress is not None:
-                            progress(x.shape[1])
-        except BaseException as e:  # noqa: BLE001  (raised again in the caller's thread)
-            errors.append(e)
-            if first:
-                hand_over(stop)
-        finally:
-            if not first:
-                second_done.set()
-
-    caller_threads = torch.get_num_threads()
-    workers = [threading.Thread(target=run, args=(first,), daemon=True) for first in (True, False)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    torch.set_num_threads(caller_threads)   # torch also keeps the last setting as the default of new threads
-    if errors:
-        raise errors[0]
-    out_state = dataclasses.replace(start, layers=layers, position=start.position + T, batch_size=B)
-    return out_state, (torch.cat(logits, dim=1) if all_logits else logits[-1][:, -1])
-
-
 @torch.no_grad()
 def prefill(model: Any, input_ids: Tensor, piece: int = 4096, state: Any = None) -> tuple[Any, Tensor]:
     """Run input_ids [B, T] through `model` P = `piece` tokens at a time, carrying the state.
 
     Returns (state after the T tokens, logits of the last position [B, V]). Equals one call on
-    the whole input (the model's streaming contract) with memory bounded by the piece. Where the
-    staged forward applies (`staged_available`: CPU, >= 2 threads) the input goes through it in
-    one call instead, its memory bounded by its sub-pieces.
+    the whole input (the model's streaming contract) with memory bounded by the piece.
     """
     piece = _check_int("piece", piece, 1)
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty integer tensor [B, T]")
-    if staged_available(model, input_ids, state):
-        return forward_staged(model, input_ids, state, all_logits=False)
     last = None
     for s in range(0, input_ids.shape[1], piece):
         out = model(input_ids[:, s:s + piece], state=state)
@@ -182,8 +65,7 @@ def token_logprobs(model: Any, ids: Tensor, piece: int = 4096, state: Any = None
     after ids. With a state and the logits its last token left (`last_logits` [V], as returned
     here or by `prefill`), every token of ids is scored: [T] each. The perplexity of
     `titans eval ppl --text` and the harness's log-likelihoods are this function. `progress` is
-    called with the number of tokens of each piece done (e.g. a tqdm bar's update). Where the
-    staged forward applies, it takes the whole input in one call (as `prefill`).
+    called with the number of tokens of each piece done (e.g. a tqdm bar's update).
     """
     piece = _check_int("piece", piece, 1)
     if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() == 0:
@@ -191,16 +73,12 @@ def token_logprobs(model: Any, ids: Tensor, piece: int = 4096, state: Any = None
     if (state is None) != (last_logits is None):
         raise ValueError("give state and last_logits together (or neither)")
     logits = [] if last_logits is None else [last_logits.float().reshape(1, -1)]
-    if staged_available(model, ids[None], state):   # the whole input in one staged call (see prefill)
-        state, out_logits = forward_staged(model, ids[None], state, progress=progress)
-        logits.append(out_logits[0])
-    else:
-        for s in range(0, ids.numel(), piece):
-            out = model(ids[None, s:s + piece], state=state)
-            state = out.state
-            logits.append(out.logits[0].float())
-            if progress is not None:
-                progress(out.logits.shape[1])
+    for s in range(0, ids.numel(), piece):
+        out = model(ids[None, s:s + piece], state=state)
+        state = out.state
+        logits.append(out.logits[0].float())
+        if progress is not None:
+            progress(out.logits.shape[1])
     logits = torch.cat(logits)[:-1]                              # [T - 1 or T, V]: predicts the next token
     targets = ids[1:] if last_logits is None else ids
     logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None].long())[:, 0]
@@ -388,16 +266,12 @@ def stream_eval(model: Any, n_tokens: int, piece: int = 4096,
     for mark in marks:
         while pos < mark:
             n = min(piece, mark - pos)
-            ids = stream.send(n)
-            if staged_available(model, ids, state):
-                state, logits = forward_staged(model, ids, state)
-            else:
-                out = model(ids, state=state)
-                state, logits = out.state, out.logits
+            out = model(stream.send(n), state=state)
+            state = out.state
             pos += n
             if progress is not None:
                 progress(n)
-            if bad_logits is None and not bool(torch.isfinite(logits).all()):
+            if bad_logits is None and not bool(torch.isfinite(out.logits).all()):
                 bad_logits = pos
         now = time.perf_counter()
         rows.append(dict(tokens=pos, seconds=now - t0,

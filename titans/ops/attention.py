@@ -105,7 +105,7 @@ def _rope_tables(positions: Tensor, D: int, base: float, dtype: torch.dtype) -> 
     if cos is None or lo < start or hi >= start + cos.shape[0]:
         start = lo
         cos, sin = _rope_angles(torch.arange(lo, lo + max(_ROPE_RANGE, hi - lo + 1)), D, base, dtype)
-        with _ROPE_LOCK:   # the staged forward (titans.eval.stream) rotates in two threads
+        with _ROPE_LOCK:   # callers may rotate from several threads
             if key not in _ROPE_CACHE and len(_ROPE_CACHE) >= _ROPE_CACHE_SIZE:
                 del _ROPE_CACHE[next(iter(_ROPE_CACHE))]      # the oldest
             _ROPE_CACHE[key] = (start, cos, sin)
