@@ -28,13 +28,22 @@ from .neural_memory import NeuralMemory, NeuralMemoryState
 # the memory activations by their index in csrc/step_native.cpp
 ACT_CODES = {"silu": 0, "gelu": 1, "tanh": 2}
 
-__all__ = ["MemoryDecoder", "AttentionDecoder", "attend", "rope", "step_native"]
+__all__ = ["MemoryDecoder", "AttentionDecoder", "attend", "dense", "rope", "step_native"]
 
 
 def step_native(like: Tensor):
     """The compiled decode step (csrc/step_native.cpp) for tensors like `like` (CPU float32 or
     float64), or None: then the decoders run the Python below, which is its definition."""
     return native.step_module() if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64) else None
+
+
+def dense(x: Tensor, w: Tensor, native=None, bias: Tensor | None = None) -> Tensor:
+    """x W^T (+ bias) for one token per row, x [B, K], W [N, K]. With the compiled step module and
+    a few rows, its matrix-vector product: BLAS at M = 1 streams a step's weights at 8-11 GB/s on
+    the CPUs we measured, this at ~50 GB/s (docs/benchmarks.md, "Inference")."""
+    if native is not None and x.shape[0] <= 8:
+        return native.linear_rows(x.contiguous(), w, bias)
+    return F.linear(x, w, bias)
 
 
 def _rms(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -86,7 +95,7 @@ class MemoryDecoder:
 
     def step(self, x: Tensor) -> Tensor:
         m, B, H = self.layer, self.B, self.layer.heads
-        u, logits, g = F.linear(x, self.w_in, self.b_in).split(self.split, dim=-1)
+        u, logits, g = dense(x, self.w_in, self.native, self.b_in).split(self.split, dim=-1)
         if self.native is not None:
             mem = self.memory
             out = self.native.memory_decode_step(
@@ -96,7 +105,7 @@ class MemoryDecoder:
                 m.momentum_form == "bounded", m.forgetting, (mem.position + 1) % m.chunk_size == 0)
             mem.position += 1
             self.position += 1
-            return F.linear(out, m.wo.weight)
+            return dense(out, m.wo.weight, self.native)
         if m.conv_kernel:
             window = torch.cat([self.conv, u.unsqueeze(1)], dim=1)              # [B, K, C]
             s = (window * self.conv_w).sum(1).add_(self.conv_b)
@@ -147,10 +156,10 @@ class MemoryDecoder:
         """MAC's read of the memory `weights` with a query from x, through the output path."""
         m = self.layer
         if self.native is not None:
-            q, g = F.linear(x, self.w_read).chunk(2, dim=-1)
+            q, g = dense(x, self.w_read, self.native).chunk(2, dim=-1)
             out = self.native.memory_decode_read(q.contiguous(), g.contiguous(), weights, self.out_norm, m.heads,
                                                  m.head_dim, ACT_CODES[m.activation], m.residual, m.qk_silu)
-            return F.linear(out, m.wo.weight)
+            return dense(out, m.wo.weight, self.native)
         q = F.linear(x, self.w_in[:self.inner])
         if m.qk_silu:
             F.silu(q, inplace=True)
@@ -207,7 +216,7 @@ class AttentionDecoder:
 
     def step(self, x: Tensor) -> Tensor:
         a, B, pos = self.layer, self.B, self.position
-        q, k, v = F.linear(x, self.w_qkv).view(B, 3, a.heads, a.head_dim).unbind(1)   # [B, H, Dh] each
+        q, k, v = dense(x, self.w_qkv, self.native).view(B, 3, a.heads, a.head_dim).unbind(1)   # [B, H, Dh] each
         if a.q_norm is not None:
             q, k = _rms(q, a.q_norm.weight, a.q_norm.eps), _rms(k, a.k_norm.weight, a.k_norm.eps)
         if a.window is None and self.Np + pos >= self.k.shape[2]:   # full attention: double the buffer
@@ -219,7 +228,7 @@ class AttentionDecoder:
         if self.native is not None:
             o = self.native.attend_step(q.contiguous(), k.unsqueeze(2).contiguous(), v.unsqueeze(2).contiguous(),
                                         self.k, self.v, [slot], n, pos, a.rope_base)
-            return F.linear(o, a.wo.weight)
+            return dense(o, a.wo.weight, self.native)
         self.k[:, :, slot], self.v[:, :, slot] = rope(k, pos, a.rope_base), v
         o = attend(rope(q, pos, a.rope_base), self.k[:, :, :n], self.v[:, :, :n])
         return F.linear(o.reshape(B, -1), a.wo.weight)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import Attention, NeuralMemory, RMSNorm
-from ..layers.decode import AttentionDecoder, MemoryDecoder, attend, rope, step_native
+from ..layers.decode import AttentionDecoder, MemoryDecoder, attend, dense, rope, step_native
 from .variants import MAC, MAG, MAL, AttnMemoryState, BranchGate, MACState
 
 __all__ = ["Decoder"]
@@ -69,8 +69,8 @@ class MACDecoder:
         if weights is None:
             weights = [w.detach().unsqueeze(0) for w in mac.memory.memory]
         h = self.memory.retrieve(x, weights)                                        # [B, dim]
-        q, kx, vx = F.linear(x, self.w_x).view(B, 3, H, Dh).unbind(1)
-        kh, vh = F.linear(h, self.w_h).view(B, 2, H, Dh).unbind(1)
+        q, kx, vx = dense(x, self.w_x, self.native).view(B, 3, H, Dh).unbind(1)
+        kh, vh = dense(h, self.w_h, self.native).view(B, 2, H, Dh).unbind(1)
         slot = self.Np + 2 * offset
         if self.native is not None:
             o = self.native.attend_step(q.contiguous(), torch.stack([kh, kx], 2), torch.stack([vh, vx], 2), self.k,
@@ -80,7 +80,7 @@ class MACDecoder:
             self.k[:, :, slot], self.k[:, :, slot + 1] = rope(kh, pos, base), rope(kx, pos, base)
             self.v[:, :, slot], self.v[:, :, slot + 1] = vh, vx
             o = attend(rope(q, pos, base), self.k[:, :, :slot + 2], self.v[:, :, :slot + 2])
-        y = F.linear(o.reshape(B, -1), mac.wo.weight)
+        y = dense(o.reshape(B, -1), mac.wo.weight, self.native)
         written = y if mac.write == "y" else x if mac.write == "x" else x + y
         m = self.memory.step(written)
         self.position += 1
@@ -144,7 +144,7 @@ def branch_gate(gate: BranchGate, y: Tensor, m: Tensor, native=None) -> Tensor:
                                gate.norm_y.eps, gate.norm_m.eps)
     else:
         g = rms_norm(gate.norm_y, y).mul_(torch.sigmoid(rms_norm(gate.norm_m, m)))
-    return F.linear(g, gate.wo.weight)
+    return dense(g, gate.wo.weight, native)
 
 
 def mixer_decoder(mixer: nn.Module, state: Any, batch_size: int):
@@ -184,10 +184,10 @@ class Decoder:
         x = F.embedding(tokens, m.embed.weight)
         for block, dec in zip(m.blocks, self.blocks):
             x = x + dec.step(rms_norm(block.norm1, x, self.native))
-            gate, up = F.linear(rms_norm(block.norm2, x, self.native), block.mlp.w_in.weight).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate).mul_(up), block.mlp.w_out.weight)
+            gate, up = dense(rms_norm(block.norm2, x, self.native), block.mlp.w_in.weight, self.native).chunk(2, dim=-1)
+            x = x + dense(F.silu(gate).mul_(up), block.mlp.w_out.weight, self.native)
         self.position += 1
-        return F.linear(rms_norm(m.norm, x, self.native), m.head.weight).float()
+        return dense(rms_norm(m.norm, x, self.native), m.head.weight, self.native).float()
 
     def state(self):
         """The model's ModelState after the tokens so far (a copy: decoding on does not change it)."""

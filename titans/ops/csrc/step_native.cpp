@@ -373,10 +373,48 @@ torch::Tensor attend_step(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_
   return out;
 }
 
+namespace {
+
+template <typename T>
+void linear_impl(const T* x, const T* w, const T* b, T* y, int64_t R, int64_t N, int64_t K) {
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < N; ++o) {
+    const T* row = w + o * K;
+    for (int64_t r = 0; r < R; ++r) {
+      const T* xr = x + r * K;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < K; ++i) acc += row[i] * xr[i];
+      y[r * N + o] = acc + (b ? b[o] : T(0));
+    }
+  }
+}
+
+}  // namespace
+
+// y = x W^T (+ b) for a few rows x [R, K], W [N, K]: a matrix-vector product per row that reads
+// each weight row once for all rows, over the threads (BLAS streams a decode step's weights at
+// 8-11 GB/s on some CPUs at M = 1; docs/benchmarks.md, "Inference").
+torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check(x, x, "x");
+  check(w, x, "weight");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_rows: x [R, K] and W [N, K]");
+  if (bias) check(*bias, x, "bias");
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_rows", [&] {
+    linear_impl<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                          bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), x.size(0), w.size(0),
+                          x.size(1));
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("memory_decode_step", &memory_decode_step, "one token of the memory layer (layers/decode.py)");
   m.def("memory_decode_read", &memory_decode_read, "MAC's read of the segment-start memory (layers/decode.py)");
   m.def("rms_norm", &rms_norm, "RMSNorm of one token per row");
+  m.def("linear_rows", &linear_rows, "x W^T (+ b) for a few rows (layers/decode.py)", py::arg("x"), py::arg("w"),
+        py::arg("bias") = py::none());
   m.def("branch_gate", &branch_gate, "RMSNorm_y(y) * sigmoid(RMSNorm_m(m)) (variants.BranchGate)");
   m.def("attend_step", &attend_step, "RoPE, cache write and one query's attention (layers/decode.py)");
 }
