@@ -1,4 +1,5 @@
-"""The chunk path's per-piece work and the layer's input and output paths in C++ (csrc/chunk_native.cpp), built on first use.
+"""The chunk path's per-piece work and the layer's input and output paths in C++ (csrc/chunk_native.cpp), built on first use;
+and, as a module of its own (`step_module`), the decode step (csrc/step_native.cpp, layers/decode.py).
 
 The Python functions they replace (chunk.piece_forward, chunk.advance_state,
 chunk_backward.piece_backward, chunk.chunk_gates and chunk_gates_backward, the elementwise part
