@@ -210,3 +210,24 @@ def test_residual_stream_scale_at_init(variant):
         assert 0 < out < 3 * embed, f"block {n}: mixer output RMS {out:.3g} against embeddings {embed:.3g}"
         if variant == "mal":
             assert 0.5 < seen[f"attn{n}"] < 2, f"MAL attention input RMS {seen[f'attn{n}']:.3g}"
+
+
+@pytest.mark.parametrize("kw", [{}, dict(memory_depth=2, memory_residual=True), dict(mac_write="y")],
+                         ids=["default", "deep", "write-y"])
+def test_mac_without_autograd_equals_the_training_path(kw):
+    """Without autograd MAC runs a call's whole segments together (MAC._segments); the logits and
+    the state equal the segment-by-segment path's, from a boundary and from inside a segment."""
+    from .test_decode import assert_same
+    model = tiny("mac", **kw)
+    x = ids(T=110)                                   # segments of 32: three whole ones and a part
+    ref = model(x)
+    full = model(x[:, :40])
+    ref_split = model(x[:, 40:], state=full.state)
+    with torch.no_grad():
+        out = model(x)
+        first = model(x[:, :40])
+        split = model(x[:, 40:], state=first.state)   # starts inside a segment, then whole ones
+    assert (out.logits - ref.logits).abs().max() < 1e-9
+    assert_same(out.state, ref.state.detach(), "state", tol=1e-10)
+    assert (split.logits - ref_split.logits).abs().max() < 1e-9
+    assert_same(split.state, ref_split.state.detach(), "split state", tol=1e-10)

@@ -194,14 +194,54 @@ class MAC(nn.Module):
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
         B, T, _ = x.shape
         state = state or self.init_state(B)
+        # without autograd and with the block's input written, everything but the memory depends
+        # on x alone: a call's whole segments go through `_segments` together (prefill, evaluation)
+        batch_segments = self.write == "x" and not torch.is_grad_enabled()
         outs, i = [], 0
         while i < T:  # one piece per segment: segments start at absolute multiples of C
             offset = state.position % self.C
-            t = min(T - i, self.C - offset)
-            o, state = self._piece(x[:, i:i + t], state, offset)
+            n = (T - i) // self.C if batch_segments and offset == 0 else 0
+            if n:
+                o, state = self._segments(x[:, i:i + n * self.C], state, n)
+                i += n * self.C
+            else:
+                t = min(T - i, self.C - offset)
+                o, state = self._piece(x[:, i:i + t], state, offset)
+                i += t
             outs.append(o)
-            i += t
         return (torch.cat(outs, dim=1) if outs else x[:, :0]), state
+
+    def _segments(self, x: Tensor, state: MACState, S: int) -> tuple[Tensor, MACState]:
+        """S whole segments at once, x [B, S C, dim] starting at a segment boundary, with
+        mac_write="x": the same as S calls of `_piece`, with only the memory run per segment."""
+        B, N, _ = x.shape
+        C, H, Dh, mem = self.C, self.heads, self.head_dim, self.memory
+        ms, seg_ws, mem_state = [], [], state.memory
+        for s in range(S):   # the memory, and its weights at each segment start (the retrieval's)
+            seg_ws.append(None if mem_state is None else mem_state.memory.weights)
+            m, mem_state = mem(x[:, s * C:(s + 1) * C], mem_state)
+            ms.append(m)
+        # the retrieval of every segment with its start weights: segments in the batch dimension
+        inner = mem.heads * mem.head_dim
+        q = F.linear(x, mem.wqkv.weight[:inner])
+        q = l2norm((F.silu(q) if mem.qk_silu else q).view(B, S, C, mem.heads, mem.head_dim))
+        q = q.permute(0, 1, 3, 2, 4).reshape(B * S, mem.heads, C, mem.head_dim)             # [B S, Hm, C, Dm]
+        W = [torch.stack([w[l] if w is not None else p.unsqueeze(0).expand(B, -1, -1, -1) for w in seg_ws], 1)
+             .flatten(0, 1) for l, p in enumerate(mem.memory)]                               # [B S, Hm, do, di]
+        r = memory_forward(q, W, mem.activation, mem.residual)
+        h = mem.read_out(r.view(B, S, mem.heads, C, mem.head_dim).transpose(2, 3).reshape(B, N, mem.heads,
+                                                                                      mem.head_dim), x)
+        pos = torch.arange(state.position, state.position + N, device=x.device)
+        kh, kx = (rotary(self._split(self.wk(t)), pos, self.rope_base) for t in (h, x))       # [B, H, N, Dh]
+        vh, vx = self._split(self.wv(h)), self._split(self.wv(x))
+        q = rotary(self._split(self.wq(x)), pos, self.rope_base)
+        seg = lambda t: t.reshape(B, H, S, C, Dh).transpose(1, 2).reshape(B * S, H, C, Dh)
+        p = self.persistent().to(x.dtype).unsqueeze(0)
+        pk, pv = self._split(self.wk(p)), self._split(self.wv(p))                            # [1, H, Np, Dh]
+        y = _segment_attention(seg(q), pk, pv, seg(kh), seg(vh), seg(kx), seg(vx), 0)        # [B S, H, C, Dh]
+        y = self.wo(y.view(B, S, H, C, Dh).permute(0, 1, 3, 2, 4).reshape(B, N, H * Dh))
+        o = self.gate(y, torch.cat(ms, dim=1))
+        return o, MACState(mem_state, seg_ws[-1], None, None, state.position + N)
 
     def _piece(self, x: Tensor, state: MACState, offset: int) -> tuple[Tensor, MACState]:
         B, t, _ = x.shape
