@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import memory_forward, memory_step, native, owned_state
-from ..ops.features import NORM_EPS, RMS_EPS
+from ..ops.features import RMS_EPS, l2norm
 from ..ops.attention import rotary
 from .attention import Attention, AttentionState
 from .neural_memory import NeuralMemory, NeuralMemoryState
@@ -51,11 +51,6 @@ def _rms(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
-def l2norm_(x: Tensor) -> Tensor:
-    """features.l2norm in place: x / sqrt(|x|^2 + NORM_EPS) over the last dim."""
-    return x.mul_(torch.rsqrt(x.square().sum(-1, keepdim=True).add_(NORM_EPS)))
-
-
 def rope(x: Tensor, position: int, base: float) -> Tensor:
     """ops.attention.rotary of one token per row, x [..., H, Dh] at `position`."""
     return rotary(x.unsqueeze(-2), torch.tensor([position], device=x.device), base).squeeze(-2)
@@ -84,7 +79,6 @@ class MemoryDecoder:
             self.conv = state.conv.detach().transpose(1, 2).contiguous()           # [B, K - 1, C], oldest first
         self.memory = owned_state(state.memory, [p.detach() for p in layer.memory], batch_size)
         self.chunk_gates = None if state.chunk_gates is None else state.chunk_gates.detach().clone()
-        self.position = state.position
         self.rule = dict(chunk_size=layer.chunk_size, activation=layer.activation, residual=layer.residual,
                          normalize_step=layer.normalize_step)
         # the C++ step (csrc/step_native.cpp) where it applies: CPU float32 / float64
@@ -104,7 +98,6 @@ class MemoryDecoder:
                 ACT_CODES[m.activation], m.residual, m.normalize_step, m.qk_silu, m.max_lr, m.momentum,
                 m.momentum_form == "bounded", m.forgetting, (mem.position + 1) % m.chunk_size == 0)
             mem.position += 1
-            self.position += 1
             return dense(out, m.wo.weight, self.native)
         if m.conv_kernel:
             window = torch.cat([self.conv, u.unsqueeze(1)], dim=1)              # [B, K, C]
@@ -117,10 +110,14 @@ class MemoryDecoder:
             F.silu(s, inplace=True)
         else:
             F.silu(s[:, 2], inplace=True)
-        q, k, v = l2norm_(s[:, :2]).unbind(1) + (s[:, 2],)                   # [B, H, Dh] each
+        q, k, v = l2norm(s[:, :2]).unbind(1) + (s[:, 2],)                    # [B, H, Dh] each
         y, _ = memory_step(q, k, v, *self._gates(logits), self.memory, **self.rule)
-        self.position += 1
         return self.read_out(y, g)
+
+    @property
+    def position(self) -> int:
+        """Tokens seen: the memory state's own count (ops.memory_step advances it)."""
+        return self.memory.position
 
     def _gate_values(self, logits: Tensor) -> Tensor:
         """The sigmoid of the gate logits [B, 3, H] (theta, eta, alpha before their settings), with
@@ -155,17 +152,14 @@ class MemoryDecoder:
     def retrieve(self, x: Tensor, weights: list[Tensor]) -> Tensor:
         """MAC's read of the memory `weights` with a query from x, through the output path."""
         m = self.layer
+        q, g = dense(x, self.w_read, self.native).chunk(2, dim=-1)
         if self.native is not None:
-            q, g = dense(x, self.w_read, self.native).chunk(2, dim=-1)
             out = self.native.memory_decode_read(q.contiguous(), g.contiguous(), weights, self.out_norm, m.heads,
                                                  m.head_dim, ACT_CODES[m.activation], m.residual, m.qk_silu)
             return dense(out, m.wo.weight, self.native)
-        q = F.linear(x, self.w_in[:self.inner])
-        if m.qk_silu:
-            F.silu(q, inplace=True)
-        q = l2norm_(q.view(self.B, m.heads, m.head_dim))
+        q = l2norm((F.silu(q) if m.qk_silu else q).view(self.B, m.heads, m.head_dim))
         r = memory_forward(q.unsqueeze(-2), weights, m.activation, m.residual).squeeze(-2)
-        return self.read_out(r, F.linear(x, m.wgate_out.weight))
+        return self.read_out(r, g)
 
     def state(self) -> NeuralMemoryState:
         s = self.memory

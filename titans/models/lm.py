@@ -197,12 +197,9 @@ class TitansLM(nn.Module):
         B, T = input_ids.shape
         if state is None:
             state = self.init_state(B)
-        elif not isinstance(state, ModelState) or set(state.layers) != {f"blocks.{i}" for i in range(len(self.blocks))}:
-            raise ValueError("state must be a ModelState from this model (one entry per block)")
-        elif state.shape not in (None, self._state_shape):
-            raise ValueError(f"state was made by another architecture ({state.shape}) than this model's "
-                             f"({self._state_shape})")
-        elif state.batch_size not in (None, B):
+        else:
+            self._check_state(state)
+        if state.batch_size not in (None, B):
             raise ValueError(f"state holds a batch of {state.batch_size} sequences, input_ids has {B}")
         x = self.embed(input_ids)
         new_layers = {}
@@ -247,16 +244,20 @@ class TitansLM(nn.Module):
             if i + 1 < max_new_tokens:   # the last token's logits are never used
                 logits = decoder.step(token)
 
-    def decoder(self, state: ModelState) -> "Decoder":
-        """The one-token decode step from `state` (titans.models.decode.Decoder): logits [B, V] =
-        decoder.step(tokens [B]), decoder.state() the ModelState so far. state must come from a
-        forward of at least one token (the prefill), on this model."""
-        from .decode import Decoder
+    def _check_state(self, state: Any) -> None:
+        """A ModelState of this model's blocks and architecture, or a ValueError saying which not."""
         if not isinstance(state, ModelState) or set(state.layers) != {f"blocks.{i}" for i in range(len(self.blocks))}:
             raise ValueError("state must be a ModelState from this model (one entry per block)")
         if state.shape not in (None, self._state_shape):
             raise ValueError(f"state was made by another architecture ({state.shape}) than this model's "
                              f"({self._state_shape})")
+
+    def decoder(self, state: ModelState) -> "Decoder":
+        """The one-token decode step from `state` (titans.models.decode.Decoder): logits [B, V] =
+        decoder.step(tokens [B]), decoder.state() the ModelState so far. state must come from a
+        forward of at least one token (the prefill), on this model."""
+        from .decode import Decoder
+        self._check_state(state)
         if state.position < 1 or state.batch_size is None:
             raise ValueError("decoding continues a prefill: run the prompt (at least one token) through the model "
                              "first and pass its out.state")
