@@ -23,22 +23,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
 
 from common import ROOT, Store, corpus, cpu_name, run_parallel, titans_cli, write_section
 
-MODES = ("plain", "carry", "post", "postctl")
 POST_LR = 5e-4   # the post-training steps continue a trained model: a tenth of the CLI's peak lr
+
+
+def parse_mode(mode: str) -> tuple[str, int]:
+    """("carry", 8) for "carry8": an arm and its --carry-state K ("plain" and "postctl": K = 0)."""
+    arm = mode.rstrip("0123456789")
+    k = int(mode[len(arm):] or 0)
+    if arm not in ("plain", "carry", "post", "postctl") or (k > 1) != (arm in ("carry", "post")):
+        raise SystemExit(f"--modes: {mode!r} is not plain, postctl, carryK or postK (K >= 2)")
+    return arm, k
 
 
 def one(key: dict, a: argparse.Namespace) -> dict:
     name = f"{key['variant']}-{key['mode']}-s{key['seed']}"
     out = Path(a.out) / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
-    carry = ["--carry-state", str(a.carry)] if key["mode"] in ("carry", "post") else []
-    if key["mode"] in ("post", "postctl"):   # continue the plain run (it runs beside: wait for its end)
+    arm, k = parse_mode(key["mode"])
+    carry = ["--carry-state", str(k)] if k else []
+    if arm in ("post", "postctl"):   # continue the plain run (it runs beside: wait for its end)
         base = Path(a.out) / "runs" / f"{key['variant']}-plain-s{key['seed']}"
         while not (base / "done").exists():
             time.sleep(5)
@@ -57,6 +67,10 @@ def one(key: dict, a: argparse.Namespace) -> dict:
         return row
     titans_cli("eval", "by-position", "--model", str(out), "--json", str(out / "by_position.json"), "--quiet")
     rows = json.loads((out / "by_position.json").read_text())["model"]["rows"]
+    # short inputs on the whole validation split (780K bytes), windows of the trained length from an
+    # empty state: a far less noisy measure than the plays' first bucket (two pieces of 512)
+    ppl = titans_cli("eval", "ppl", "--model", str(out), "--seq-len", str(a.seq_len), "--quiet").stdout
+    row["val_loss"] = float(re.search(r"loss ([0-9.]+)", ppl).group(1))
     row.update(buckets=[r["bucket"] for r in rows], carried=[r["carried"] for r in rows],
                reset=[r["reset"] for r in rows], tokens=[r["tokens"] for r in rows])
     return row
@@ -68,46 +82,53 @@ def _fmt(v: float | None, sign: bool = False) -> str:
     return f"{v:+.3f}" if sign else f"{v:.3f}"
 
 
+def _order(r: dict) -> tuple:
+    arm, k = parse_mode(r["mode"])
+    return r["variant"], ("plain", "carry", "postctl", "post").index(arm), k, r["seed"]
+
+
 def report(store: Store, a: argparse.Namespace) -> None:
-    rows = [r for r in store.rows if not r.get("error")]
+    rows = sorted((r for r in store.rows if not r.get("error")), key=_order)
     if not rows:
         return
     buckets = rows[0]["buckets"]
     lines = ["## Long streams: loss by position", "",
-             f"`python experiments/long_stream.py`: tiny preset, byte corpus, `titans train --preset tiny --variant V "
-             f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --seed S` (plain: random windows) "
-             f"and the same with `--carry-state {a.carry}` (carry: TBPTT on contiguous streams, the state carried "
-             f"for {a.carry} windows of {a.seq_len}, so 1/{a.carry} of the steps start empty); every other setting "
-             f"the CLI's default; post and postctl continue the plain run for {a.post} steps at lr {POST_LR} "
-             f"(`--init PLAIN`, with and without `--carry-state {a.carry}`). Budget per run: "
+             f"`python experiments/long_stream.py --modes {a.modes}`: tiny preset, byte corpus, `titans train "
+             f"--preset tiny --variant V --steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --seed S` "
+             f"(plain: random windows) and the same with `--carry-state K` (carryK: TBPTT on contiguous streams, "
+             f"the state carried for K windows of {a.seq_len}, so 1/K of the steps start empty); every other "
+             f"setting the CLI's default; postK and postctl continue the plain run for {a.post} steps at lr "
+             f"{POST_LR} (`--init PLAIN`, with and without `--carry-state K`). Budget per run: "
              f"{a.steps} steps x {a.batch_size} x {a.seq_len} = "
              f"{a.steps * a.batch_size * a.seq_len / 1e6:.1f}M tokens, one thread, two runs at a time on {cpu_name()}. "
-             f"Scored with `titans eval by-position` on the two held-out plays (pieces of {a.seq_len}). "
-             f"Loss in nats per byte.", "",
+             f"Scored with `titans eval by-position` on the two held-out plays (pieces of {a.seq_len}), and with "
+             f"`titans eval ppl --seq-len {a.seq_len}` on the whole validation split (val: windows from an empty "
+             f"state, 780K bytes). Loss in nats per byte.", "",
              "Carried minus reset of the same run (< 0: the carried memory helps):", "",
-             "| variant | training | seed | train s | 0-1x loss | " + " | ".join(buckets[1:]) + " |",
-             "|---|---|---|---|---|" + "---|" * (len(buckets) - 1)]
-    key = lambda r: (r["variant"], MODES.index(r["mode"]), r["seed"])
-    for r in sorted(rows, key=key):
-        lines.append(f"| {r['variant']} | {r['mode']} | {r['seed']} | {r['seconds']} | {_fmt(r['carried'][0])} | "
+             "| variant | training | seed | train s | val | 0-1x loss | " + " | ".join(buckets[1:]) + " |",
+             "|---|---|---|---|---|---|" + "---|" * (len(buckets) - 1)]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['mode']} | {r['seed']} | {r['seconds']} | {_fmt(r.get('val_loss'))} | "
+                     f"{_fmt(r['carried'][0])} | "
                      + " | ".join(_fmt(c - s, True) for c, s in zip(r["carried"][1:], r["reset"][1:])) + " |")
-    lines += ["", "Each long-stream arm against its control at the same budget (carry against plain, "
-              f"{a.steps} steps; post against postctl, {a.steps} + {a.post} steps): its first bucket's cost "
-              "(0-1x, arm minus control) and its carried loss minus the best short-context loss (the lower of "
-              "the two runs' reset losses) per bucket; < 0: the memory beats every short-context model of "
-              "that budget:", "",
-              "| arm | variant | seed | 0-1x cost | " + " | ".join(buckets[1:]) + " |",
-              "|---|---|---|---|" + "---|" * (len(buckets) - 1)]
-    for arm, control in (("carry", "plain"), ("post", "postctl")):
-        for variant in dict.fromkeys(r["variant"] for r in sorted(rows, key=key)):
-            for seed in sorted({r["seed"] for r in rows if r["variant"] == variant}):
-                runs = {r["mode"]: r for r in rows if r["variant"] == variant and r["seed"] == seed}
-                if arm not in runs or control not in runs:
-                    continue
-                x, c = runs[arm], runs[control]
-                best = [min(u, v) for u, v in zip(x["reset"], c["reset"])]
-                lines.append(f"| {arm} | {variant} | {seed} | {_fmt(x['carried'][0] - c['carried'][0], True)} | "
-                             + " | ".join(_fmt(u - b, True) for u, b in zip(x["carried"][1:], best[1:])) + " |")
+    lines += ["", "Each long-stream arm against its control at the same budget (carryK against plain, "
+              f"{a.steps} steps; postK against postctl, {a.steps} + {a.post} steps): the cost on short inputs (arm "
+              "minus control: val, and the plays' first bucket 0-1x) and its carried loss minus the best "
+              "short-context loss (the lower of the two runs' reset losses) per bucket; < 0: the memory beats "
+              "every short-context model of that budget:", "",
+              "| arm | variant | seed | val cost | 0-1x cost | " + " | ".join(buckets[1:]) + " |",
+              "|---|---|---|---|---|" + "---|" * (len(buckets) - 1)]
+    by_key = {(r["variant"], r["mode"], r["seed"]): r for r in rows}
+    for x in rows:
+        arm, _ = parse_mode(x["mode"])
+        c = by_key.get((x["variant"], {"carry": "plain", "post": "postctl"}.get(arm), x["seed"]))
+        if c is None:
+            continue
+        best = [min(u, v) for u, v in zip(x["reset"], c["reset"])]
+        val = (x["val_loss"] - c["val_loss"]) if "val_loss" in x and "val_loss" in c else None
+        lines.append(f"| {x['mode']} | {x['variant']} | {x['seed']} | {_fmt(val, True)} | "
+                     f"{_fmt(x['carried'][0] - c['carried'][0], True)} | "
+                     + " | ".join(_fmt(u - b, True) for u, b in zip(x["carried"][1:], best[1:])) + " |")
     write_section(ROOT / "docs" / "RESULTS.md", "## Long streams: loss by position", lines + [""])
     print("\n".join(lines))
 
@@ -119,7 +140,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--carry", type=int, default=8, help="--carry-state K of the carry runs")
+    p.add_argument("--modes", default="plain,carry8,postctl,post8",
+                   help="arms: plain, carryK (--carry-state K), postctl, postK (the plain run continued)")
     p.add_argument("--post", type=int, default=200, help="steps of the post and postctl runs")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--out", default=str(ROOT / "runs" / "long_stream"))
@@ -127,10 +149,12 @@ def main() -> None:
     a = p.parse_args()
     corpus()  # the byte corpus must be prepared (with its document starts)
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                                                      carry=a.carry, post=a.post))
+                                                      post=a.post, init="fan-in"))
     if not a.report_only:
         keys = [dict(variant=v, mode=m, seed=int(s)) for s in a.seeds.split(",") for v in a.variants.split(",")
-                for m in MODES]
+                for m in a.modes.split(",")]
+        for k in keys:
+            parse_mode(k["mode"])
         todo = [k for k in keys if not store.done(**k)]
         run_parallel(store, todo, lambda k: one(k, a),
                      lambda r: f"{r['variant']} {r['mode']} seed {r['seed']}: {r['seconds']} s "
