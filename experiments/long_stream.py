@@ -52,7 +52,7 @@ def one(key: dict, a: argparse.Namespace) -> dict:
         base = Path(a.out) / "runs" / f"{key['variant']}-plain-s{key['seed']}"
         while not (base / "done").exists():
             time.sleep(5)
-        model = ["--init", str(base), "--steps", str(a.post), "--lr", str(POST_LR)]
+        model = ["--init", str(base), "--steps", str(a.post), "--lr", str(a.post_lr)]
     else:
         model = ["--preset", "tiny", "--variant", key["variant"], "--steps", str(a.steps)]
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def report(store: Store, a: argparse.Namespace) -> None:
              f"(plain: random windows) and the same with `--carry-state K` (carryK: TBPTT on contiguous streams, "
              f"the state carried for K windows of {a.seq_len}, so 1/K of the steps start empty); every other "
              f"setting the CLI's default; postK and postctl continue the plain run for {a.post} steps at lr "
-             f"{POST_LR} (`--init PLAIN`, with and without `--carry-state K`). Budget per run: "
+             f"{a.post_lr} (`--init PLAIN`, with and without `--carry-state K`). Budget per run: "
              f"{a.steps} steps x {a.batch_size} x {a.seq_len} = "
              f"{a.steps * a.batch_size * a.seq_len / 1e6:.1f}M tokens, one thread, two runs at a time on {cpu_name()}. "
              f"Scored with `titans eval by-position` on the two held-out plays (pieces of {a.seq_len}), and with "
@@ -143,16 +143,19 @@ def main() -> None:
     p.add_argument("--modes", default="plain,carry8,postctl,post8",
                    help="arms: plain, carryK (--carry-state K), postctl, postK (the plain run continued)")
     p.add_argument("--post", type=int, default=200, help="steps of the post and postctl runs")
+    p.add_argument("--post-lr", type=float, default=POST_LR, help="peak lr of the post and postctl runs")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--out", default=str(ROOT / "runs" / "long_stream"))
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
     corpus()  # the byte corpus must be prepared (with its document starts)
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                                                      post=a.post, init="fan-in"))
+                                                      post=a.post, init="fan-in",
+                                                      **({"post_lr": a.post_lr} if a.post_lr != POST_LR else {})))
     if not a.report_only:
-        keys = [dict(variant=v, mode=m, seed=int(s)) for s in a.seeds.split(",") for v in a.variants.split(",")
-                for m in a.modes.split(",")]
+        # every plain run first: a post run waits for its plain run, and should not hold a job meanwhile
+        keys = [dict(variant=v, mode=m, seed=int(s)) for m in a.modes.split(",") for s in a.seeds.split(",")
+                for v in a.variants.split(",")]
         for k in keys:
             parse_mode(k["mode"])
         todo = [k for k in keys if not store.done(**k)]
