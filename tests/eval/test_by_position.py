@@ -42,6 +42,18 @@ def test_carried_is_one_full_pass_and_reset_is_each_piece_alone(variant):
     assert math.isnan(got.carried[3]) and math.isnan(got.reset[3])        # no document reaches 16x
 
 
+def test_reset_only_scores_the_same_reset_pieces_and_no_carried_ones():
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig.from_preset("tiny", variant="transformer")).eval()
+    ids = torch.randint(0, 256, (5 * 16 + 1,))
+    both = loss_by_position(model, [ids], piece=16, buckets=((0, 1), (1, 4), (4, 16)))
+    seen = []
+    only = loss_by_position(model, [ids], piece=16, buckets=((0, 1), (1, 4), (4, 16)), carried=False,
+                            progress=seen.append)
+    assert only.reset == both.reset and only.count == both.count == [16, 48, 16]
+    assert all(math.isnan(c) for c in only.carried) and sum(seen) == 5 * 16   # one pass: the reset one
+
+
 def test_bad_arguments():
     model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm"))
     with pytest.raises(ValueError, match="piece"):
@@ -60,6 +72,12 @@ def test_cli_table_json_and_errors(tmp_path, capsys):
                  "--min-pieces", "16", "--json", str(tmp_path / "out.json"), "--baseline", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert "4-16x" in out and "c - best short" in out
+    assert main(["eval", "by-position", "--model", str(tmp_path / "m"), "--text", str(text), "--piece", "64",
+                 "--min-pieces", "16", "--reset-only", "--json", str(tmp_path / "reset.json")]) == 0
+    reset_rows = json.loads((tmp_path / "reset.json").read_text())["model"]["rows"]
+    full_rows = json.loads((tmp_path / "out.json").read_text())["model"]["rows"]
+    assert [r["reset"] for r in reset_rows[:3]] == [r["reset"] for r in full_rows[:3]]
+    assert math.isnan(reset_rows[1]["carried"]) and not math.isnan(full_rows[1]["carried"])
     rows = json.loads((tmp_path / "out.json").read_text())["model"]["rows"]
     assert [r["bucket"] for r in rows][:3] == ["0-1x", "1-4x", "4-16x"] and rows[2]["tokens"] == 12 * 64
     # a saved model has no training length; a document shorter than --min-pieces is refused

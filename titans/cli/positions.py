@@ -67,14 +67,15 @@ def cmd_by_position(a: argparse.Namespace) -> None:
         models.append(("baseline", a.baseline, base))
     docs = _documents(a, tokenizer, ckpt, piece)
     last = max(hi for _, hi in BUCKETS)
-    total = 2 * sum(min((ids.numel() - 1) // piece, last) * piece for _, ids in docs) * len(models)
+    passes = 1 if a.reset_only else 2
+    total = passes * sum(min((ids.numel() - 1) // piece, last) * piece for _, ids in docs) * len(models)
     print(f"{len(docs)} documents ({', '.join(n for n, _ in docs[:4])}{', ...' if len(docs) > 4 else ''}), "
           f"pieces of {piece} tokens; the state carried vs reset at every piece", flush=True)
     results = {}
     with progress(total, "token", a.quiet, desc="scoring") as bar:
         for role, path, m in models:
             results[role] = loss_by_position(m, [ids for _, ids in docs], piece, batch_size=a.batch_size,
-                                             progress=bar.update)
+                                             progress=bar.update, carried=not a.reset_only)
     head = f"{'bucket':>9} {'tokens':>9} {'carried':>8} {'reset':>8} {'c - r':>7}"
     if a.baseline:
         head += f" {'base c':>8} {'base r':>8} {'c - best short':>14}"
@@ -100,7 +101,7 @@ def cmd_by_position(a: argparse.Namespace) -> None:
         from ..eval.plots import position_curves
         kept = [j for j, n in enumerate(ours.count) if n]
         curves = {f"{role} {mode}": [getattr(results[role], mode)[j] for j in kept]
-                  for role, _, _ in models for mode in ("carried", "reset")}
+                  for role, _, _ in models for mode in (("reset",) if a.reset_only else ("carried", "reset"))}
         position_curves(curves, [ours.buckets[j] for j in kept], a.plot,
                         title=f"{Path(a.model).name}: loss by position (pieces of {piece})")
         print(f"wrote {a.plot}")
@@ -117,6 +118,9 @@ def register(sub, ev) -> None:
     p.add_argument("--min-pieces", type=positive_int, default=DEFAULT_MIN_PIECES,
                    help="use only documents of at least this many pieces")
     p.add_argument("--batch-size", type=positive_int, default=16, help="pieces scored together from an empty state")
+    p.add_argument("--reset-only", action="store_true",
+                   help="score only the reset pieces: for a model whose state grows with the input (Transformer++'s "
+                        "whole KV cache), reading a long document carried costs time quadratic in its length")
     p.add_argument("--json", help="write the table as JSON")
     p.add_argument("--plot", help="write the curves as a PNG")
     add_quiet(p)

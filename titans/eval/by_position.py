@@ -46,12 +46,15 @@ class PositionLosses:
 @torch.no_grad()
 def loss_by_position(model: Any, documents: Sequence[Tensor], piece: int,
                      buckets: Sequence[tuple[int, int]] = BUCKETS, batch_size: int = 16,
-                     progress: Callable[[int], None] | None = None) -> PositionLosses:
+                     progress: Callable[[int], None] | None = None, carried: bool = True) -> PositionLosses:
     """Carried and reset losses by position bucket over `documents` (1-d LongTensors [N]).
 
     model: model(ids [B, P], state=...) -> .logits [B, P, V], .state (a TitansLM).  piece: P.
     batch_size: pieces scored together from an empty state.  progress: called with the number of
     tokens scored after each piece (twice per piece: carried, then reset in batches).
+    carried: False scores only the reset pieces (the carried losses are NaN): for a model whose
+    state grows with its input, such as Transformer++'s whole KV cache, reading a long document
+    carried costs time quadratic in its length.
     """
     if piece < 1:
         raise ValueError(f"piece must be >= 1, got {piece}")
@@ -72,14 +75,16 @@ def loss_by_position(model: Any, documents: Sequence[Tensor], piece: int,
         x = ids[:n * piece].view(n, piece)                     # [n, P]
         y = ids[1:n * piece + 1].view(n, piece)
         state = None
-        for i in range(n):
+        for i in range(n if carried else 0):
             out = model(x[i:i + 1], state=state)
             state = out.state
             if where[i] is not None:
                 sums["carried"][where[i]] += F.cross_entropy(out.logits[0].float(), y[i], reduction="sum").item()
-                count[where[i]] += piece
             if progress is not None:
                 progress(piece)
+        for i in range(n):
+            if where[i] is not None:
+                count[where[i]] += piece
         for i0 in range(0, n, batch_size):
             logits = model(x[i0:i0 + batch_size]).logits.float()   # every piece from an empty state
             nll = F.cross_entropy(logits.flatten(0, 1), y[i0:i0 + batch_size].flatten(), reduction="none")
@@ -89,5 +94,5 @@ def loss_by_position(model: Any, documents: Sequence[Tensor], piece: int,
             if progress is not None:
                 progress(piece * min(batch_size, n - i0))
     nan = float("nan")
-    return PositionLosses(piece, buckets, [s / c if c else nan for s, c in zip(sums["carried"], count)],
+    return PositionLosses(piece, buckets, [s / c if c and carried else nan for s, c in zip(sums["carried"], count)],
                           [s / c if c else nan for s, c in zip(sums["reset"], count)], count, used)

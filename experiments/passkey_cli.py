@@ -1,0 +1,114 @@
+"""Pass keys far past the trained length, through the commands a user runs: `titans train --task
+niah` and `titans eval niah --task pk`, nothing set but the task, the steps, the batch size, the
+sequence length and each arm's flags (the recipe under test).
+
+    python experiments/passkey_cli.py --arms lmm-ck8-sp8 --seeds 0        # one arm, one seed
+    python experiments/passkey_cli.py                                     # every arm, 3 seeds, resumable
+    python experiments/passkey_cli.py --report-only
+
+An arm is a variant and flags (ARMS below). Each run trains from scratch at --seq-len tokens and is
+scored by `titans eval niah` (greedy decoding after a streamed prefill, exact match of the 5-digit
+key) at --lengths with --depths needle depths and --samples held-out needles per cell. Runs go two
+at a time, one thread each, into runs/passkey_cli/results.jsonl; the report is the section
+"Pass keys through the CLI" of docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import time
+from pathlib import Path
+
+from common import ROOT, Store, cpu_name, run_parallel, spread, titans_cli, write_section
+
+CK8 = ["--set", "conv_kernel=8"]   # the memory's key sees "key is " apart from the noise's "sky is "
+SP8 = ["--carry-state", "8"]       # State Passing: a sequence starts from the previous batch's final state
+ARMS = {
+    "lmm": ("lmm", []),
+    "lmm-ck8": ("lmm", CK8),
+    "lmm-sp8": ("lmm", SP8),
+    "lmm-ck8-sp8": ("lmm", CK8 + SP8),
+    "mag-ck8-sp8": ("mag", CK8 + SP8),
+    "mac-ck8-sp8": ("mac", CK8 + SP8),
+    "swa": ("swa", []),
+    "transformer": ("transformer", []),
+}
+
+
+def one(key: dict, a: argparse.Namespace) -> dict:
+    variant, flags = ARMS[key["arm"]]
+    out = Path(a.out) / "runs" / f"{key['arm']}-s{key['seed']}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    done = titans_cli("train", "--task", "niah", "--preset", "tiny", "--variant", variant, "--steps", str(a.steps),
+                      "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--seed", str(key["seed"]),
+                      *flags, "--eval-every", "0", "--out", str(out), check=False)
+    row = {**key, "seconds": round(time.perf_counter() - t0), "error": None, "acc": {}}
+    if done.returncode:
+        row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return row
+    ev = titans_cli("eval", "niah", "--model", str(out), "--task", "pk", "--lengths", a.lengths, "--depths",
+                    str(a.depths), "--samples", str(a.samples), "--quiet", "--plot", str(out / "niah-pk.png")).stdout
+    # the table's last line: "mean  a  b  c ..." in percent, one column per length
+    means = next(line for line in ev.splitlines() if line.strip().startswith("mean")).split()[1:]
+    row["acc"] = {n: float(v) / 100 for n, v in zip(a.lengths.split(","), means)}
+    shutil.rmtree(out / "checkpoints" / "optimizer", ignore_errors=True)
+    return row
+
+
+def report(store: Store, a: argparse.Namespace) -> None:
+    lengths = a.lengths.split(",")
+    lines = ["## Pass keys through the CLI", "",
+             f"`python experiments/passkey_cli.py`: for every arm and seed, `titans train --task niah --preset tiny "
+             f"--variant V --steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --seed S [flags]`, "
+             f"every other setting the CLI's default, then `titans eval niah --task pk --lengths {a.lengths} "
+             f"--depths {a.depths} --samples {a.samples}` (greedy, exact match of the 5-digit key after a streamed "
+             f"prefill; {a.depths} depths x {a.samples} held-out needles per length). Budget per run: {a.steps} "
+             f"steps x {a.batch_size} x {a.seq_len} tokens, one thread, two runs at a time on {cpu_name()}. "
+             "Accuracy: mean (min-max) over the seeds.", "",
+             "| arm | variant | flags | seeds | train+eval s | " + " | ".join(f"@{n}" for n in lengths) + " |",
+             "|---|---|---|---|---|" + "---|" * len(lengths)]
+    for arm, (variant, flags) in ARMS.items():
+        rows = sorted((r for r in store.rows if r["arm"] == arm), key=lambda r: r["seed"])
+        ok = [r for r in rows if not r["error"]]
+        if not rows:
+            continue
+        secs = [r["seconds"] for r in rows]
+        cells = [spread([r["acc"][n] for r in ok]) if ok else "failed" for n in lengths]
+        lines.append(f"| {arm} | {variant} | `{' '.join(flags) or '-'}` | {','.join(str(r['seed']) for r in rows)} | "
+                     f"{min(secs)}-{max(secs)} | " + " | ".join(cells) + " |")
+    write_section(ROOT / "docs" / "RESULTS.md", "## Pass keys through the CLI", lines + [""])
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lengths", default="256,1K,4K,16K")
+    p.add_argument("--depths", type=int, default=5)
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("--out", default=str(ROOT / "runs" / "passkey_cli"))
+    p.add_argument("--report-only", action="store_true")
+    a = p.parse_args()
+    for arm in a.arms.split(","):
+        if arm not in ARMS:
+            raise SystemExit(f"--arms: unknown arm {arm!r}; the arms: {', '.join(ARMS)}")
+    store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
+                                                      lengths=a.lengths, depths=a.depths, samples=a.samples))
+    if not a.report_only:
+        todo = [dict(arm=arm, seed=int(s)) for s in a.seeds.split(",") for arm in a.arms.split(",")]
+        todo = [k for k in todo if not store.done(**k)]
+        run_parallel(store, todo, lambda k: one(k, a), lambda r: f"{r['arm']} seed {r['seed']}: {r['seconds']} s "
+                     + (r["error"] or " ".join(f"{n} {v:.2f}" for n, v in r["acc"].items())), jobs=a.jobs)
+    report(store, a)
+
+
+if __name__ == "__main__":
+    main()
