@@ -6,7 +6,8 @@ sequence length and each arm's flags (the recipe under test).
     python experiments/passkey_cli.py                                     # every arm, 3 seeds, resumable
     python experiments/passkey_cli.py --report-only
 
-An arm is a variant and flags (ARMS below). Each run trains from scratch at --seq-len tokens and is
+An arm is a variant and flags (ARMS below), or a run of another arm continued with other flags
+(`--init`: the length curriculum). Each run trains from scratch at --seq-len tokens and is
 scored by `titans eval niah` (greedy decoding after a streamed prefill, exact match of the 5-digit
 key) at --lengths with --depths needle depths and --samples held-out needles per cell. Runs go two
 at a time, one thread each, into runs/passkey_cli/results.jsonl; the report is the section
@@ -25,26 +26,32 @@ from common import ROOT, Store, cpu_name, run_parallel, spread, titans_cli, writ
 
 CK8 = ["--set", "conv_kernel=8"]   # the memory's key sees "key is " apart from the noise's "sky is "
 SP8 = ["--carry-state", "8"]       # State Passing: a sequence starts from the previous batch's final state
-ARMS = {
-    "lmm": ("lmm", []),
-    "lmm-ck8": ("lmm", CK8),
-    "lmm-sp8": ("lmm", SP8),
-    "lmm-ck8-sp8": ("lmm", CK8 + SP8),
-    "mag-ck8-sp8": ("mag", CK8 + SP8),
-    "mac-ck8-sp8": ("mac", CK8 + SP8),
-    "swa": ("swa", []),
-    "transformer": ("transformer", []),
+# a length curriculum: the arm's run of the same seed continued at 1K tokens (flags given last win)
+AT_1K = ["--seq-len", "1024", "--steps", "1000"]
+ARMS = {   # name: (variant, flags, the arm whose run this one continues with --init, or None)
+    "lmm": ("lmm", [], None),
+    "lmm-ck8": ("lmm", CK8, None),
+    "lmm-sp8": ("lmm", SP8, None),
+    "lmm-ck8-sp8": ("lmm", CK8 + SP8, None),
+    "mag-ck8-sp8": ("mag", CK8 + SP8, None),
+    "mac-ck8-sp8": ("mac", CK8 + SP8, None),
+    "lmm-ck8-sp8-1k": ("lmm", SP8 + AT_1K, "lmm-ck8-sp8"),
+    "mag-ck8-sp8-1k": ("mag", SP8 + AT_1K, "mag-ck8-sp8"),
+    "swa": ("swa", [], None),
+    "transformer": ("transformer", [], None),
 }
 
 
 def one(key: dict, a: argparse.Namespace) -> dict:
-    variant, flags = ARMS[key["arm"]]
+    variant, flags, base = ARMS[key["arm"]]
     out = Path(a.out) / "runs" / f"{key['arm']}-s{key['seed']}"
     shutil.rmtree(out, ignore_errors=True)
+    model = (["--init", str(Path(a.out) / "runs" / f"{base}-s{key['seed']}")] if base
+             else ["--preset", "tiny", "--variant", variant])
     t0 = time.perf_counter()
-    done = titans_cli("train", "--task", "niah", "--preset", "tiny", "--variant", variant, "--steps", str(a.steps),
-                      "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--seed", str(key["seed"]),
-                      *flags, "--eval-every", "0", "--out", str(out), check=False)
+    done = titans_cli("train", "--task", "niah", *model, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+                      "--seq-len", str(a.seq_len), "--seed", str(key["seed"]), *flags, "--eval-every", "0",
+                      "--out", str(out), check=False)
     row = {**key, "seconds": round(time.perf_counter() - t0), "error": None, "acc": {}}
     if done.returncode:
         row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -70,13 +77,14 @@ def report(store: Store, a: argparse.Namespace) -> None:
              "Accuracy: mean (min-max) over the seeds.", "",
              "| arm | variant | flags | seeds | train+eval s | " + " | ".join(f"@{n}" for n in lengths) + " |",
              "|---|---|---|---|---|" + "---|" * len(lengths)]
-    for arm, (variant, flags) in ARMS.items():
+    for arm, (variant, flags, base) in ARMS.items():
         rows = sorted((r for r in store.rows if r["arm"] == arm), key=lambda r: r["seed"])
         ok = [r for r in rows if not r["error"]]
         if not rows:
             continue
         secs = [r["seconds"] for r in rows]
         cells = [spread([r["acc"][n] for r in ok]) if ok else "failed" for n in lengths]
+        flags = (["--init", base] if base else []) + flags
         lines.append(f"| {arm} | {variant} | `{' '.join(flags) or '-'}` | {','.join(str(r['seed']) for r in rows)} | "
                      f"{min(secs)}-{max(secs)} | " + " | ".join(cells) + " |")
     write_section(ROOT / "docs" / "RESULTS.md", "## Pass keys through the CLI", lines + [""])
