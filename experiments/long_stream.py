@@ -98,7 +98,7 @@ def report(store: Store, a: argparse.Namespace) -> None:
         return
     buckets = rows[0]["buckets"]
     lines = [f"## {a.title}", "",
-             f"`python experiments/long_stream.py --modes {a.modes}`: tiny preset, byte corpus, `titans train "
+             f"`python experiments/long_stream.py --modes {a.modes} --post {a.post}`: tiny preset, byte corpus, `titans train "
              f"--preset tiny --variant V --steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --seed S` "
              f"(plain: random windows) and the same with `--carry-state K` (carryK: TBPTT on contiguous streams, "
              f"the state carried for K windows of {a.seq_len}, so 1/K of the steps start empty); every other "
