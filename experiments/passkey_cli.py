@@ -35,6 +35,9 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
     "lmm-ck8-sp8": ("lmm", CK8 + SP8, None),
     "mag-ck8-sp8": ("mag", CK8 + SP8, None),
     "mac-ck8-sp8": ("mac", CK8 + SP8, None),
+    "mag": ("mag", [], None),
+    "lmm-1k": ("lmm", AT_1K, "lmm"),
+    "mag-1k": ("mag", AT_1K, "mag"),
     "lmm-ck8-sp8-1k": ("lmm", SP8 + AT_1K, "lmm-ck8-sp8"),
     "mag-ck8-sp8-1k": ("mag", SP8 + AT_1K, "mag-ck8-sp8"),
     "swa": ("swa", [], None),
@@ -46,12 +49,17 @@ def one(key: dict, a: argparse.Namespace) -> dict:
     variant, flags, base = ARMS[key["arm"]]
     out = Path(a.out) / "runs" / f"{key['arm']}-s{key['seed']}"
     shutil.rmtree(out, ignore_errors=True)
-    model = (["--init", str(Path(a.out) / "runs" / f"{base}-s{key['seed']}")] if base
-             else ["--preset", "tiny", "--variant", variant])
+    if base:   # continue the base arm's run (it may run beside: wait for its end)
+        base_out = Path(a.out) / "runs" / f"{base}-s{key['seed']}"
+        while not (base_out / "done").exists():
+            time.sleep(5)
+    model = ["--init", str(base_out)] if base else ["--preset", "tiny", "--variant", variant]
     t0 = time.perf_counter()
     done = titans_cli("train", "--task", "niah", *model, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
                       "--seq-len", str(a.seq_len), "--seed", str(key["seed"]), *flags, "--eval-every", "0",
                       "--out", str(out), check=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "done").touch()   # the arms that continue this run wait for it
     row = {**key, "seconds": round(time.perf_counter() - t0), "error": None, "acc": {}}
     if done.returncode:
         row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -111,7 +119,8 @@ def main() -> None:
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                                                       lengths=a.lengths, depths=a.depths, samples=a.samples))
     if not a.report_only:
-        todo = [dict(arm=arm, seed=int(s)) for s in a.seeds.split(",") for arm in a.arms.split(",")]
+        # arm by arm: an arm that continues another should not hold a job while its base runs
+        todo = [dict(arm=arm, seed=int(s)) for arm in a.arms.split(",") for s in a.seeds.split(",")]
         todo = [k for k in todo if not store.done(**k)]
         run_parallel(store, todo, lambda k: one(k, a), lambda r: f"{r['arm']} seed {r['seed']}: {r['seconds']} s "
                      + (r["error"] or " ".join(f"{n} {v:.2f}" for n, v in r["acc"].items())), jobs=a.jobs)
