@@ -70,7 +70,8 @@ def cmd_by_position(a: argparse.Namespace) -> None:
     passes = 1 if a.reset_only else 2
     total = passes * sum(min((ids.numel() - 1) // piece, last) * piece for _, ids in docs) * len(models)
     print(f"{len(docs)} documents ({', '.join(n for n, _ in docs[:4])}{', ...' if len(docs) > 4 else ''}), "
-          f"pieces of {piece} tokens; the state carried vs reset at every piece", flush=True)
+          f"pieces of {piece} tokens; " + ("every piece from an empty state" if a.reset_only
+                                              else "the state carried vs reset at every piece"), flush=True)
     results = {}
     with progress(total, "token", a.quiet, desc="scoring") as bar:
         for role, path, m in models:

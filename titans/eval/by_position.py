@@ -82,15 +82,13 @@ def loss_by_position(model: Any, documents: Sequence[Tensor], piece: int,
                 sums["carried"][where[i]] += F.cross_entropy(out.logits[0].float(), y[i], reduction="sum").item()
             if progress is not None:
                 progress(piece)
-        for i in range(n):
-            if where[i] is not None:
-                count[where[i]] += piece
         for i0 in range(0, n, batch_size):
             logits = model(x[i0:i0 + batch_size]).logits.float()   # every piece from an empty state
             nll = F.cross_entropy(logits.flatten(0, 1), y[i0:i0 + batch_size].flatten(), reduction="none")
             for i, row in zip(range(i0, i0 + batch_size), nll.view(-1, piece).sum(1).tolist()):
                 if where[i] is not None:
                     sums["reset"][where[i]] += row
+                    count[where[i]] += piece   # every piece is scored reset, carried or not
             if progress is not None:
                 progress(piece * min(batch_size, n - i0))
     nan = float("nan")
