@@ -26,6 +26,7 @@ from common import ROOT, Store, cpu_name, run_parallel, spread, titans_cli, writ
 
 CK8 = ["--set", "conv_kernel=8"]   # the memory's key sees "key is " apart from the noise's "sky is "
 SP8 = ["--carry-state", "8"]       # State Passing: a sequence starts from the previous batch's final state
+SP32 = ["--carry-state", "32"]     # ... for 32 batches: states of up to 32K tokens in the 1K stage
 # a length curriculum: the arm's run of the same seed continued at 1K tokens (flags given last win)
 AT_1K = ["--seq-len", "1024", "--steps", "1000"]
 ARMS = {   # name: (variant, flags, the arm whose run this one continues with --init, or None)
@@ -40,6 +41,8 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
     "mag-1k": ("mag", AT_1K, "mag"),
     "lmm-ck8-sp8-1k": ("lmm", SP8 + AT_1K, "lmm-ck8-sp8"),
     "mag-ck8-sp8-1k": ("mag", SP8 + AT_1K, "mag-ck8-sp8"),
+    "lmm-1k-sp32": ("lmm", SP32 + AT_1K, "lmm"),
+    "mag-1k-sp32": ("mag", SP32 + AT_1K, "mag"),
     "swa": ("swa", [], None),
     "transformer": ("transformer", [], None),
 }
