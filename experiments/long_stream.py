@@ -114,7 +114,7 @@ def report(store: Store, a: argparse.Namespace) -> None:
              "|---|---|---|---|---|---|" + "---|" * (len(buckets) - 1)]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['mode']} | {r['seed']} | {r['seconds']} | {_fmt(r.get('val_loss'))} | "
-                     f"{_fmt(r['carried'][0])} | "
+                     f"{_fmt(r['reset'][0])} | "   # the first piece starts empty: carried = reset (Transformer++: reset only)
                      + " | ".join(_fmt(c - s, True) for c, s in zip(r["carried"][1:], r["reset"][1:])) + " |")
     lines += ["", "Each long-stream arm against its control at the same budget (carryK against plain, "
               f"{a.steps} steps; postK against postctl, {a.steps} + {a.post} steps): the cost on short inputs (arm "
