@@ -28,7 +28,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import ROOT, Store, corpus, cpu_name, run_parallel, titans_cli, write_section
+from common import ROOT, Store, add_set_option, corpus, cpu_name, run_parallel, set_flags, titans_cli, write_section
 
 POST_LR = 5e-4   # the post-training steps continue a trained model: a tenth of the CLI's peak lr
 
@@ -54,7 +54,8 @@ def one(key: dict, a: argparse.Namespace) -> dict:
             time.sleep(5)
         model = ["--init", str(base), "--steps", str(a.post), "--lr", str(a.post_lr)]
     else:
-        model = ["--preset", "tiny", "--variant", key["variant"], "--steps", str(a.steps)]
+        model = ["--preset", "tiny", "--variant", key["variant"], "--steps", str(a.steps),
+                 *(x for kv in a.set for x in ("--set", kv))]   # the post runs keep it through --init
     t0 = time.perf_counter()
     done = titans_cli("train", *model, "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
                       "--seed", str(key["seed"]), *carry, "--eval-every", "0", "--ckpt-every", "0",
@@ -98,8 +99,9 @@ def report(store: Store, a: argparse.Namespace) -> None:
         return
     buckets = rows[0]["buckets"]
     lines = [f"## {a.title}", "",
-             f"`python experiments/long_stream.py --modes {a.modes} --post {a.post}`: tiny preset, byte corpus, `titans train "
-             f"--preset tiny --variant V --steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --seed S` "
+             f"`python experiments/long_stream.py --modes {a.modes} --post {a.post}{set_flags(a.set)}`: tiny preset, byte "
+             f"corpus, `titans train --preset tiny --variant V --steps {a.steps} --batch-size {a.batch_size} "
+             f"--seq-len {a.seq_len} --seed S{set_flags(a.set)}` "
              f"(plain: random windows) and the same with `--carry-state K` (carryK: TBPTT on contiguous streams, "
              f"the state carried for K windows of {a.seq_len}, so 1/K of the steps start empty); every other "
              f"setting the CLI's default; postK and postctl continue the plain run for {a.post} steps at lr "
@@ -151,12 +153,13 @@ def main() -> None:
     p.add_argument("--post-lr", type=float, default=POST_LR, help="peak lr of the post and postctl runs")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--out", default=str(ROOT / "runs" / "long_stream"))
+    add_set_option(p, "plain run (post runs keep the plain run's config)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--title", default="Long streams: loss by position", help="the report's section in docs/RESULTS.md")
     a = p.parse_args()
     corpus()  # the byte corpus must be prepared (with its document starts)
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                                                      post=a.post, init="fan-in",
+                                                      post=a.post, init="fan-in", **({"set": a.set} if a.set else {}),
                                                       **({"post_lr": a.post_lr} if a.post_lr != POST_LR else {})))
     if not a.report_only:
         # every plain run first: a post run waits for its plain run, and should not hold a job meanwhile
