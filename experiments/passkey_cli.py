@@ -43,8 +43,12 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
     "mag-ck8-sp8-1k": ("mag", SP8 + AT_1K, "mag-ck8-sp8"),
     "lmm-1k-sp32": ("lmm", SP32 + AT_1K, "lmm"),
     "mag-1k-sp32": ("mag", SP32 + AT_1K, "mag"),
+    "mac": ("mac", [], None),
+    "mac-1k": ("mac", AT_1K, "mac"),
     "swa": ("swa", [], None),
+    "swa-1k": ("swa", AT_1K, "swa"),
     "transformer": ("transformer", [], None),
+    "transformer-1k": ("transformer", AT_1K, "transformer"),
 }
 
 
