@@ -41,6 +41,8 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
     "mag-1k": ("mag", AT_1K, "mag"),
     "lmm-ck8-sp8-1k": ("lmm", SP8 + AT_1K, "lmm-ck8-sp8"),
     "mag-ck8-sp8-1k": ("mag", SP8 + AT_1K, "mag-ck8-sp8"),
+    "lmm-1k-2k": ("lmm", AT_1K, "lmm-1k"),     # the 1K stage twice as long (1,000 more steps)
+    "mag-1k-2k": ("mag", AT_1K, "mag-1k"),
     "lmm-1k-sp32": ("lmm", SP32 + AT_1K, "lmm"),
     "mag-1k-sp32": ("mag", SP32 + AT_1K, "mag"),
     "mac": ("mac", [], None),
