@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import ROOT, Store, cpu_name, run_parallel, spread, titans_cli, write_section
+from common import ROOT, Store, cpu_name, plot_seeds, pyplot, results_plot, run_parallel, spread, titans_cli, write_section
 
 SP8 = ["--carry-state", "8"]
 ARMS = {   # name: (variant, flags)
@@ -90,8 +90,33 @@ def report(store: Store, a: argparse.Namespace) -> None:
             cells = [spread([r["acc"][task][n] for r in ok], "{:.2f}") if ok else "failed" for n in lengths]
             lines.append(f"| {arm} | `{' '.join(flags) or '-'}` | {task} | {','.join(str(r['seed']) for r in rows)} | "
                          f"{min(secs)}-{max(secs)} | " + " | ".join(cells) + " |")
+    lines += ["", plot(store, a)]
     write_section(ROOT / "docs" / "RESULTS.md", "## BABILong through the CLI", lines + [""])
     print("\n".join(lines))
+
+
+def plot(store: Store, a: argparse.Namespace) -> str:
+    """Accuracy against length, one panel per task, one line per arm (mean over seeds, band min-max).
+    Returns the Markdown line that shows it."""
+    path, markdown = results_plot("BABILong through the CLI")
+    lengths, tasks = a.lengths.split(","), TASKS.split(",")
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), sharey=True)
+    for ax, task in zip(axes, tasks):
+        for arm in ARMS:
+            ok = [r for r in store.rows if r["arm"] == arm and not r["error"]]
+            if ok:
+                plot_seeds(ax, lengths, [[r["acc"][task][n] for n in lengths] for r in ok], arm)
+        ax.axhline(1 / 6, color="grey", ls=":", lw=1)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel(f"input length (tokens); trained at {a.seq_len}")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("accuracy (dotted: chance, 1/6)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return markdown
 
 
 def main() -> None:

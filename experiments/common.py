@@ -149,3 +149,26 @@ def write_section(report: Path, heading: str, lines: list[str]) -> None:
     else:
         text = text.rstrip() + "\n\n" + "\n".join(lines)
     report.write_text(text)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_seeds(ax: Any, x: list, runs: list[list[float]], label: str, **style: Any) -> None:
+    """One line per arm: the mean over its seeds (`runs`: one list of values per seed), and a
+    band from the lowest to the highest seed."""
+    cols = list(zip(*runs))
+    line, = ax.plot(x, [statistics.mean(c) for c in cols], marker="o", ms=3, label=f"{label} ({len(runs)})", **style)
+    if len(runs) > 1:
+        ax.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.12)
+
+
+def results_plot(title: str) -> tuple[Path, str]:
+    """(the path of a study's figure under docs/results, the Markdown line that shows it)."""
+    name = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") + ".png"
+    return ROOT / "docs" / "results" / name, f"![{title}](results/{name})"

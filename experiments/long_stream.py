@@ -28,7 +28,8 @@ import shutil
 import time
 from pathlib import Path
 
-from common import ROOT, Store, add_set_option, corpus, cpu_name, run_parallel, set_flags, titans_cli, write_section
+from common import (ROOT, Store, add_set_option, corpus, cpu_name, plot_seeds, pyplot, results_plot, run_parallel,
+                    set_flags, titans_cli, write_section)
 
 POST_LR = 5e-4   # the post-training steps continue a trained model: a tenth of the CLI's peak lr
 
@@ -136,8 +137,48 @@ def report(store: Store, a: argparse.Namespace) -> None:
         lines.append(f"| {x['mode']} | {x['variant']} | {x['seed']} | {_fmt(val, True)} | "
                      f"{_fmt(x['carried'][0] - c['carried'][0], True)} | "
                      + " | ".join(_fmt(u - b, True) for u, b in zip(x["carried"][1:], best[1:])) + " |")
+    lines += ["", plot(rows, by_key, a)]
     write_section(ROOT / "docs" / "RESULTS.md", f"## {a.title}", lines + [""])
     print("\n".join(lines))
+
+
+def plot(rows: list[dict], by_key: dict, a: argparse.Namespace) -> str:
+    """Left: carried minus reset per bucket, the plain runs (dashed) and every postK arm (solid) per
+    variant. Right: a postK arm's carried loss minus the best short-context loss at its budget.
+    Mean over the seeds, band min-max. Returns the Markdown line that shows it."""
+    path, markdown = results_plot(a.title)
+    buckets = rows[0]["buckets"][1:]
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    colors = dict(zip(("lmm", "mac", "mag", "mal", "swa", "transformer"), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    most = max(sum(1 for r in rows if (r["variant"], r["mode"]) == (x["variant"], x["mode"])) for x in rows)
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        for mode in dict.fromkeys(r["mode"] for r in rows if r["variant"] == variant):
+            arm, _ = parse_mode(mode)
+            runs = [r for r in rows if r["variant"] == variant and r["mode"] == mode]
+            if arm not in ("plain", "post") or len(runs) < most or variant == "transformer":
+                continue   # the one-seed probes stay in the table; Transformer++ has no carried loss
+            style = dict(color=colors.get(variant), ls="--" if arm == "plain" else "-")
+            plot_seeds(ax, buckets, [[c - s for c, s in zip(r["carried"][1:], r["reset"][1:])] for r in runs],
+                       f"{variant} {mode}", **style)
+            ctl = [by_key.get((variant, "postctl", r["seed"])) for r in runs]
+            if arm == "post" and all(ctl):
+                plot_seeds(bx, buckets, [[u - min(v, w) for u, v, w in zip(r["carried"][1:], r["reset"][1:], c["reset"][1:])]
+                                         for r, c in zip(runs, ctl)], f"{variant} {mode}", **style)
+    ax.axhline(0.01, color="grey", ls=":", lw=1)
+    bx.axhline(-0.02, color="grey", ls=":", lw=1)
+    ax.set_ylabel("carried - reset (nats per byte)")
+    bx.set_ylabel("carried - best short-context loss")
+    for x in (ax, bx):
+        x.axhline(0, color="black", lw=0.5)
+        x.set_xlabel(f"position (multiples of the trained length, {a.seq_len})")
+        x.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{a.title} (mean over seeds, band min-max; dotted: the issue's lines)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return markdown
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import ROOT, Store, cpu_name, run_parallel, spread, titans_cli, write_section
+from common import ROOT, Store, cpu_name, plot_seeds, pyplot, results_plot, run_parallel, spread, titans_cli, write_section
 
 CK8 = ["--set", "conv_kernel=8"]   # the memory's key sees "key is " apart from the noise's "sky is "
 SP8 = ["--carry-state", "8"]       # State Passing: a sequence starts from the previous batch's final state
@@ -104,8 +104,33 @@ def report(store: Store, a: argparse.Namespace) -> None:
         flags = (["--init", base] if base else []) + flags
         lines.append(f"| {arm} | {variant} | `{' '.join(flags) or '-'}` | {','.join(str(r['seed']) for r in rows)} | "
                      f"{min(secs)}-{max(secs)} | " + " | ".join(cells) + " |")
+    lines += ["", plot(store, a)]
     write_section(ROOT / "docs" / "RESULTS.md", "## Pass keys through the CLI", lines + [""])
     print("\n".join(lines))
+
+
+def plot(store: Store, a: argparse.Namespace) -> str:
+    """Accuracy against length per arm (mean over seeds, band min-max): the arms trained at --seq-len on
+    the left, the curriculum (continued at 1K) on the right. Returns the Markdown line that shows it."""
+    path, markdown = results_plot("Pass keys through the CLI")
+    lengths = a.lengths.split(",")
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for arm, (variant, flags, base) in ARMS.items():
+        ok = [r for r in store.rows if r["arm"] == arm and not r["error"]]
+        if ok:
+            plot_seeds(axes[int(base is not None)], lengths, [[r["acc"][n] for n in lengths] for r in ok], arm)
+    for ax, what in zip(axes, (f"trained at {a.seq_len}", "continued at 1K (the curriculum)")):
+        ax.axhline(0.9, color="grey", ls=":", lw=1)
+        ax.set_xlabel(f"input length (tokens); {what}")
+        ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("pass-key accuracy (mean over seeds)")
+    fig.suptitle("Pass keys through the CLI (tiny models; band: min-max over seeds; dotted: the 0.9 target)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return markdown
 
 
 def main() -> None:
