@@ -27,6 +27,9 @@ from common import ROOT, Store, cpu_name, plot_seeds, pyplot, results_plot, run_
 CK8 = ["--set", "conv_kernel=8"]   # the memory's key sees "key is " apart from the noise's "sky is "
 SP8 = ["--carry-state", "8"]       # State Passing: a sequence starts from the previous batch's final state
 SP32 = ["--carry-state", "32"]     # ... for 32 batches: states of up to 32K tokens in the 1K stage
+# the answer's place in the row drawn per row (up to 31 tokens early): MAC's 32-token segments see it
+# at every phase, not only at the one a fixed row length gives
+J31 = ["--task-arg", "jitter=31"]
 # a length curriculum: the arm's run of the same seed continued at 1K tokens (flags given last win)
 AT_1K = ["--seq-len", "1024", "--steps", "1000"]
 ARMS = {   # name: (variant, flags, the arm whose run this one continues with --init, or None)
@@ -47,6 +50,10 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
     "mag-1k-sp32": ("mag", SP32 + AT_1K, "mag"),
     "mac": ("mac", [], None),
     "mac-1k": ("mac", AT_1K, "mac"),
+    "mac-j": ("mac", J31, None),
+    "mac-j-1k": ("mac", J31 + AT_1K, "mac-j"),
+    "lmm-j": ("lmm", J31, None),
+    "lmm-j-1k": ("lmm", J31 + AT_1K, "lmm-j"),
     "swa": ("swa", [], None),
     "swa-1k": ("swa", AT_1K, "swa"),
     "transformer": ("transformer", [], None),

@@ -298,6 +298,30 @@ def test_passkey_batch_scores_the_needles_digits_and_where_they_end():
     assert torch.equal(ya[:, :-1], xa[:, 1:])
 
 
+def test_passkey_batch_jitter_moves_the_answer_within_the_row():
+    x, y = passkey_batch(16, 400, 256, seed=3, step=2, jitter=31)
+    assert x.shape == y.shape == (16, 400)
+    ends = set()
+    for b in range(16):
+        scored = (y[b] != -100).nonzero().flatten()
+        assert len(scored) == 7 and torch.equal(scored, torch.arange(scored[0], scored[0] + 7))
+        end = int(scored[-1]) + 1
+        assert 400 - 31 <= end <= 400
+        ends.add(end)
+        text = TOK.decode(x[b, :end].tolist())
+        key = re.search(r"The pass key is (\d{5})\. Remember it\.", text)
+        assert key and text.endswith("What is the pass key? The pass key is " + key.group(1))
+        assert TOK.decode(y[b, scored].tolist()) == " " + key.group(1) + "."
+    assert len(ends) > 4  # the answer sits at many places against any chunk or segment grid
+    assert torch.equal(passkey_batch(16, 400, 256, seed=3, step=2, jitter=31)[0], x)
+    assert torch.equal(next(recall_batches("niah", 16, 256, seed=3, seq_len=400, jitter="31"))[0],
+                       passkey_batch(16, 400, 256, seed=3, jitter=31)[0])
+    with pytest.raises(ValueError, match="too short for task niah with jitter=40"):
+        passkey_batch(1, 256, 256, jitter=40)
+    with pytest.raises(ValueError, match="jitter"):
+        passkey_batch(1, 400, 256, jitter=-1)
+
+
 def test_masked_accuracy_and_recall_evaluation():
     targets = torch.tensor([[-100, 3, 4, -100], [5, -100, -100, -100]])
     pred = torch.tensor([[9, 3, 0, 9], [5, 1, 1, 1]])

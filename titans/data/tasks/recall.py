@@ -127,14 +127,19 @@ def selective_copy_batch(batch_size: int, n_tokens: int, region: int, vocab_size
 
 
 def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0, step: int = 0,
-                  all_tokens: bool = False) -> tuple[Tensor, Tensor]:
+                  all_tokens: bool = False, jitter: int = 0) -> tuple[Tensor, Tensor]:
     """Pass-key retrieval: inputs and targets [batch_size, seq_len] (byte tokens; see the module doc).
 
-    Each row is a pass-key sample of seq_len + 1 - A tokens followed by its A answer tokens
-    (" 12345."), so the last A targets are scored; the depth is uniform in [0, 1]. all_tokens:
-    score every target, as language modelling does (a curriculum for copying: the noise repeats;
-    tried in docs/RESULTS.md's pass-key study, it taught the noise but not the key)."""
+    Each row is a pass-key sample of seq_len + 1 - A - j tokens followed by its A answer tokens
+    (" 12345.") and j tokens of the noise, unscored, so the A answer targets are scored; the depth
+    is uniform in [0, 1]. j = 0 unless `jitter` > 0, then j is uniform in [0, jitter] per row: with
+    every answer at the same place in the row, a model whose attention works in fixed segments (MAC)
+    learns the answer only where a segment boundary falls in training, and misses it at lengths that
+    put the question elsewhere (docs/long_context.md). all_tokens: score every target, as language
+    modelling does (a curriculum for copying: the noise repeats; tried in docs/RESULTS.md's pass-key
+    study, it taught the noise but not the key)."""
     B, T = check_int("batch_size", batch_size, 1), check_int("seq_len", seq_len, 2)
+    jitter = check_int("jitter", jitter, 0)
     if vocab_size < 256:
         raise ValueError(f"task niah is byte text: it needs vocab_size >= 256, got {vocab_size}")
     g = _gen("niah", seed, step)
@@ -143,14 +148,19 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
     stop = make.tokenizer.encode(".")
     A = len(make.tokenizer.encode(" 12345."))  # every answer is " " + 5 digits + "."
     scored = torch.zeros(B, T + 1, dtype=torch.bool)
-    scored[:, 1 if all_tokens else T + 1 - A:] = True
     rows = []
-    for b, depth in enumerate(torch.rand(B, generator=g, dtype=torch.float64).tolist()):
-        try:
-            s = make.sample(T + 1 - A, depth, step * B + b)
-        except ValueError as e:  # too short: the instruction, needle and question do not fit
-            raise ValueError(f"seq_len={T} is too short for task niah ({e})") from None
-        rows.append(s.input_ids + s.answer_ids + stop)
+    depths = torch.rand(B, generator=g, dtype=torch.float64).tolist()
+    # drawn only with jitter, so that jitter=0 gives the rows it always gave
+    tails = torch.randint(0, jitter + 1, (B,), generator=g).tolist() if jitter else [0] * B
+    try:  # the shortest row any draw can make: too short fails at every step, not at a rare one
+        make.sample(T + 1 - A - jitter, 0.0, 0)
+    except ValueError as e:  # the instruction, needle and question do not fit
+        with_jitter = f" with jitter={jitter}" if jitter else ""
+        raise ValueError(f"seq_len={T} is too short for task niah{with_jitter} ({e})") from None
+    for b, (depth, j) in enumerate(zip(depths, tails)):
+        s = make.sample(T + 1 - A - j, depth, step * B + b)
+        rows.append(s.input_ids + s.answer_ids + stop + make.pool.haystack(j, 0)[0])
+        scored[b, 1 if all_tokens else T + 1 - A - j:T + 1 - j] = True
     return _shift(torch.tensor(rows), scored)
 
 
@@ -191,7 +201,7 @@ def recall_batches(task: str, batch_size: int, vocab_size: int, *, seed: int = 0
                    **kwargs: Any) -> TaskBatches:
     """Endless resumable batches of a recall task for the Trainer. kwargs are the task's own
     arguments: mqar seq_len, n_pairs (n_queries, power_a); copy n_tokens (delay);
-    selective_copy n_tokens, region; niah seq_len (all_tokens)."""
+    selective_copy n_tokens, region; niah seq_len (all_tokens, jitter)."""
     make = _maker(task, batch_size, vocab_size, seed, kwargs)
     make(0)  # bad arguments fail here, not at the first training step
     name = ":".join([task, f"seed={seed}", f"B={batch_size}", f"V={vocab_size}",
