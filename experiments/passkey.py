@@ -44,7 +44,8 @@ def run_one(name: str, seed: int, a: argparse.Namespace) -> dict:
     variant, overrides = MODELS[name]
     torch.manual_seed(seed)
     model = TitansLM(TitansConfig.from_preset("tiny", variant=variant, **{**overrides, **parse_overrides(a.set)}))
-    batches = recall_batches("niah", a.batch_size, model.config.vocab_size, seed=seed, seq_len=a.seq_len)
+    batches = recall_batches("niah", a.batch_size, model.config.vocab_size, seed=seed, seq_len=a.seq_len,
+                             jitter=0)   # the rows this study was made with (the default since: drawn per row)
     secs, error, _ = train(model, batches, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
                            seed=seed, out=Path(a.out) / f"{name}-{seed}")
     records = evaluate_niah(model, ByteTokenizer(), "pk", a.lengths, a.depths, a.samples, seed=seed, piece=4096)

@@ -27,37 +27,40 @@ from common import ROOT, Store, cpu_name, plot_seeds, pyplot, results_plot, run_
 CK8 = ["--set", "conv_kernel=8"]   # the memory's key sees "key is " apart from the noise's "sky is "
 SP8 = ["--carry-state", "8"]       # State Passing: a sequence starts from the previous batch's final state
 SP32 = ["--carry-state", "32"]     # ... for 32 batches: states of up to 32K tokens in the 1K stage
-# the answer's place in the row drawn per row (up to 31 tokens early): MAC's 32-token segments see it
-# at every phase, not only at the one a fixed row length gives
-J31 = ["--task-arg", "jitter=31"]
+# every answer at one place in the row: task niah's rows before its jitter default (the arms with it ran then)
+FIXED = ["--task-arg", "jitter=0"]
+J31 = ["--task-arg", "jitter=31"]   # the default's value at 256 (MAC's segments of 32: every phase)
 # a length curriculum: the arm's run of the same seed continued at 1K tokens (flags given last win)
 AT_1K = ["--seq-len", "1024", "--steps", "1000"]
 ARMS = {   # name: (variant, flags, the arm whose run this one continues with --init, or None)
-    "lmm": ("lmm", [], None),
-    "lmm-ck8": ("lmm", CK8, None),
-    "lmm-sp8": ("lmm", SP8, None),
-    "lmm-ck8-sp8": ("lmm", CK8 + SP8, None),
-    "mag-ck8-sp8": ("mag", CK8 + SP8, None),
-    "mac-ck8-sp8": ("mac", CK8 + SP8, None),
-    "mag": ("mag", [], None),
-    "lmm-1k": ("lmm", AT_1K, "lmm"),
-    "mag-1k": ("mag", AT_1K, "mag"),
-    "lmm-ck8-sp8-1k": ("lmm", SP8 + AT_1K, "lmm-ck8-sp8"),
-    "mag-ck8-sp8-1k": ("mag", SP8 + AT_1K, "mag-ck8-sp8"),
-    "lmm-1k-2k": ("lmm", AT_1K, "lmm-1k"),     # the 1K stage twice as long (1,000 more steps)
-    "mag-1k-2k": ("mag", AT_1K, "mag-1k"),
-    "lmm-1k-sp32": ("lmm", SP32 + AT_1K, "lmm"),
-    "mag-1k-sp32": ("mag", SP32 + AT_1K, "mag"),
-    "mac": ("mac", [], None),
-    "mac-1k": ("mac", AT_1K, "mac"),
+    "lmm": ("lmm", FIXED, None),
+    "lmm-ck8": ("lmm", FIXED + CK8, None),
+    "lmm-sp8": ("lmm", FIXED + SP8, None),
+    "lmm-ck8-sp8": ("lmm", FIXED + CK8 + SP8, None),
+    "mag-ck8-sp8": ("mag", FIXED + CK8 + SP8, None),
+    "mac-ck8-sp8": ("mac", FIXED + CK8 + SP8, None),
+    "mag": ("mag", FIXED, None),
+    "lmm-1k": ("lmm", FIXED + AT_1K, "lmm"),
+    "mag-1k": ("mag", FIXED + AT_1K, "mag"),
+    "lmm-ck8-sp8-1k": ("lmm", FIXED + SP8 + AT_1K, "lmm-ck8-sp8"),
+    "mag-ck8-sp8-1k": ("mag", FIXED + SP8 + AT_1K, "mag-ck8-sp8"),
+    "lmm-1k-2k": ("lmm", FIXED + AT_1K, "lmm-1k"),     # the 1K stage twice as long (1,000 more steps)
+    "mag-1k-2k": ("mag", FIXED + AT_1K, "mag-1k"),
+    "lmm-1k-sp32": ("lmm", FIXED + SP32 + AT_1K, "lmm"),
+    "mag-1k-sp32": ("mag", FIXED + SP32 + AT_1K, "mag"),
+    "mac": ("mac", FIXED, None),
+    "mac-1k": ("mac", FIXED + AT_1K, "mac"),
+    "swa": ("swa", FIXED, None),
+    "swa-1k": ("swa", FIXED + AT_1K, "swa"),
+    "transformer": ("transformer", FIXED, None),
+    "transformer-1k": ("transformer", FIXED + AT_1K, "transformer"),
+    # the answer's place drawn per row (the CLI's default since; J31 is its value at 256)
     "mac-j": ("mac", J31, None),
     "mac-j-1k": ("mac", J31 + AT_1K, "mac-j"),
-    "lmm-j": ("lmm", J31, None),
-    "lmm-j-1k": ("lmm", J31 + AT_1K, "lmm-j"),
-    "swa": ("swa", [], None),
-    "swa-1k": ("swa", AT_1K, "swa"),
-    "transformer": ("transformer", [], None),
-    "transformer-1k": ("transformer", AT_1K, "transformer"),
+    "lmm-j": ("lmm", [], None),
+    "lmm-j-1k": ("lmm", AT_1K, "lmm-j"),
+    "transformer-j": ("transformer", [], None),
+    "transformer-j-1k": ("transformer", AT_1K, "transformer-j"),
 }
 
 

@@ -14,6 +14,7 @@ from titans.data.tasks import (BABILONG_TASKS, NIAH_TASKS, BabilongGenerator, Ni
                                parse_length, parse_lengths, recall_batches, score_answer,
                                selective_copy_batch, simulate_story)
 from titans.data.tasks.babilong import DROP_VERBS, GRAB_VERBS, MOVE_VERBS
+from titans.data.tasks.recall import AUTO_JITTER
 
 TOK = ByteTokenizer()
 # synthetic essay text: no digits, so a number needle can only be found where it was put
@@ -265,7 +266,7 @@ def test_copy_and_selective_copy_targets():
 
 
 def test_passkey_batch_scores_the_needles_digits_and_where_they_end():
-    x, y = passkey_batch(4, 400, 256, seed=3, step=2)
+    x, y = passkey_batch(4, 400, 256, seed=3, step=2, jitter=0)
     assert x.shape == y.shape == (4, 400)
     positions = []
     for b in range(4):
@@ -280,10 +281,10 @@ def test_passkey_batch_scores_the_needles_digits_and_where_they_end():
         assert score_answer(answer + "The", key.group(1)) and not score_answer(answer[:-1] + "1", key.group(1))
         positions.append(key.start())
     assert len(set(positions)) > 1  # the needle's depth varies within a batch
-    assert torch.equal(passkey_batch(4, 400, 256, seed=3, step=2)[0], x)
-    assert not torch.equal(passkey_batch(4, 400, 256, seed=3, step=3)[0], x)
+    assert torch.equal(passkey_batch(4, 400, 256, seed=3, step=2, jitter=0)[0], x)
+    assert not torch.equal(passkey_batch(4, 400, 256, seed=3, step=3, jitter=0)[0], x)
     # held out: not the needles `titans eval niah --seed 0` draws for the same sample indices
-    trained = [TOK.decode(row) for row in passkey_batch(64, 300, 256, seed=0)[1][:, -6:-1].tolist()]
+    trained = [TOK.decode(row) for row in passkey_batch(64, 300, 256, seed=0, jitter=0)[1][:, -6:-1].tolist()]
     held = [NiahGenerator("pk", seed=0).sample(300, 0.5, i).answer for i in range(64)]
     assert len(set(trained)) == 64 and sum(a != b for a, b in zip(trained, held)) == 64
     with pytest.raises(ValueError, match="seq_len=100 is too short for task niah"):
@@ -292,8 +293,8 @@ def test_passkey_batch_scores_the_needles_digits_and_where_they_end():
         passkey_batch(1, 400, 64)
     assert torch.equal(next(recall_batches("niah", 4, 256, seed=3, seq_len=400))[0], passkey_batch(4, 400, 256, seed=3)[0])
     # all_tokens: the same rows, every target scored (language modelling on the pass-key text)
-    x, y = passkey_batch(4, 400, 256, seed=3)
-    xa, ya = next(recall_batches("niah", 4, 256, seed=3, seq_len=400, all_tokens="true"))
+    x, y = passkey_batch(4, 400, 256, seed=3, jitter=0)
+    xa, ya = next(recall_batches("niah", 4, 256, seed=3, seq_len=400, all_tokens="true", jitter="0"))
     assert torch.equal(xa, x) and (ya != -100).all() and torch.equal(ya[:, -7:], y[:, -7:])
     assert torch.equal(ya[:, :-1], xa[:, 1:])
 
@@ -320,6 +321,12 @@ def test_passkey_batch_jitter_moves_the_answer_within_the_row():
         passkey_batch(1, 256, 256, jitter=40)
     with pytest.raises(ValueError, match="jitter"):
         passkey_batch(1, 400, 256, jitter=-1)
+    # the default: as much as the noise of a full row allows, at most AUTO_JITTER; 31 at 256
+    for T, most in ((256, 31), (400, AUTO_JITTER)):
+        x, y = passkey_batch(256, T, 256, seed=1)
+        ends = {int((y[b] != -100).nonzero().max()) + 1 for b in range(256)}
+        assert min(ends) == T - most and max(ends) == T
+    assert passkey_batch(2, 226, 256)[0].shape == (2, 226)   # little room: a jitter of 1, no error
 
 
 def test_masked_accuracy_and_recall_evaluation():

@@ -126,20 +126,25 @@ def selective_copy_batch(batch_size: int, n_tokens: int, region: int, vocab_size
     return _shift(seq, scored)
 
 
+AUTO_JITTER = 63   # task niah's default jitter where the text leaves room: any chunk or segment up to 64
+
+
 def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0, step: int = 0,
-                  all_tokens: bool = False, jitter: int = 0) -> tuple[Tensor, Tensor]:
+                  all_tokens: bool = False, jitter: int | None = None) -> tuple[Tensor, Tensor]:
     """Pass-key retrieval: inputs and targets [batch_size, seq_len] (byte tokens; see the module doc).
 
     Each row is a pass-key sample of seq_len + 1 - A - j tokens followed by its A answer tokens
     (" 12345.") and j tokens of the noise, unscored, so the A answer targets are scored; the depth
-    is uniform in [0, 1]. j = 0 unless `jitter` > 0, then j is uniform in [0, jitter] per row: with
-    every answer at the same place in the row, a model whose attention works in fixed segments (MAC)
-    learns the answer only where a segment boundary falls in training, and misses it at lengths that
-    put the question elsewhere (docs/long_context.md). all_tokens: score every target, as language
+    is uniform in [0, 1] and j uniform in [0, jitter] per row. With every answer at one place in the
+    row (jitter=0, the rows of the studies made before 2026-12-07's fourth session) tiny MAC and
+    Transformer++ learnt the answer only at that place, and missed it at the place `titans eval niah`
+    puts it (docs/long_context.md). jitter=None (the default): the noise tokens of a full row, at
+    most AUTO_JITTER (31 at seq_len 256). all_tokens: score every target, as language
     modelling does (a curriculum for copying: the noise repeats; tried in docs/RESULTS.md's pass-key
     study, it taught the noise but not the key)."""
     B, T = check_int("batch_size", batch_size, 1), check_int("seq_len", seq_len, 2)
-    jitter = check_int("jitter", jitter, 0)
+    if jitter is not None:
+        jitter = check_int("jitter", jitter, 0)
     if vocab_size < 256:
         raise ValueError(f"task niah is byte text: it needs vocab_size >= 256, got {vocab_size}")
     g = _gen("niah", seed, step)
@@ -149,14 +154,17 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
     A = len(make.tokenizer.encode(" 12345."))  # every answer is " " + 5 digits + "."
     scored = torch.zeros(B, T + 1, dtype=torch.bool)
     rows = []
-    depths = torch.rand(B, generator=g, dtype=torch.float64).tolist()
-    # drawn only with jitter, so that jitter=0 gives the rows it always gave
-    tails = torch.randint(0, jitter + 1, (B,), generator=g).tolist() if jitter else [0] * B
     try:  # the shortest row any draw can make: too short fails at every step, not at a rare one
-        make.sample(T + 1 - A - jitter, 0.0, 0)
+        probe = make.sample(T + 1 - A - (jitter or 0), 0.0, 0)
     except ValueError as e:  # the instruction, needle and question do not fit
         with_jitter = f" with jitter={jitter}" if jitter else ""
         raise ValueError(f"seq_len={T} is too short for task niah{with_jitter} ({e})") from None
+    if jitter is None:  # the noise tokens of a full-length row can all give way
+        noise = probe.haystack_end - probe.haystack_start - (probe.needle_end - probe.needle_start)
+        jitter = min(AUTO_JITTER, noise)
+    depths = torch.rand(B, generator=g, dtype=torch.float64).tolist()
+    # drawn only with jitter, so that jitter=0 gives the rows it always gave
+    tails = torch.randint(0, jitter + 1, (B,), generator=g).tolist() if jitter else [0] * B
     for b, (depth, j) in enumerate(zip(depths, tails)):
         s = make.sample(T + 1 - A - j, depth, step * B + b)
         rows.append(s.input_ids + s.answer_ids + stop + make.pool.haystack(j, 0)[0])
