@@ -217,13 +217,17 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 def _batch(gens: dict[str, BabilongGenerator], tasks: tuple[str, ...], seq_len: int,
            batch_size: int, step: int, pad_id: int) -> tuple[Tensor, Tensor]:
     tok = next(iter(gens.values())).tokenizer
-    longest = max(len(tok.encode(" " + p)) for p in PLACES)
+    # the answer and a full stop: `titans eval babilong` decodes past the answer and its exact match
+    # fails "bedroomm", so a model must learn where the word ends (trained on the word alone, tiny
+    # models answered " bedroomm" and scored 0 at every length)
+    stop = tok.encode(".")
+    longest = max(len(tok.encode(" " + p)) for p in PLACES) + len(stop)
     inputs = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
     targets = torch.full((batch_size, seq_len), -100, dtype=torch.long)
     for r in range(batch_size):
         s = gens[tasks[r % len(tasks)]].sample(seq_len + 1 - longest, step * batch_size + r)
-        seq = torch.tensor(s.input_ids + s.answer_ids)
-        n, a = len(seq) - 1, len(s.answer_ids)
+        seq = torch.tensor(s.input_ids + s.answer_ids + stop)
+        n, a = len(seq) - 1, len(s.answer_ids) + len(stop)
         inputs[r, :n] = seq[:-1]
         targets[r, n - a:n] = seq[-a:]  # target t is token t + 1: the answer's tokens only
     return inputs, targets
@@ -237,7 +241,8 @@ def babilong_batch(tokenizer: Tokenizer | None, seq_len: int, batch_size: int, *
     Row r of batch `step` is sample number step * batch_size + r of task tasks[r % len(tasks)],
     sized so that its input + answer is at most seq_len + 1 tokens (the input is
     seq_len + 1 - the longest answer); inputs are those tokens but the last, targets the next
-    tokens, -100 everywhere except on the answer's tokens, so the loss is on the answer only.
+    tokens, -100 everywhere except on the answer's tokens and the full stop after it, so the loss
+    is on the answer and where it ends only.
     Rows with a shorter answer are right-padded with pad_id (targets -100).
     """
     tasks = _check_tasks(tasks)
