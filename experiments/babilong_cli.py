@@ -26,7 +26,8 @@ import shutil
 import time
 from pathlib import Path
 
-from common import ROOT, Store, cpu_name, plot_seeds, pyplot, results_plot, run_parallel, spread, titans_cli, write_section
+from common import (ROOT, Store, cpu_name, pending_arms, plot_seeds, pyplot, results_plot, run_parallel, save_figure,
+                    spread, titans_cli, write_section)
 
 SP8 = ["--carry-state", "8"]
 ARMS = {   # name: (variant, flags)
@@ -112,10 +113,7 @@ def plot(store: Store, a: argparse.Namespace) -> str:
         ax.set_xlabel(f"input length (tokens); trained at {a.seq_len}")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("accuracy (dotted: chance, 1/6)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return markdown
 
 
@@ -134,14 +132,10 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "babilong_cli"))
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
-    for arm in a.arms.split(","):
-        if arm not in ARMS:
-            raise SystemExit(f"--arms: unknown arm {arm!r}; the arms: {', '.join(ARMS)}")
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                                                       lengths=a.lengths, samples=a.samples, tasks=TASKS))
     if not a.report_only:
-        todo = [dict(arm=arm, seed=int(s)) for arm in a.arms.split(",") for s in a.seeds.split(",")]
-        todo = [k for k in todo if not store.done(**k)]
+        todo = pending_arms(a.arms, a.seeds, ARMS, store)
         run_parallel(store, todo, lambda k: one(k, a), lambda r: f"{r['arm']} seed {r['seed']}: {r['seconds']} s "
                      + (r["error"] or " ".join(f"{n} {v:.2f}" for n, v in r["acc"].get("mean", {}).items())),
                      jobs=a.jobs)

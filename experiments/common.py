@@ -168,6 +168,24 @@ def plot_seeds(ax: Any, x: list, runs: list[list[float]], label: str, **style: A
         ax.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.12)
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write (creating its folder) and close a study's figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def pending_arms(arms: str, seeds: str, known: dict, store: Store) -> list[dict]:
+    """The runs {arm, seed} of a study of arms that the store does not hold yet, arm by arm (an arm
+    that continues another should not hold a job while its base runs); an unknown arm exits."""
+    for arm in arms.split(","):
+        if arm not in known:
+            raise SystemExit(f"--arms: unknown arm {arm!r}; the arms: {', '.join(known)}")
+    todo = [dict(arm=arm, seed=int(s)) for arm in arms.split(",") for s in seeds.split(",")]
+    return [k for k in todo if not store.done(**k)]
+
+
 def results_plot(title: str) -> tuple[Path, str]:
     """(the path of a study's figure under docs/results, the Markdown line that shows it)."""
     name = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") + ".png"

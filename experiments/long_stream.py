@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from common import (ROOT, Store, add_set_option, corpus, cpu_name, plot_seeds, pyplot, results_plot, run_parallel,
-                    set_flags, titans_cli, write_section)
+                    save_figure, set_flags, titans_cli, write_section)
 
 POST_LR = 5e-4   # the post-training steps continue a trained model: a tenth of the CLI's peak lr
 
@@ -174,10 +174,7 @@ def plot(rows: list[dict], by_key: dict, a: argparse.Namespace) -> str:
         x.set_xlabel(f"position (multiples of the trained length, {a.seq_len})")
         x.legend(fontsize=7, ncol=2)
     fig.suptitle(f"{a.title} (mean over seeds, band min-max; dotted: the issue's lines)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return markdown
 
 

@@ -22,7 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
-from common import ROOT, Store, cpu_name, plot_seeds, pyplot, results_plot, run_parallel, spread, titans_cli, write_section
+from common import (ROOT, Store, cpu_name, pending_arms, plot_seeds, pyplot, results_plot, run_parallel, save_figure,
+                    spread, titans_cli, write_section)
 
 CK8 = ["--set", "conv_kernel=8"]   # the memory's key sees "key is " apart from the noise's "sky is "
 SP8 = ["--carry-state", "8"]       # State Passing: a sequence starts from the previous batch's final state
@@ -136,10 +137,7 @@ def plot(store: Store, a: argparse.Namespace) -> str:
         ax.legend(fontsize=7, ncol=2)
     axes[0].set_ylabel("pass-key accuracy (mean over seeds)")
     fig.suptitle("Pass keys through the CLI (tiny models; band: min-max over seeds; dotted: the 0.9 target)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return markdown
 
 
@@ -157,15 +155,10 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "passkey_cli"))
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
-    for arm in a.arms.split(","):
-        if arm not in ARMS:
-            raise SystemExit(f"--arms: unknown arm {arm!r}; the arms: {', '.join(ARMS)}")
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                                                       lengths=a.lengths, depths=a.depths, samples=a.samples))
     if not a.report_only:
-        # arm by arm: an arm that continues another should not hold a job while its base runs
-        todo = [dict(arm=arm, seed=int(s)) for arm in a.arms.split(",") for s in a.seeds.split(",")]
-        todo = [k for k in todo if not store.done(**k)]
+        todo = pending_arms(a.arms, a.seeds, ARMS, store)
         run_parallel(store, todo, lambda k: one(k, a), lambda r: f"{r['arm']} seed {r['seed']}: {r['seconds']} s "
                      + (r["error"] or " ".join(f"{n} {v:.2f}" for n, v in r["acc"].items())), jobs=a.jobs)
     report(store, a)
