@@ -18,8 +18,9 @@ Token layout (ids below `vocab_size`):
         of `region` tokens, filler except for n data tokens at random positions, then the
         separator, then the n data tokens in their order. Scored: the copy.
     niah (pass-key retrieval, the paper's Table 2 "S-NIAH-PK" for training): the byte text of
-        `titans.data.tasks.niah` task "pk", `seq_len` tokens with the needle at a depth drawn
-        uniformly from [0, 1], then the answer as the needle gives it (" " + 5 digits + ".").
+        `titans.data.tasks.niah` task "pk" with the needle at a depth drawn uniformly from
+        [0, 1], then the answer as the needle gives it (" " + 5 digits + "."), `seq_len` tokens
+        in all (the answer ends up to `jitter` tokens early, the rest is noise).
         Scored: the answer's tokens, its full stop included (`titans eval niah` decodes past the
         answer and counts "12345" only where what follows is not a digit, so a model must learn
         where the key ends), or with `all_tokens` every token. The needles come from other
@@ -136,10 +137,10 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
     Each row is a pass-key sample of seq_len + 1 - A - j tokens followed by its A answer tokens
     (" 12345.") and j tokens of the noise, unscored, so the A answer targets are scored; the depth
     is uniform in [0, 1] and j uniform in [0, jitter] per row. With every answer at one place in the
-    row (jitter=0, the rows of the studies made before 2026-12-07's fourth session) tiny MAC and
-    Transformer++ learnt the answer only at that place, and missed it at the place `titans eval niah`
-    puts it (docs/long_context.md). jitter=None (the default): the noise tokens of a full row, at
-    most AUTO_JITTER (31 at seq_len 256). all_tokens: score every target, as language
+    row (jitter=0, the rows of the pass-key studies in docs/RESULTS.md) tiny MAC and Transformer++
+    learnt the answer only at that place, and missed it at the place `titans eval niah` puts it
+    (docs/long_context.md). jitter=None (the default): the noise tokens of a full row, at most
+    AUTO_JITTER (31 at seq_len 256). all_tokens: score every target, as language
     modelling does (a curriculum for copying: the noise repeats; tried in docs/RESULTS.md's pass-key
     study, it taught the noise but not the key)."""
     B, T = check_int("batch_size", batch_size, 1), check_int("seq_len", seq_len, 2)
