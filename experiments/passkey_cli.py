@@ -60,6 +60,8 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
     "mac-j-1k": ("mac", J31 + AT_1K, "mac-j"),
     "lmm-j": ("lmm", [], None),
     "lmm-j-1k": ("lmm", AT_1K, "lmm-j"),
+    "mag-j": ("mag", [], None),
+    "mag-j-1k": ("mag", AT_1K, "mag-j"),
     "transformer-j": ("transformer", [], None),
     "transformer-j-1k": ("transformer", AT_1K, "transformer-j"),
 }
