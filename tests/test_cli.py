@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from titans.cli import main
@@ -119,6 +121,12 @@ def test_long_context_commands(corpus, capsys):
     assert main(["eval", "niah", "--model", str(qa), "--task", "pk", "--lengths", "256,512", "--depths", "0,1",
                  "--plot", str(heat)]) == 0
     assert heat.exists() and "%" in capsys.readouterr().out
+    # pass keys with a lead-in: rows of up to 256 + 300 tokens, 256 of them trained
+    pk = corpus / "pk"
+    assert main(["train", "--init", str(run), "--task", "niah", "--seq-len", "256", "--task-arg", "lead_in=300",
+                 "--steps", "3", "--batch-size", "2", "--eval-every", "3", "--eval-batches", "1", "--out", str(pk)]) == 0
+    state = json.loads((pk / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert state["train_config"]["lead_in"] == 300 and state["train_config"]["seq_len"] == 256
 
 
 def test_forecast_and_dna_commands(tmp_path, capsys):

@@ -14,7 +14,7 @@ from titans.data.tasks import (BABILONG_TASKS, NIAH_TASKS, BabilongGenerator, Ni
                                parse_length, parse_lengths, recall_batches, score_answer,
                                selective_copy_batch, simulate_story)
 from titans.data.tasks.babilong import DROP_VERBS, GRAB_VERBS, MOVE_VERBS
-from titans.data.tasks.recall import AUTO_JITTER
+from titans.data.tasks.recall import AUTO_JITTER, NO_LEAD_IN
 
 TOK = ByteTokenizer()
 # synthetic essay text: no digits, so a number needle can only be found where it was put
@@ -331,6 +331,33 @@ def test_passkey_batch_jitter_moves_the_answer_within_the_row():
         ends = {int((y[b] != -100).nonzero().max()) + 1 for b in range(256)}
         assert min(ends) == T - most and max(ends) == T
     assert passkey_batch(2, 226, 256)[0].shape == (2, 226)   # little room: a jitter of 1, no error
+
+
+def test_passkey_batch_lead_in_makes_one_long_sample_answered_in_the_trained_tokens():
+    leads, in_lead_in = [], []
+    for step in range(40):
+        x, y = passkey_batch(3, 300, 256, seed=2, step=step, lead_in=900)
+        P = x.shape[1] - 300
+        assert 0 <= P <= 900 and y.shape == x.shape
+        leads.append(P)
+        for b in range(3):
+            scored = (y[b] != -100).nonzero().flatten()
+            assert len(scored) == 7 and scored[0] >= P   # the answer is in the trained tokens
+            end = int(scored[-1]) + 1
+            text = TOK.decode(x[b, :end].tolist())     # one sample: instruction, needle, question
+            assert text.startswith("There is an important piece of information")
+            key = re.search(r"The pass key is (\d{5})\. Remember it\.", text)
+            assert key and text.endswith("What is the pass key? The pass key is " + key.group(1))
+            if P:
+                in_lead_in.append(key.start() < P)
+    zero = sum(P == 0 for P in leads) / len(leads)
+    assert abs(zero - NO_LEAD_IN) < 0.2 and len(set(leads)) > 20
+    # needles land in the lead-in too (the state must carry them into the trained tokens)
+    assert any(in_lead_in) and not all(in_lead_in)
+    assert torch.equal(passkey_batch(3, 300, 256, seed=2, step=5, lead_in=0)[0],
+                       passkey_batch(3, 300, 256, seed=2, step=5)[0])
+    with pytest.raises(ValueError, match="lead_in"):
+        passkey_batch(1, 300, 256, lead_in=-1)
 
 
 def test_masked_accuracy_and_recall_evaluation():

@@ -93,3 +93,37 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, variant):
     trainer = _trainer(tmp_path / "lost", variant, resume=str(ckpt.path))
     trainer.carried = [None, None]
     assert trainer.train_step()["loss"] != full[3]["loss"]
+
+
+def test_a_lead_in_is_streamed_without_gradient_before_the_trained_tokens(tmp_path):
+    """TrainConfig.lead_in: rows of P + T tokens train on the last T from the state the first P
+    leave, with no gradient through the lead-in; the same as the manual computation."""
+    from titans.data.tasks.common import TaskBatches
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 20 + 32), generator=g)
+    y = torch.randint(0, 256, (2, 20 + 32), generator=g)
+
+    def trainer(lead_in, batch):
+        seed_everything(0)
+        config = TitansConfig.from_preset("tiny", variant="lmm")
+        cfg = TrainConfig(steps=1, batch_size=2, seq_len=32, lr=2e-3, warmup=0, eval_every=0, ckpt_every=0,
+                          out_dir=str(tmp_path / f"run{lead_in}-{batch.shape[1]}"), progress=False, lead_in=lead_in)
+        return Trainer(TitansLM(config), TaskBatches(lambda s: (batch, y[:, -batch.shape[1]:]), "t"), None, cfg)
+
+    row = trainer(20, x).train_step()
+    seed_everything(0)
+    model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm"))
+    with torch.no_grad():
+        state = model(x[:, :20]).state
+    loss = model(x[:, 20:], labels=y[:, 20:], state=state).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    assert row["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert row["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    # the lead-in's state matters: without it the step differs (the test can fail)
+    assert trainer(20, x[:, 20:]).train_step()["loss"] != pytest.approx(row["loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="lead-in 0 <= P <= lead_in = 10"):
+        trainer(10, x).train_step()
+    with pytest.raises(ValueError, match=r"expected \[batch_size, seq_len\] = \[2, 32\]"):
+        trainer(0, x).train_step()

@@ -91,8 +91,9 @@ def _task_data(a: argparse.Namespace, vocab_size: int, tokenizer):
         kw = a.task_args
         train = recall_batches(a.task, a.batch_size, vocab_size, seed=a.seed, **kw)
         held_out = recall_batches(a.task, a.batch_size, vocab_size, seed=a.seed + 1, **kw)
-        # the task's own arguments fix its length (copy: n_tokens and delay); --seq-len must agree
-        length = train.batch(0)[0].shape[1]
+        # the task's own arguments fix its length (copy: n_tokens and delay); --seq-len must agree.
+        # A lead-in (task niah) lengthens the rows of a step, not the trained length.
+        length = kw["seq_len"] if kw.get("lead_in") else train.batch(0)[0].shape[1]
         if a.seq_len is not None and a.seq_len != length:
             raise UserError(f"--seq-len {a.seq_len}, but task {a.task} with these --task-arg values makes "
                             f"sequences of {length} tokens: drop --seq-len or change the task arguments")
@@ -284,7 +285,7 @@ def cmd_train(a: argparse.Namespace) -> None:
                       lr=a.lr, warmup=a.warmup, bf16=a.bf16, compile=a.compile, seed=a.seed,
                       eval_every=a.eval_every, eval_batches=a.eval_batches, ckpt_every=a.ckpt_every,
                       out_dir=a.out, resume=a.resume, distributed=a.distributed, carry_state=a.carry_state,
-                      progress=not a.quiet)
+                      lead_in=a.task_args.get("lead_in", 0) if a.task == "niah" else 0, progress=not a.quiet)
     torch.manual_seed(a.seed)
     model = build_model(config)
     if init is not None:

@@ -25,6 +25,13 @@ other batches a sequence starts from the final state of an unrelated one (State 
 micro-batch and each rank carries its own state; checkpoints hold them (carried_state.safetensors),
 so a resumed run equals the uninterrupted one.
 
+With cfg.lead_in = L > 0 a batch's rows may be longer than T, [B, P + T] with 0 <= P <= L: the
+first P tokens are a lead-in the model streams through without gradient (under torch.no_grad,
+from the carried state or an empty one), and the step trains on the last T tokens from the state
+the lead-in leaves (TBPTT over a long sample with one backpropagated window: the model meets the
+states of long streams while it backpropagates through T tokens alone). The lead-in's targets are
+not scored. The batches decide P (`titans.data.tasks.passkey_batch(lead_in=...)`).
+
 `train_batches` yields (inputs, targets) [B, T] forever (a `titans.data.TokenBatches`); its
 `state_dict()` / `load_state_dict()` give the data position for exact resume.
 `val_windows` is an iterable of (inputs, targets) (a `titans.data.EvalWindows`), or None.
@@ -86,7 +93,8 @@ class TrainConfig:
     distributed: "none" | "ddp" | "fsdp".  device: "auto" | "cpu" | "cuda".  progress: tqdm
     bar (only on a terminal, rank 0) or a line per evaluation otherwise.  carry_state: 0, or K:
     carry the model's state, detached, from each step into the next for K steps (see the module
-    docstring; K = 1 is the same as 0).
+    docstring; K = 1 is the same as 0).  lead_in: 0, or L: a batch's rows may carry up to L
+    tokens of lead-in before the T trained ones (see the module docstring).
     """
 
     steps: int = 1000
@@ -114,6 +122,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     carry_state: int = 0
+    lead_in: int = 0
 
     def __post_init__(self) -> None:
         self.out_dir = str(self.out_dir)
@@ -122,7 +131,7 @@ class TrainConfig:
         check_fields(self)  # betas from JSON is a list; text from the command line is parsed
         for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("grad_accum", 1),
                           ("warmup", 0), ("seed", 0), ("eval_every", 0), ("log_every", 1),
-                          ("ckpt_every", 0), ("carry_state", 0)):
+                          ("ckpt_every", 0), ("carry_state", 0), ("lead_in", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
@@ -197,7 +206,7 @@ class Trainer:
             raise ValueError(f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the "
                              f"world size {self.env.world_size}")
         seed_everything(cfg.seed + self.env.rank)  # distinct dropout streams per rank
-        self.model = wrap_model(model, self.env, unused_parameters=cfg.carry_state > 1)
+        self.model = wrap_model(model, self.env, unused_parameters=cfg.carry_state > 1 or cfg.lead_in > 0)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.lr, cfg.weight_decay, cfg.betas)
         self.forward = (torch.compile(self.model, backend=cfg.compile_backend) if cfg.compile
                         else self.model)
@@ -258,19 +267,30 @@ class Trainer:
         loss_sum = torch.zeros((), device=env.device)
         for micro in range(cfg.grad_accum):
             inputs, targets = next(self.train_batches)
-            if tuple(inputs.shape) != (cfg.batch_size, cfg.seq_len) or targets.shape != inputs.shape:
+            lead = inputs.shape[-1] - cfg.seq_len
+            if (inputs.dim() != 2 or inputs.shape[0] != cfg.batch_size or not 0 <= lead <= cfg.lead_in
+                    or targets.shape != inputs.shape):
+                expected = (f"[batch_size, seq_len] = [{cfg.batch_size}, {cfg.seq_len}]" if not cfg.lead_in else
+                            f"[batch_size, P + seq_len] = [{cfg.batch_size}, P + {cfg.seq_len}] with a lead-in "
+                            f"0 <= P <= lead_in = {cfg.lead_in}")
                 raise ValueError(f"train_batches yielded inputs {tuple(inputs.shape)} and targets "
-                                 f"{tuple(targets.shape)}, expected [batch_size, seq_len] = "
-                                 f"[{cfg.batch_size}, {cfg.seq_len}] for both")
+                                 f"{tuple(targets.shape)}, expected {expected} for both")
             inputs = shard_rows(inputs, env).to(env.device)
             targets = shard_rows(targets, env).to(env.device)
             with self._grad_sync(micro == cfg.grad_accum - 1), self._autocast():
-                if cfg.carry_state:
-                    state = self.carried[micro] if self.step % cfg.carry_state else None
+                state = None
+                if cfg.carry_state and self.step % cfg.carry_state:
+                    state = self.carried[micro]
+                if lead:
+                    with torch.no_grad():
+                        state = self.forward(inputs[:, :lead], state=state).state
+                    inputs, targets = inputs[:, lead:], targets[:, lead:]
+                if cfg.carry_state or lead:
                     out = self.forward(inputs, labels=targets, state=state)
-                    self.carried[micro] = out.state.detach()
                 else:
                     out = self.forward(inputs, labels=targets)
+                if cfg.carry_state:
+                    self.carried[micro] = out.state.detach()
                 loss = out.loss
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()

@@ -20,7 +20,10 @@ Token layout (ids below `vocab_size`):
     niah (pass-key retrieval, the paper's Table 2 "S-NIAH-PK" for training): the byte text of
         `titans.data.tasks.niah` task "pk" with the needle at a depth drawn uniformly from
         [0, 1], then the answer as the needle gives it (" " + 5 digits + "."), `seq_len` tokens
-        in all (the answer ends up to `jitter` tokens early, the rest is noise).
+        in all (the answer ends up to `jitter` tokens early, the rest is noise). With `lead_in`
+        the rows of a step are longer by a lead-in of P tokens (the Trainer reads them without
+        gradient before the seq_len tokens it trains on, TrainConfig.lead_in): one pass-key sample
+        of P + seq_len tokens, the needle anywhere in it.
         Scored: the answer's tokens, its full stop included (`titans eval niah` decodes past the
         answer and counts "12345" only where what follows is not a digit, so a model must learn
         where the key ends), or with `all_tokens` every token. The needles come from other
@@ -128,11 +131,13 @@ def selective_copy_batch(batch_size: int, n_tokens: int, region: int, vocab_size
 
 
 AUTO_JITTER = 63   # task niah's default jitter where the text leaves room: any chunk or segment up to 64
+NO_LEAD_IN = 0.25  # task niah with lead_in: the share of steps without one (the trained length in distribution)
 
 
 def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int = 0, step: int = 0,
-                  all_tokens: bool = False, jitter: int | None = None) -> tuple[Tensor, Tensor]:
-    """Pass-key retrieval: inputs and targets [batch_size, seq_len] (byte tokens; see the module doc).
+                  all_tokens: bool = False, jitter: int | None = None, lead_in: int = 0) -> tuple[Tensor, Tensor]:
+    """Pass-key retrieval: inputs and targets [batch_size, P + seq_len] (byte tokens; see the module
+    doc), P = 0 without lead_in.
 
     Each row is a pass-key sample of seq_len + 1 - A - j tokens followed by its A answer tokens
     (" 12345.") and j tokens of the noise, unscored, so the A answer targets are scored; the depth
@@ -142,8 +147,16 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
     (docs/long_context.md). jitter=None (the default): the noise tokens of a full row, at most
     AUTO_JITTER (31 at seq_len 256). all_tokens: score every target, as language
     modelling does (a curriculum for copying: the noise repeats; tried in docs/RESULTS.md's pass-key
-    study, it taught the noise but not the key)."""
+    study, it taught the noise but not the key).
+
+    lead_in: the longest lead-in. On a NO_LEAD_IN share of the steps P = 0, on the others P is
+    uniform in [1, lead_in]; every row of a step has the same P. Each row is one sample of P +
+    seq_len + 1 tokens with its answer in the last seq_len targets, so the model learns to
+    answer from the state a stream of up to lead_in + seq_len tokens leaves while it trains on
+    seq_len tokens alone (TBPTT over a long sample, Buitrago & Gu 2025; the trainer's lead-in).
+    In docs/RESULTS.md a lead-in of 3,072 at seq_len 1,024 carried the key to 16K."""
     B, T = check_int("batch_size", batch_size, 1), check_int("seq_len", seq_len, 2)
+    lead_in = check_int("lead_in", lead_in, 0)
     if jitter is not None:
         jitter = check_int("jitter", jitter, 0)
     if vocab_size < 256:
@@ -153,7 +166,6 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
     make = NiahGenerator("pk", seed=derive_seed("niah-train", seed) % 2**31)
     stop = make.tokenizer.encode(".")
     A = len(make.tokenizer.encode(" 12345."))  # every answer is " " + 5 digits + "."
-    scored = torch.zeros(B, T + 1, dtype=torch.bool)
     rows = []
     try:  # the shortest row any draw can make: too short fails at every step, not at a rare one
         probe = make.sample(T + 1 - A - (jitter or 0), 0.0, 0)
@@ -166,10 +178,14 @@ def passkey_batch(batch_size: int, seq_len: int, vocab_size: int, *, seed: int =
     depths = torch.rand(B, generator=g, dtype=torch.float64).tolist()
     # drawn only with jitter, so that jitter=0 gives the rows it always gave
     tails = torch.randint(0, jitter + 1, (B,), generator=g).tolist() if jitter else [0] * B
+    P = 0
+    if lead_in and torch.rand((), generator=g).item() >= NO_LEAD_IN:
+        P = int(torch.randint(1, lead_in + 1, (), generator=g))
+    scored = torch.zeros(B, P + T + 1, dtype=torch.bool)
     for b, (depth, j) in enumerate(zip(depths, tails)):
-        s = make.sample(T + 1 - A - j, depth, step * B + b)
+        s = make.sample(P + T + 1 - A - j, depth, step * B + b)
         rows.append(s.input_ids + s.answer_ids + stop + make.pool.haystack(j, 0)[0])
-        scored[b, 1 if all_tokens else T + 1 - A - j:T + 1 - j] = True
+        scored[b, 1 if all_tokens else P + T + 1 - A - j:P + T + 1 - j] = True
     return _shift(torch.tensor(rows), scored)
 
 
@@ -210,7 +226,7 @@ def recall_batches(task: str, batch_size: int, vocab_size: int, *, seed: int = 0
                    **kwargs: Any) -> TaskBatches:
     """Endless resumable batches of a recall task for the Trainer. kwargs are the task's own
     arguments: mqar seq_len, n_pairs (n_queries, power_a); copy n_tokens (delay);
-    selective_copy n_tokens, region; niah seq_len (all_tokens, jitter)."""
+    selective_copy n_tokens, region; niah seq_len (all_tokens, jitter, lead_in)."""
     make = _maker(task, batch_size, vocab_size, seed, kwargs)
     make(0)  # bad arguments fail here, not at the first training step
     name = ":".join([task, f"seed={seed}", f"B={batch_size}", f"V={vocab_size}",
