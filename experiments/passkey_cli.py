@@ -5,6 +5,7 @@ sequence length and each arm's flags (the recipe under test).
     python experiments/passkey_cli.py --arms lmm-ck8-sp8 --seeds 0        # one arm, one seed
     python experiments/passkey_cli.py                                     # every arm, 3 seeds, resumable
     python experiments/passkey_cli.py --report-only
+    python experiments/passkey_cli.py --far lmm-j-1k-li3k                # an arm's runs at 64K, 256K and 1M
 
 An arm is a variant and flags (ARMS below), or a run of another arm continued with other flags
 (`--init`: the length curriculum). Each run trains from scratch at --seq-len tokens and is
@@ -103,7 +104,37 @@ def one(key: dict, a: argparse.Namespace) -> dict:
     return row
 
 
-def report(store: Store, a: argparse.Namespace) -> None:
+def far(key: dict, a: argparse.Namespace) -> dict:
+    """An arm's finished run scored at --far-lengths (streamed: the state's size is constant)."""
+    out = Path(a.out) / "runs" / f"{key['arm']}-s{key['seed']}"
+    t0 = time.perf_counter()
+    done = titans_cli("eval", "niah", "--model", str(out), "--task", "pk", "--lengths", a.far_lengths, "--depths",
+                      str(a.far_depths), "--samples", "1", "--quiet", check=False)
+    row = {**key, "seconds": round(time.perf_counter() - t0), "error": None, "acc": {}}
+    if done.returncode:
+        row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return row
+    means = next(line for line in done.stdout.splitlines() if line.strip().startswith("mean")).split()[1:]
+    row["acc"] = {n: float(v) / 100 for n, v in zip(a.far_lengths.split(","), means)}
+    return row
+
+
+def far_table(store: Store, a: argparse.Namespace) -> list[str]:
+    if not store.rows:
+        return []
+    lengths = a.far_lengths.split(",")
+    lines = ["", f"Far past the trained length: `titans eval niah --task pk --lengths {a.far_lengths} --depths "
+                 f"{a.far_depths} --samples 1` on an arm's runs ({a.far_depths} depths x 1 held-out needle per "
+                 "length, the prefill streamed in constant memory).", "",
+             "| arm | seed | eval s | " + " | ".join(f"@{n}" for n in lengths) + " |",
+             "|---|---|---|" + "---|" * len(lengths)]
+    for r in sorted(store.rows, key=lambda r: (list(ARMS).index(r["arm"]), r["seed"])):
+        cells = [f"{r['acc'][n]:.2f}" for n in lengths] if not r["error"] else ["failed"] * len(lengths)
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['seconds']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(store: Store, far_store: Store, a: argparse.Namespace) -> None:
     lengths = a.lengths.split(",")
     lines = ["## Pass keys through the CLI", "",
              f"`python experiments/passkey_cli.py`: for every arm and seed, `titans train --task niah --preset tiny "
@@ -125,6 +156,7 @@ def report(store: Store, a: argparse.Namespace) -> None:
         flags = (["--init", base] if base else []) + flags
         lines.append(f"| {arm} | {variant} | `{' '.join(flags) or '-'}` | {','.join(str(r['seed']) for r in rows)} | "
                      f"{min(secs)}-{max(secs)} | " + " | ".join(cells) + " |")
+    lines += far_table(far_store, a)
     lines += ["", plot(store, a)]
     write_section(ROOT / "docs" / "RESULTS.md", "## Pass keys through the CLI", lines + [""])
     print("\n".join(lines))
@@ -164,14 +196,23 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--out", default=str(ROOT / "runs" / "passkey_cli"))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--far", metavar="ARM", help="score this arm's finished runs (--seeds) at --far-lengths")
+    p.add_argument("--far-lengths", default="64K,256K,1M")
+    p.add_argument("--far-depths", type=int, default=3)
     a = p.parse_args()
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                                                       lengths=a.lengths, depths=a.depths, samples=a.samples))
-    if not a.report_only:
+    far_store = Store(Path(a.out) / "far.jsonl", dict(lengths=a.far_lengths, depths=a.far_depths, samples=1))
+    if a.far:
+        todo = pending_arms(a.far, a.seeds, ARMS, far_store)
+        run_parallel(far_store, todo, lambda k: far(k, a), lambda r: f"{r['arm']} seed {r['seed']} far: "
+                     f"{r['seconds']} s " + (r["error"] or " ".join(f"{n} {v:.2f}" for n, v in r["acc"].items())),
+                     jobs=a.jobs)
+    elif not a.report_only:
         todo = pending_arms(a.arms, a.seeds, ARMS, store)
         run_parallel(store, todo, lambda k: one(k, a), lambda r: f"{r['arm']} seed {r['seed']}: {r['seconds']} s "
                      + (r["error"] or " ".join(f"{n} {v:.2f}" for n, v in r["acc"].items())), jobs=a.jobs)
-    report(store, a)
+    report(store, far_store, a)
 
 
 if __name__ == "__main__":

@@ -48,18 +48,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("carry", [0, 4])
-def test_ddp_and_fsdp_match_one_process(tiny, tmp_path, carry):
+@pytest.mark.parametrize("carry, lead", [(0, 0), (4, 0), (0, 16)])
+def test_ddp_and_fsdp_match_one_process(tiny, tmp_path, carry, lead):
     """2 ranks x 2 rows == 1 process x 4 rows, with grad_accum=2, clipping, eval, and resume.
     carry 4: the tiny TitansLM with its state carried across steps (TBPTT): each rank carries its
-    own rows' states, and the step-3 checkpoint holds every rank's."""
-    kw = dict(steps=6, ckpt_every=3, grad_accum=2, carry_state=carry)
+    own rows' states, and the step-3 checkpoint holds every rank's. lead 16: the tiny TitansLM
+    with a lead-in streamed without gradient (through the wrapped model) before each window."""
+    kw = dict(steps=6, ckpt_every=3, grad_accum=2, carry_state=carry, lead_in=lead)
     single = tiny.make(tiny.base_cfg(str(tmp_path / "single"), **kw)).fit()
     env = {**os.environ, "PYTHONPATH": str(TINY_LM.parents[2])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(TINY_LM),
            "--modes", "ddp,fsdp", "--out", str(tmp_path), "--steps", "6", "--ckpt-every", "3",
-           "--grad-accum", "2", "--carry-state", str(carry)]
+           "--grad-accum", "2", "--carry-state", str(carry), "--lead-in", str(lead)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "losses.json").read_text())

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titans.data import EvalWindows, TokenBatches
+from titans.data.tasks import TaskBatches
 from titans.train import TrainConfig, Trainer, seed_everything
 
 VOCAB, SEQ = 32, 8
@@ -95,21 +96,35 @@ def tokens(n: int = 4000, seed: int = 0) -> np.ndarray:
 def make(cfg: TrainConfig, model_cfg: TinyConfig | None = None, sleep: float = 0.0
          ) -> Trainer:
     """A Trainer over TinyLM (initialised from cfg.seed) and the synthetic stream; with
-    cfg.carry_state, over the tiny TitansLM (LMM) reading contiguous streams (StreamBatches)."""
+    cfg.carry_state, over the tiny TitansLM (LMM) reading contiguous streams (StreamBatches); with
+    cfg.lead_in, over it reading windows with a lead-in of 0, L / 2 or L tokens in turn."""
     model_cfg = model_cfg or TinyConfig()
     seed_everything(cfg.seed)
-    if cfg.carry_state:
+    if cfg.carry_state or cfg.lead_in:
         from titans import TitansConfig, TitansLM
         from titans.data import StreamBatches
         model = TitansLM(TitansConfig.from_preset("tiny", variant="lmm"))
-        batches = StreamBatches(tokens(), cfg.batch_size, cfg.seq_len, cfg.carry_state, seed=cfg.seed,
-                                micro_batches=cfg.grad_accum)
+        batches = (lead_in_batches(cfg) if cfg.lead_in else
+                   StreamBatches(tokens(), cfg.batch_size, cfg.seq_len, cfg.carry_state, seed=cfg.seed,
+                                 micro_batches=cfg.grad_accum))
         val = EvalWindows(tokens(600, seed=1), cfg.seq_len, batch_size=4)
         return Trainer(model, batches, val, cfg, config_dict=model.config.to_dict())
     model = TinyLM(model_cfg, sleep=sleep)
     batches = TokenBatches(tokens(), cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     val = EvalWindows(tokens(600, seed=1), cfg.seq_len, batch_size=4)
     return Trainer(model, batches, val, cfg, config_dict=model_cfg.to_dict())
+
+
+def lead_in_batches(cfg: TrainConfig) -> TaskBatches:
+    """Rows of P + seq_len tokens from random places of the stream, P = 0, L / 2, L in turn."""
+    data = torch.from_numpy(tokens().astype(np.int64))
+
+    def make(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = (step % 3) * cfg.lead_in // 2 + cfg.seq_len + 1
+        starts = torch.randint(0, len(data) - n, (cfg.batch_size,), generator=torch.Generator().manual_seed(step))
+        rows = torch.stack([data[i:i + n] for i in starts.tolist()])
+        return rows[:, :-1], rows[:, 1:]
+    return TaskBatches(make, f"lead-in:{cfg.lead_in}")
 
 
 def base_cfg(out: str, **kw) -> TrainConfig:
@@ -127,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--carry-state", type=int, default=0)
+    p.add_argument("--lead-in", type=int, default=0)
     p.add_argument("--modes", default="")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     a = p.parse_args(argv)
@@ -141,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {}
     for mode in a.modes.split(","):
         kw = dict(distributed=mode, steps=a.steps, ckpt_every=a.ckpt_every,
-                  grad_accum=a.grad_accum, carry_state=a.carry_state)
+                  grad_accum=a.grad_accum, carry_state=a.carry_state, lead_in=a.lead_in)
         full = make(base_cfg(f"{a.out}/{mode}", **kw)).fit()
         ckpt = f"{a.out}/{mode}/checkpoints/step_{a.ckpt_every:06d}"
         resumed = make(base_cfg(f"{a.out}/{mode}-resumed", resume=ckpt, **kw)).fit()
