@@ -34,10 +34,11 @@ FIXED = ["--task-arg", "jitter=0"]
 J31 = ["--task-arg", "jitter=31"]   # the default's value at 256 (MAC's segments of 32: every phase)
 # a length curriculum: the arm's run of the same seed continued at 1K tokens (flags given last win)
 AT_1K = ["--seq-len", "1024", "--steps", "1000"]
-# then 600 steps at 1K with a lead-in: each row one sample of up to 3K + 1K tokens (1K trained,
-# the first P streamed without gradient): the states of streams 4x the trained length
+# then 600 steps at 1K with a lead-in: each row one sample of up to L + 1K tokens (1K trained, the
+# first P <= L streamed without gradient): the states of samples 4x, 8x, 16x the trained length
 LI3K = ["--seq-len", "1024", "--steps", "600", "--task-arg", "lead_in=3072"]
 LI7K = ["--seq-len", "1024", "--steps", "600", "--task-arg", "lead_in=7168"]
+LI15K = ["--seq-len", "1024", "--steps", "600", "--task-arg", "lead_in=15360"]
 ARMS = {   # name: (variant, flags, the arm whose run this one continues with --init, or None)
     "lmm": ("lmm", FIXED, None),
     "lmm-ck8": ("lmm", FIXED + CK8, None),
@@ -72,7 +73,8 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
     "lmm-j-1k-li3k": ("lmm", LI3K, "lmm-j-1k"),
     "mag-j-1k-li3k": ("mag", LI3K, "mag-j-1k"),
     "lmm-j-1k-li7k": ("lmm", LI7K, "lmm-j-1k"),
-    "mag-j-1k-li7k": ("mag", LI7K, "mag-j-1k"),
+    "lmm-j-1k-li15k": ("lmm", LI15K, "lmm-j-1k"),
+    "mag-j-1k-li15k": ("mag", LI15K, "mag-j-1k"),
 }
 
 
