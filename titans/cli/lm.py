@@ -590,7 +590,8 @@ def register(sub, ev) -> None:
     t.add_argument("--babilong-tasks", default="qa1,qa2,qa3", help="with --task babilong (default qa1,qa2,qa3)")
     t.add_argument("--text", action="append", help="with --task babilong: local text for the distractors")
     t.add_argument("--task-arg", action="append", metavar="KEY=VALUE",
-                   help="recall task argument, e.g. n_pairs=16 (mqar), n_tokens=32 (copy)")
+                   help="recall task argument, e.g. n_pairs=16 (mqar), n_tokens=32 (copy), lead_in=3072 "
+                        "(niah: rows with a lead-in streamed without gradient, docs/training.md)")
     t.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (--resume: in all, not more)")
     run = " (--resume: the run's)"
     t.add_argument("--batch-size", type=positive_int, help=f"rows per micro-batch (default 8){run}")
