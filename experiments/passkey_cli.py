@@ -111,7 +111,7 @@ def far(key: dict, a: argparse.Namespace) -> dict:
     out = Path(a.out) / "runs" / f"{key['arm']}-s{key['seed']}"
     t0 = time.perf_counter()
     done = titans_cli("eval", "niah", "--model", str(out), "--task", "pk", "--lengths", a.far_lengths, "--depths",
-                      str(a.far_depths), "--samples", "1", "--quiet", check=False)
+                      str(a.far_depths), "--samples", str(a.samples), "--quiet", check=False)
     row = {**key, "seconds": round(time.perf_counter() - t0), "error": None, "acc": {}}
     if done.returncode:
         row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -126,8 +126,8 @@ def far_table(store: Store, a: argparse.Namespace) -> list[str]:
         return []
     lengths = a.far_lengths.split(",")
     lines = ["", f"Far past the trained length: `titans eval niah --task pk --lengths {a.far_lengths} --depths "
-                 f"{a.far_depths} --samples 1` on an arm's runs ({a.far_depths} depths x 1 held-out needle per "
-                 "length, the prefill streamed in constant memory).", "",
+                 f"{a.far_depths} --samples {a.samples}` on an arm's runs ({a.far_depths} depths x {a.samples} "
+                 "held-out needles per length, the prefill streamed in constant memory).", "",
              "| arm | seed | eval s | " + " | ".join(f"@{n}" for n in lengths) + " |",
              "|---|---|---|" + "---|" * len(lengths)]
     for r in sorted(store.rows, key=lambda r: (list(ARMS).index(r["arm"]), r["seed"])):
@@ -200,11 +200,11 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--far", metavar="ARM", help="score this arm's finished runs (--seeds) at --far-lengths")
     p.add_argument("--far-lengths", default="64K,256K,1M")
-    p.add_argument("--far-depths", type=int, default=3)
+    p.add_argument("--far-depths", type=int, default=5)
     a = p.parse_args()
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                                                       lengths=a.lengths, depths=a.depths, samples=a.samples))
-    far_store = Store(Path(a.out) / "far.jsonl", dict(lengths=a.far_lengths, depths=a.far_depths, samples=1))
+    far_store = Store(Path(a.out) / "far.jsonl", dict(lengths=a.far_lengths, depths=a.far_depths, samples=a.samples))
     if a.far:
         todo = pending_arms(a.far, a.seeds, ARMS, far_store)
         run_parallel(far_store, todo, lambda k: far(k, a), lambda r: f"{r['arm']} seed {r['seed']} far: "
