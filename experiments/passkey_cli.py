@@ -159,28 +159,37 @@ def report(store: Store, far_store: Store, a: argparse.Namespace) -> None:
         lines.append(f"| {arm} | {variant} | `{' '.join(flags) or '-'}` | {','.join(str(r['seed']) for r in rows)} | "
                      f"{min(secs)}-{max(secs)} | " + " | ".join(cells) + " |")
     lines += far_table(far_store, a)
-    lines += ["", plot(store, a)]
+    lines += ["", plot(store, far_store, a)]
     write_section(ROOT / "docs" / "RESULTS.md", "## Pass keys through the CLI", lines + [""])
     print("\n".join(lines))
 
 
-def plot(store: Store, a: argparse.Namespace) -> str:
-    """Accuracy against length per arm (mean over seeds, band min-max): the arms trained at --seq-len on
-    the left, the curriculum (continued at 1K) on the right. Returns the Markdown line that shows it."""
+def plot(store: Store, far_store: Store, a: argparse.Namespace) -> str:
+    """Accuracy against length per arm (mean over seeds, band min-max), in three panels: the arms
+    trained at --seq-len, the curriculum (continued at 1K), and the curriculum's lead-in stage with
+    its --far lengths where they were scored. Returns the Markdown line that shows it."""
     path, markdown = results_plot("Pass keys through the CLI")
     lengths = a.lengths.split(",")
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     for arm, (variant, flags, base) in ARMS.items():
-        ok = [r for r in store.rows if r["arm"] == arm and not r["error"]]
-        if ok:
-            plot_seeds(axes[int(base is not None)], lengths, [[r["acc"][n] for n in lengths] for r in ok], arm)
-    for ax, what in zip(axes, (f"trained at {a.seq_len}", "continued at 1K (the curriculum)")):
+        ok = sorted((r for r in store.rows if r["arm"] == arm and not r["error"]), key=lambda r: r["seed"])
+        if not ok:
+            continue
+        panel = 0 if base is None else 2 if any(f.startswith("lead_in=") for f in flags) else 1
+        far = {r["seed"]: r["acc"] for r in far_store.rows if r["arm"] == arm and not r["error"]}
+        x = lengths + (a.far_lengths.split(",") if far and set(far) >= {r["seed"] for r in ok} else [])
+        runs = [[{**r["acc"], **far.get(r["seed"], {})}[n] for n in x] for r in ok]
+        plot_seeds(axes[panel], x, runs, arm, color=f"C{sum(1 for ln in axes[panel].lines) % 10}",
+                   ls="-" if variant == "lmm" else "--")
+    for ax, what in zip(axes, (f"trained at {a.seq_len}", "continued at 1K (the curriculum)",
+                               "then 600 steps with a lead-in")):
         ax.axhline(0.9, color="grey", ls=":", lw=1)
         ax.set_xlabel(f"input length (tokens); {what}")
         ax.legend(fontsize=7, ncol=2)
     axes[0].set_ylabel("pass-key accuracy (mean over seeds)")
-    fig.suptitle("Pass keys through the CLI (tiny models; band: min-max over seeds; dotted: the 0.9 target)", fontsize=9)
+    fig.suptitle("Pass keys through the CLI (tiny models; band: min-max over seeds; solid: LMM, dashed: others; "
+                 "dotted: the 0.9 target)", fontsize=9)
     save_figure(fig, path)
     return markdown
 
