@@ -5,7 +5,7 @@ sequence length and each arm's flags (the recipe under test).
     python experiments/passkey_cli.py --arms lmm-ck8-sp8 --seeds 0        # one arm, one seed
     python experiments/passkey_cli.py                                     # every arm, 3 seeds, resumable
     python experiments/passkey_cli.py --report-only
-    python experiments/passkey_cli.py --far lmm-j-1k-li3k                # an arm's runs at 64K, 256K and 1M
+    python experiments/passkey_cli.py --far lmm-j-1k-li15k               # an arm's runs at 64K, 256K and 1M
 
 An arm is a variant and flags (ARMS below), or a run of another arm continued with other flags
 (`--init`: the length curriculum). Each run trains from scratch at --seq-len tokens and is
@@ -78,6 +78,13 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
 }
 
 
+def accuracies(table: str, lengths: str) -> dict:
+    """{length: accuracy} from `titans eval niah`'s table, whose last line is "mean  a  b ..." in
+    percent, one column per length."""
+    means = next(line for line in table.splitlines() if line.strip().startswith("mean")).split()[1:]
+    return {n: float(v) / 100 for n, v in zip(lengths.split(","), means)}
+
+
 def one(key: dict, a: argparse.Namespace) -> dict:
     variant, flags, base = ARMS[key["arm"]]
     out = Path(a.out) / "runs" / f"{key['arm']}-s{key['seed']}"
@@ -99,9 +106,7 @@ def one(key: dict, a: argparse.Namespace) -> dict:
         return row
     ev = titans_cli("eval", "niah", "--model", str(out), "--task", "pk", "--lengths", a.lengths, "--depths",
                     str(a.depths), "--samples", str(a.samples), "--quiet", "--plot", str(out / "niah-pk.png")).stdout
-    # the table's last line: "mean  a  b  c ..." in percent, one column per length
-    means = next(line for line in ev.splitlines() if line.strip().startswith("mean")).split()[1:]
-    row["acc"] = {n: float(v) / 100 for n, v in zip(a.lengths.split(","), means)}
+    row["acc"] = accuracies(ev, a.lengths)
     shutil.rmtree(out / "checkpoints" / "optimizer", ignore_errors=True)
     return row
 
@@ -116,8 +121,7 @@ def far(key: dict, a: argparse.Namespace) -> dict:
     if done.returncode:
         row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
         return row
-    means = next(line for line in done.stdout.splitlines() if line.strip().startswith("mean")).split()[1:]
-    row["acc"] = {n: float(v) / 100 for n, v in zip(a.far_lengths.split(","), means)}
+    row["acc"] = accuracies(done.stdout, a.far_lengths)
     return row
 
 
@@ -180,7 +184,7 @@ def plot(store: Store, far_store: Store, a: argparse.Namespace) -> str:
         far = {r["seed"]: r["acc"] for r in far_store.rows if r["arm"] == arm and not r["error"]}
         x = lengths + (a.far_lengths.split(",") if far and set(far) >= {r["seed"] for r in ok} else [])
         runs = [[{**r["acc"], **far.get(r["seed"], {})}[n] for n in x] for r in ok]
-        plot_seeds(axes[panel], x, runs, arm, color=f"C{sum(1 for ln in axes[panel].lines) % 10}",
+        plot_seeds(axes[panel], x, runs, arm, color=f"C{len(axes[panel].lines) % 10}",
                    ls="-" if variant == "lmm" else "--")
     for ax, what in zip(axes, (f"trained at {a.seq_len}", "continued at 1K (the curriculum)",
                                "then 600 steps with a lead-in")):
