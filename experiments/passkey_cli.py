@@ -75,6 +75,8 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
     "lmm-j-1k-li7k": ("lmm", LI7K, "lmm-j-1k"),
     "lmm-j-1k-li15k": ("lmm", LI15K, "lmm-j-1k"),
     "mag-j-1k-li15k": ("mag", LI15K, "mag-j-1k"),
+    "lmm-j-1k-li3k2": ("lmm", LI3K, "lmm-j-1k-li3k"),    # the 3K lead-in stage twice (600 more steps)
+    "mag-j-1k-li3k2": ("mag", LI3K, "mag-j-1k-li3k"),
 }
 
 
