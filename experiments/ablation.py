@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, corpus, cpu_name, run_pending, spread, threads, train, write_section
+from common import ROOT, Store, corpus, cpu_name, run_pending, save_figure, spread, threads, train, write_section
 from titans import TitansConfig, TitansLM
 from titans.data import EvalWindows, TokenBatches, TokenFile
 from titans.data.tasks import evaluate_recall, recall_batches
@@ -157,9 +157,7 @@ def write_report(store: Store, rows: list[str], seeds: list[int], a: argparse.Na
             ax.scatter([i], [statistics.mean(vals)], marker="_", s=300, color="C0")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
-    fig.tight_layout()
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plot, dpi=120)
+    save_figure(fig, plot)
     cmd = (f"python experiments/ablation.py --rows {','.join(runs)} --seeds {','.join(map(str, seeds))} "
            f"--lm-steps {a.lm_steps} --mqar-steps {a.mqar_steps} --batch-size {a.batch_size} --seq-len {a.seq_len} "
            f"--val-windows {a.val_windows} --mqar-len {a.mqar_len} --lr {a.lr}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import (ROOT, Store, add_set_option, corpus, cpu_name, run_pending,
+from common import (ROOT, Store, add_set_option, corpus, cpu_name, run_pending, save_figure,
                     set_flags, spread, threads, train, write_section)
 from titans import TitansConfig, TitansLM
 from titans.cli.common import UserError, parse_overrides
@@ -115,9 +115,7 @@ def write_report(store: Store, depths: list[int], seeds: list[int], a: argparse.
     ax.legend(fontsize=8)
     bx.set_xlabel("memory depth")
     bx.set_ylabel("training tokens/s")
-    fig.tight_layout()
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plot, dpi=120)
+    save_figure(fig, plot)
     cmd = (f"python experiments/depth.py --depths {','.join(map(str, runs))} --seeds {','.join(map(str, seeds))} "
            f"--steps {a.steps} --batch-size {a.batch_size} --seq-len {a.seq_len} --streams {a.streams} "
            f"--stream-len {a.stream_len} --lr {a.lr}" + set_flags(a.set)

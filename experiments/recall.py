@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, Store, add_set_option, cpu_name, run_pending, set_flags, spread, train, write_section
+from common import (ROOT, Store, add_set_option, cpu_name, run_pending, save_figure, set_flags, spread, train,
+                    write_section)
 from titans import TitansConfig, TitansLM
 from titans.cli.common import parse_overrides
 from titans.data.tasks import evaluate_recall, recall_batches
@@ -108,7 +109,6 @@ def main() -> None:
 def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) -> None:
     report = Path(args.report)
     plot = report.parent / "results" / "recall.png"
-    plot.parent.mkdir(parents=True, exist_ok=True)
     lens = [str(n) for n in args.lens]
     by_model = {m: sorted((r for r in rows if r["model"] == m), key=lambda r: r["seed"]) for m in models}
     by_model = {m: rs for m, rs in by_model.items() if rs}
@@ -130,8 +130,7 @@ def write_report(rows: list[dict], models: list[str], args: argparse.Namespace) 
     ax.set_xlabel(f"evaluation length (trained at {args.train_len}; attention window 32)")
     ax.set_ylabel("MQAR accuracy (mean; band: min-max over seeds)")
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(plot, dpi=120)
+    save_figure(fig, plot)
 
     header = ("| model | params | seeds | train time per run | "
               + " | ".join(f"@ {int(n) // args.train_len}x ({n})" for n in lens) + " |")
