@@ -69,6 +69,8 @@ BAD = [
       "--out", "{root}/x2"], "unknown argument(s) ['bogus']"),
     (["train", "--preset", "tiny", "--task", "lm", "--task-arg", "n_pairs=2", "--steps", "1", "--out", "{root}/x3"],
      "--task-arg is for the recall tasks"),
+    (["train", "--preset", "tiny", "--task-arg", "lead_in=5", "--steps", "1", "--out", "{root}/x3b"],
+     "--task-arg is for the recall tasks, not --task lm"),   # no --task: the corpus, not a task
     (["eval", "ppl", "--model", "{root}/lm", "--data", "{root}/bpe"], "was prepared with tokenizer bpe"),
     (["train", "--init", "{root}/lm", "--data", "{root}/bpe", "--steps", "1", "--out", "{root}/x4"],
      "was prepared with tokenizer bpe"),

@@ -205,8 +205,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         raise UserError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
     overrides = _overrides(a)
     a.task_args = parse_overrides(a.task_arg, "--task-arg")
-    if a.task not in (None, *RECALL_TASKS) and a.task_args:
-        raise UserError(f"--task-arg is for the recall tasks, not --task {a.task}")
+    # a new run without --task trains on the corpus (lm); a resumed run's task comes from its record
+    task = a.task or (None if a.resume else "lm")
+    if task not in (None, *RECALL_TASKS) and a.task_args:
+        raise UserError(f"--task-arg is for the recall tasks, not --task {task}")
     if a.init:
         refuse(a, ("preset", "variant", "config"), "--init", "the architecture comes from the --init model "
                                                             "(change single fields with --set)")
