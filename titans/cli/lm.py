@@ -287,7 +287,7 @@ def cmd_train(a: argparse.Namespace) -> None:
                       lr=a.lr, warmup=a.warmup, bf16=a.bf16, compile=a.compile, seed=a.seed,
                       eval_every=a.eval_every, eval_batches=a.eval_batches, ckpt_every=a.ckpt_every,
                       out_dir=a.out, resume=a.resume, distributed=a.distributed, carry_state=a.carry_state,
-                      lead_in=a.task_args.get("lead_in", 0) if a.task == "niah" else 0, progress=not a.quiet)
+                      lead_in=a.task_args.get("lead_in", 0), progress=not a.quiet)
     torch.manual_seed(a.seed)
     model = build_model(config)
     if init is not None:
