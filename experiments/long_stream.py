@@ -67,20 +67,42 @@ def one(key: dict, a: argparse.Namespace) -> dict:
     if done.returncode:
         row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
         return row
-    # Transformer++'s state is its whole KV cache: carried over a 150K-byte play it costs time quadratic
-    # in the length, and past the trained length its positions are unseen anyway; its reset losses are
-    # the short-context baseline
-    reset_only = ["--reset-only"] if key["variant"] == "transformer" else []
-    titans_cli("eval", "by-position", "--model", str(out), "--json", str(out / "by_position.json"), "--quiet",
-               *reset_only)
-    rows = json.loads((out / "by_position.json").read_text())["model"]["rows"]
+    by_position(row, out)
     # short inputs on the whole validation split (780K bytes), windows of the trained length from an
     # empty state: a far less noisy measure than the plays' first bucket (two pieces of 512)
     ppl = titans_cli("eval", "ppl", "--model", str(out), "--seq-len", str(a.seq_len), "--quiet").stdout
     row["val_loss"] = float(re.search(r"loss ([0-9.]+)", ppl).group(1))
-    row.update(buckets=[r["bucket"] for r in rows], carried=[r["carried"] for r in rows],
-               reset=[r["reset"] for r in rows], tokens=[r["tokens"] for r in rows])
     return row
+
+
+def by_position(row: dict, out: Path) -> dict:
+    """Score the run in `out` with `titans eval by-position` into `row` (buckets, carried, reset,
+    previous, tokens)."""
+    # Transformer++'s state is its whole KV cache: carried over a 150K-byte play it costs time quadratic
+    # in the length, and past the trained length its positions are unseen anyway; its reset losses are
+    # the short-context baseline
+    reset_only = ["--reset-only"] if row["variant"] == "transformer" else []
+    titans_cli("eval", "by-position", "--model", str(out), "--json", str(out / "by_position.json"), "--quiet",
+               *reset_only)
+    rows = json.loads((out / "by_position.json").read_text())["model"]["rows"]
+    row.update({k: [r[k] for r in rows] for k in ("bucket", "carried", "reset", "previous", "tokens")})
+    row["buckets"] = row.pop("bucket")
+    return row
+
+
+def rescore(store: Store, a: argparse.Namespace) -> None:
+    """Score again the stored runs that lack the previous losses (runs from before `titans eval
+    by-position` gave them), from their run directories; the new row supersedes the old."""
+    todo = [r for r in latest(store) if "previous" not in r and r["variant"] != "transformer"
+            and (Path(a.out) / "runs" / f"{r['variant']}-{r['mode']}-s{r['seed']}").is_dir()]
+    run_parallel(store, todo, lambda r: by_position({k: v for k, v in r.items() if k != "settings"},
+                                                    Path(a.out) / "runs" / f"{r['variant']}-{r['mode']}-s{r['seed']}"),
+                 lambda r: f"rescored {r['variant']} {r['mode']} seed {r['seed']}", jobs=a.jobs)
+
+
+def latest(store: Store) -> list[dict]:
+    """The stored runs without an error, the newest row of each (a rescore supersedes a run's row)."""
+    return list({(r["variant"], r["mode"], r["seed"]): r for r in store.rows if not r.get("error")}.values())
 
 
 def _fmt(v: float | None, sign: bool = False) -> str:
@@ -95,7 +117,7 @@ def _order(r: dict) -> tuple:
 
 
 def report(store: Store, a: argparse.Namespace) -> None:
-    rows = sorted((r for r in store.rows if not r.get("error")), key=_order)
+    rows = sorted(latest(store), key=_order)
     if not rows:
         return
     buckets = rows[0]["buckets"]
@@ -137,6 +159,16 @@ def report(store: Store, a: argparse.Namespace) -> None:
         lines.append(f"| {x['mode']} | {x['variant']} | {x['seed']} | {_fmt(val, True)} | "
                      f"{_fmt(x['carried'][0] - c['carried'][0], True)} | "
                      + " | ".join(_fmt(u - b, True) for u, b in zip(x["carried"][1:], best[1:])) + " |")
+    far = [r for r in rows if r.get("previous") and r["variant"] != "transformer"]
+    if far:
+        lines += ["", "What the state carries from more than one piece back: carried minus previous (each piece read "
+                  "after the piece before it, from an empty state: the reset loss without its cold start at every "
+                  "piece); < 0: the memory brings something from further back than one trained length:", "",
+                  "| variant | training | seed | " + " | ".join(buckets[1:]) + " |",
+                  "|---|---|---|" + "---|" * (len(buckets) - 1)]
+        lines += [f"| {r['variant']} | {r['mode']} | {r['seed']} | "
+                  + " | ".join(_fmt(c - v, True) for c, v in zip(r["carried"][1:], r["previous"][1:])) + " |"
+                  for r in far]
     lines += ["", plot(rows, by_key, a)]
     write_section(ROOT / "docs" / "RESULTS.md", f"## {a.title}", lines + [""])
     print("\n".join(lines))
@@ -193,13 +225,17 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "long_stream"))
     add_set_option(p, "plain run (post runs keep the plain run's config)")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--rescore", action="store_true",
+                   help="score again the stored runs that lack the previous losses, then report")
     p.add_argument("--title", default="Long streams: loss by position", help="the report's section in docs/RESULTS.md")
     a = p.parse_args()
     corpus()  # the byte corpus must be prepared (with its document starts)
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                                                       post=a.post, init="fan-in", **({"set": a.set} if a.set else {}),
                                                       **({"post_lr": a.post_lr} if a.post_lr != POST_LR else {})))
-    if not a.report_only:
+    if a.rescore:
+        rescore(store, a)
+    elif not a.report_only:
         # every plain run first: a post run waits for its plain run, and should not hold a job meanwhile
         keys = [dict(variant=v, mode=m, seed=int(s)) for m in a.modes.split(",") for s in a.seeds.split(",")
                 for v in a.variants.split(",")]

@@ -67,8 +67,9 @@ def cmd_by_position(a: argparse.Namespace) -> None:
         models.append(("baseline", a.baseline, base))
     docs = _documents(a, tokenizer, ckpt, piece)
     last = max(hi for _, hi in BUCKETS)
-    passes = 1 if a.reset_only else 2
-    total = passes * sum(min((ids.numel() - 1) // piece, last) * piece for _, ids in docs) * len(models)
+    pieces = [min((ids.numel() - 1) // piece, last) for _, ids in docs]
+    # carried, reset, and previous (every piece but the first); reset-only: one pass
+    total = sum(n if a.reset_only else 3 * n - 1 for n in pieces) * piece * len(models)
     print(f"{len(docs)} documents ({', '.join(n for n, _ in docs[:4])}{', ...' if len(docs) > 4 else ''}), "
           f"pieces of {piece} tokens; " + ("every piece from an empty state" if a.reset_only
                                               else "the state carried vs reset at every piece"), flush=True)
@@ -77,16 +78,17 @@ def cmd_by_position(a: argparse.Namespace) -> None:
         for role, path, m in models:
             results[role] = loss_by_position(m, [ids for _, ids in docs], piece, batch_size=a.batch_size,
                                              progress=bar.update, carried=not a.reset_only)
-    head = f"{'bucket':>9} {'tokens':>9} {'carried':>8} {'reset':>8} {'c - r':>7}"
+    head = f"{'bucket':>9} {'tokens':>9} {'carried':>8} {'reset':>8} {'c - r':>7} {'previous':>8} {'c - p':>7}"
     if a.baseline:
         head += f" {'base c':>8} {'base r':>8} {'c - best short':>14}"
-    lines = [f"loss in nats per token by position ({tokenizer.name} tokenizer)", head]
+    lines = [f"loss in nats per token by position ({tokenizer.name} tokenizer); previous: each piece read after "
+             f"the one before it from an empty state, c - p: what the state carries from further back", head]
     ours = results["model"]
     for j, row in enumerate(ours.rows()):
         if not row["tokens"]:
             continue
         line = (f"{row['bucket']:>9} {row['tokens']:>9,} {row['carried']:8.4f} {row['reset']:8.4f} "
-                f"{row['carried_minus_reset']:+7.4f}")
+                f"{row['carried_minus_reset']:+7.4f} {row['previous']:8.4f} {row['carried_minus_previous']:+7.4f}")
         if a.baseline:
             b = results["baseline"]
             best = min(row["reset"], b.reset[j])   # the best short-context loss of the two models
@@ -102,7 +104,7 @@ def cmd_by_position(a: argparse.Namespace) -> None:
         from ..eval.plots import position_curves
         kept = [j for j, n in enumerate(ours.count) if n]
         curves = {f"{role} {mode}": [getattr(results[role], mode)[j] for j in kept]
-                  for role, _, _ in models for mode in (("reset",) if a.reset_only else ("carried", "reset"))}
+                  for role, _, _ in models for mode in (("reset",) if a.reset_only else ("carried", "reset", "previous"))}
         position_curves(curves, [ours.buckets[j] for j in kept], a.plot,
                         title=f"{Path(a.model).name}: loss by position (pieces of {piece})")
         print(f"wrote {a.plot}")
