@@ -91,9 +91,12 @@ def by_position(row: dict, out: Path) -> dict:
 
 
 def rescore(store: Store, a: argparse.Namespace) -> None:
-    """Score again the stored runs that lack the previous losses (runs from before `titans eval
-    by-position` gave them), from their run directories; the new row supersedes the old."""
+    """Score again the stored runs of --variants, --modes and --seeds that lack the previous losses
+    (runs from before `titans eval by-position` gave them), from their run directories; the new row
+    supersedes the old."""
+    chosen = a.variants.split(","), a.modes.split(","), [int(s) for s in a.seeds.split(",")]
     todo = [r for r in latest(store) if "previous" not in r and r["variant"] != "transformer"
+            and all(r[k] in c for k, c in zip(("variant", "mode", "seed"), chosen))
             and (Path(a.out) / "runs" / f"{r['variant']}-{r['mode']}-s{r['seed']}").is_dir()]
     run_parallel(store, todo, lambda r: by_position({k: v for k, v in r.items() if k != "settings"},
                                                     Path(a.out) / "runs" / f"{r['variant']}-{r['mode']}-s{r['seed']}"),
