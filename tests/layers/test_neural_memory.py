@@ -21,6 +21,7 @@ OPTIONS = {
     "residual": dict(residual=True),
     "chunk_gates": dict(gate_mode="chunk"),
     "gelu": dict(activation="gelu"),
+    "forget_to_init": dict(memory_depth=1, forget_to_init=True, momentum=True),
 }
 
 
@@ -69,7 +70,7 @@ def test_causal(option):
         assert not torch.allclose(y2[:, j:], y[:, j:])
 
 
-@pytest.mark.parametrize("option", ["default", "linear", "chunk_gates"])
+@pytest.mark.parametrize("option", ["default", "linear", "chunk_gates", "forget_to_init"])
 def test_gradients_reach_every_parameter(option):
     layer = make(**OPTIONS[option])
     y, _ = layer(torch.randn(2, 30, 24, dtype=torch.float64))
@@ -129,6 +130,8 @@ def test_bad_arguments():
         NeuralMemory(24, 3, theta_init=1.0)
     with pytest.raises(ValueError, match="alpha_init"):
         NeuralMemory(24, 3, alpha_init=(0.1, 0.01))
+    with pytest.raises(ValueError, match="forget_to_init needs a linear memory"):
+        NeuralMemory(24, 3, memory_depth=2, forget_to_init=True)
     layer = make()
     with pytest.raises(ValueError, match="x must be"):
         layer(torch.randn(2, 5, 23, dtype=torch.float64))
@@ -257,3 +260,55 @@ def test_memory_fan_in_init_keeps_q_and_k_tied_through_adams_first_steps():
             opt.zero_grad()
         drift[fan_in] = ((w[:inner] - w[inner:2 * inner]).norm() / w[inner:2 * inner].norm()).item()
     assert drift[True] < drift[False] / 3, drift
+
+
+def _forget_to_init_by_hand(layer, x):
+    """The literal token loop of a linear memory that forgets toward W_0, chunks of one token, no
+    momentum, no step normalisation: W_t = W_0 + (1 - alpha_t) (W_{t-1} - W_0) - theta_t grad, the
+    gradient of |W k_t - v_t|^2 at W_{t-1}; y_t = W_t q_t. Returns (out [B, T, dim], W_T)."""
+    q, k, v, _ = layer._qkv(x, layer.init_state(x.shape[0]))
+    theta, _, alpha, _ = layer._gates(x, layer.init_state(x.shape[0]))
+    W0 = layer.memory[0]
+    W = W0.expand(x.shape[0], *W0.shape)                                  # [B, H, Dh, Dh]
+    ys = []
+    for t in range(x.shape[1]):
+        err = torch.einsum("bhoi,bhi->bho", W, k[:, t]) - v[:, t]
+        grad = 2 * torch.einsum("bho,bhi->bhoi", err, k[:, t])
+        a, th = alpha[:, t, :, None, None], theta[:, t, :, None, None]
+        W = W0 + (1 - a) * (W - W0) - th * grad
+        ys.append(torch.einsum("bhoi,bhi->bho", W, q[:, t]))
+    return layer.read_out(torch.stack(ys, 1), x), W
+
+
+def test_forget_to_init_is_the_literal_loop_outputs_state_and_gradients():
+    layer = make(memory_depth=1, forget_to_init=True, chunk_size=1, normalize_step=False)
+    x = torch.randn(2, 19, 24, dtype=torch.float64)
+    y, state = layer(x)
+    y_ref, W_ref = _forget_to_init_by_hand(layer, x)
+    assert rel(y, y_ref) < 1e-10 and rel(state.memory.weights[0], W_ref) < 1e-10
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum(), list(layer.parameters()))
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), list(layer.parameters()))
+    for (name, _), g, g_ref in zip(layer.named_parameters(), grads, grads_ref):
+        assert rel(g, g_ref) < 1e-9, name
+
+
+def test_forget_to_init_decays_toward_w0_and_without_forgetting_is_the_plain_memory():
+    # forgetting at ~0.5 per token and a tiny step: the plain memory decays to zero, this one to W_0
+    x = torch.randn(1, 64, 24, dtype=torch.float64)
+    ends = {}
+    for to_init in (False, True):
+        layer = make(memory_depth=1, forget_to_init=to_init, max_lr=1e-6)
+        with torch.no_grad():
+            layer.wgates.weight.zero_()
+            layer.wgates.bias.zero_()                                      # alpha = sigmoid(0) = 0.5
+        ends[to_init] = layer(x)[1].memory.weights[0][0]
+        W0 = layer.memory[0]
+    assert ends[False].norm() < 1e-6 * W0.norm()
+    assert rel(ends[True], W0) < 1e-4
+    # without forgetting (and without the step's clip, which compares the error with the target)
+    # the two parameterisations are one memory
+    plain = make(memory_depth=1, forgetting=False, normalize_step=False)
+    anchored = make(memory_depth=1, forgetting=False, normalize_step=False, forget_to_init=True)
+    (y0, s0), (y1, s1) = plain(x), anchored(x)
+    assert rel(y1, y0) < 1e-10 and rel(s1.memory.weights[0], s0.memory.weights[0]) < 1e-10

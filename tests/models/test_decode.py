@@ -19,9 +19,12 @@ CASES = ([(v, dict(memory_depth=d)) for v in VARIANTS for d in (1, 2)]
             ("mac", dict(mac_write="y", memory_residual=True, memory_depth=2)),
             ("mag", dict(gate_mode="chunk", momentum=True, momentum_form="plain", qk_silu=True)),
             ("mal", dict(mal_residual=False, qk_norm=True, conv=False)),
-            ("lmm", dict(momentum=True, normalize_step=False, memory_activation="gelu", key_shift=False))])
+            ("lmm", dict(momentum=True, normalize_step=False, memory_activation="gelu", key_shift=False)),
+            ("mac", dict(forget_to_init=True)),
+            ("lmm", dict(forget_to_init=True, momentum=True, memory_residual=True))])
 NAMES = [f"{v}-depth{d}" for v in VARIANTS for d in (1, 2)] + [
-    "hybrid", "mac-write-y-residual", "mag-chunk-gates-momentum", "mal-eq31-qknorm-noconv", "lmm-plain-gelu"]
+    "hybrid", "mac-write-y-residual", "mag-chunk-gates-momentum", "mal-eq31-qknorm-noconv", "lmm-plain-gelu",
+    "mac-forget-to-init", "lmm-forget-to-init-momentum-residual"]
 
 
 def assert_same(a, b, where: str, tol: float = 1e-12) -> None:

@@ -30,6 +30,7 @@ def test_presets_and_overrides():
     (dict(theta_init=0.0), "theta_init"),
     (dict(alpha_init=(0.1, 0.01)), "alpha_init"),
     (dict(alpha_init=(0.1,)), "alpha_init"),
+    (dict(forget_to_init=True, memory_depth=2), "forget_to_init needs a linear memory"),
 ])
 def test_config_validation_errors_are_clear(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -81,8 +81,10 @@ class MemoryDecoder:
         self.chunk_gates = None if state.chunk_gates is None else state.chunk_gates.detach().clone()
         self.rule = dict(chunk_size=layer.chunk_size, activation=layer.activation, residual=layer.residual,
                          normalize_step=layer.normalize_step)
-        # the C++ step (csrc/step_native.cpp) where it applies: CPU float32 / float64
+        # the C++ step (csrc/step_native.cpp) where it applies: CPU float32 / float64; a memory that
+        # forgets toward W_0 takes the Python step (the C++ one has no such rule)
         self.native = step_native(w)
+        self.native_rule = self.native is not None and not layer.forget_to_init
         if self.native is not None and not layer.conv_kernel:
             self.conv = self.conv_w = self.conv_b = w.new_zeros(0)
         self.w_read = torch.cat([w[:self.inner], layer.wgate_out.weight]).detach()   # MAC's retrieval: q and gate
@@ -90,7 +92,7 @@ class MemoryDecoder:
     def step(self, x: Tensor) -> Tensor:
         m, B, H = self.layer, self.B, self.layer.heads
         u, logits, g = dense(x, self.w_in, self.native, self.b_in).split(self.split, dim=-1)
-        if self.native is not None:
+        if self.native_rule:
             mem = self.memory
             out = self.native.memory_decode_step(
                 u.contiguous(), self._gate_values(logits).reshape(B, 3 * H).contiguous(), g.contiguous(), self.conv,
@@ -111,8 +113,18 @@ class MemoryDecoder:
         else:
             F.silu(s[:, 2], inplace=True)
         q, k, v = l2norm(s[:, :2]).unbind(1) + (s[:, 2],)                    # [B, H, Dh] each
-        y, _ = memory_step(q, k, v, *self._gates(logits), self.memory, **self.rule)
-        return self.read_out(y, g)
+        if not m.forget_to_init:
+            y, _ = memory_step(q, k, v, *self._gates(logits), self.memory, **self.rule)
+            return self.read_out(y, g)
+        # as NeuralMemory.forward: the rule runs on D = W - W_0 with the targets v - k W_0^T
+        W0 = m.memory[0].detach()
+        base = lambda x: torch.einsum("bhi,hoi->bho", x, W0)
+        for ws in (self.memory.weights, self.memory.chunk_start):
+            ws[0].sub_(W0)
+        y, _ = memory_step(q, k, v - base(k), *self._gates(logits), self.memory, **self.rule)
+        for ws in (self.memory.weights, self.memory.chunk_start):
+            ws[0].add_(W0)
+        return self.read_out(y + base(q), g)
 
     @property
     def position(self) -> int:

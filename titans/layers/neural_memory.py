@@ -43,6 +43,15 @@ class NeuralMemoryState:
                                  None if self.chunk_gates is None else self.chunk_gates.detach(), self.position)
 
 
+def _shifted(state: MemoryState | None, w0: Tensor, sign: int) -> MemoryState | None:
+    """A linear memory's state with sign * W_0 added to its weights and chunk-start weights (the
+    momentum is a difference of weights: unchanged); None stays None."""
+    if state is None:
+        return None
+    move = lambda ws: [w + sign * w0.to(w.dtype) for w in ws]
+    return MemoryState(move(state.weights), state.momentum, move(state.chunk_start), state.position)
+
+
 def _inv_sigmoid(p: float) -> float:
     return math.log(p / (1 - p))
 
@@ -88,6 +97,11 @@ class NeuralMemory(nn.Module):
             removed the runs that stall at half accuracy, docs/models.md).
         theta_init: the initial theta as a fraction of max_lr (the gate biases).
         alpha_init: (low, high) initial forget rates, spread log-uniformly over the heads.
+        forget_to_init: the forget gate decays the memory toward its learned initial weights W_0
+            instead of toward zero: W_t = W_0 + (1 - alpha_t) (W_{t-1} - W_0) + S_t (fast weights
+            on slow weights). Without it a long stream forgets W_0 itself, and its state drifts
+            where a model trained on short windows never was (docs/long_context.md). Linear
+            memory (memory_depth=1) only.
 
     Initialisation (all here, see reset_memory_parameters): the gate maps start at zero weight,
     so every token starts with the same gates, set by the biases: theta = theta_init * max_lr
@@ -111,7 +125,7 @@ class NeuralMemory(nn.Module):
                  gate_mode: str = "token", max_lr: float = 0.5, momentum_form: str = "bounded",
                  normalize_step: bool = True, qk_silu: bool = False, key_shift: bool = True,
                  qk_tied_init: bool = True, theta_init: float = 0.8,
-                 alpha_init: tuple[float, float] = (1e-4, 3e-3)) -> None:
+                 alpha_init: tuple[float, float] = (1e-4, 3e-3), forget_to_init: bool = False) -> None:
         super().__init__()
         for name, value, lo in (("dim", dim, 1), ("heads", heads, 1), ("memory_depth", memory_depth, 1),
                                 ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
@@ -134,7 +148,10 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"theta_init must lie in (0, 1), got {theta_init!r}")
         if len(alpha_init) != 2 or not 0 < alpha_init[0] <= alpha_init[1] < 1:
             raise ValueError(f"alpha_init must be (low, high) with 0 < low <= high < 1, got {alpha_init!r}")
+        if forget_to_init and memory_depth != 1:
+            raise ValueError(f"forget_to_init needs a linear memory (memory_depth=1), got memory_depth={memory_depth}")
         self.momentum_form, self.theta_init, self.alpha_init = momentum_form, theta_init, tuple(alpha_init)
+        self.forget_to_init = forget_to_init
         self.normalize_step, self.qk_silu, self.key_shift = normalize_step, qk_silu, key_shift
         self.qk_tied_init = qk_tied_init
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
@@ -258,9 +275,19 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"state holds a batch of {held.pop()} sequences, x has {B}")
         q, k, v, conv = self._qkv(x, state)
         theta, eta, alpha, chunk_gates = self._gates(x, state)
-        y, memory = memory_rule(q, k, v, theta, eta, alpha, list(self.memory), chunk_size=self.chunk_size,
-                                activation=self.activation, residual=self.residual,
-                                normalize_step=self.normalize_step, state=state.memory)
+        rule = dict(chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
+                    normalize_step=self.normalize_step)
+        if self.forget_to_init:
+            # W = W_0 + D and f(x; W) = f(x; D) + x W_0^T (a linear memory): the rule runs on D from zero,
+            # whose forgetting decays W toward W_0, with the targets v - k W_0^T (the same errors, so
+            # the same gradients); the state keeps W itself
+            W0 = self.memory[0]
+            base = lambda x: torch.einsum("bthi,hoi->btho", x, W0.to(x.dtype))   # [B, T, H, Dh]
+            y, delta = memory_rule(q, k, v - base(k), theta, eta, alpha, [torch.zeros_like(W0)], **rule,
+                                   state=_shifted(state.memory, W0, -1))
+            y, memory = y + base(q), _shifted(delta, W0, 1)
+        else:
+            y, memory = memory_rule(q, k, v, theta, eta, alpha, list(self.memory), **rule, state=state.memory)
         return self.read_out(y, x), NeuralMemoryState(memory, conv, chunk_gates, state.position + T)
 
     def read_out(self, r: Tensor, x: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ def neural_memory_from_config(c: TitansConfig) -> NeuralMemory:
                         forgetting=c.forgetting, gate_mode=c.gate_mode, max_lr=c.max_lr,
                         momentum_form=c.momentum_form, normalize_step=c.normalize_step, qk_silu=c.qk_silu,
                         key_shift=c.key_shift, qk_tied_init=c.qk_tied_init, theta_init=c.theta_init,
-                        alpha_init=c.alpha_init)
+                        alpha_init=c.alpha_init, forget_to_init=c.forget_to_init)
 
 
 def attention_from_config(c: TitansConfig, window: int | None, n_persistent: int = 0) -> Attention:

@@ -54,6 +54,7 @@ class TitansConfig:
     qk_tied_init: bool = True              # the memory's query projection starts equal to its key projection
     theta_init: float = 0.8                # initial theta as a fraction of max_lr
     alpha_init: tuple[float, float] = (1e-4, 3e-3)  # initial forget rates, spread over the memory heads
+    forget_to_init: bool = False           # forgetting decays the memory toward W_0, not zero (linear memory)
     # attention and persistent memory (docs/design.md §2-3)
     window: int = 256                      # sliding window w (swa, mag, mal)
     segment_len: int = 128                 # MAC segment length C, a multiple of chunk_size
@@ -132,6 +133,8 @@ class TitansConfig:
         need(isinstance(self.alpha_init, tuple) and len(self.alpha_init) == 2
              and 0 < self.alpha_init[0] <= self.alpha_init[1] < 1,
              f"alpha_init must be [low, high] with 0 < low <= high < 1, got {self.alpha_init!r}")
+        need(not self.forget_to_init or self.memory_depth == 1,
+             f"forget_to_init needs a linear memory (memory_depth=1), got memory_depth={self.memory_depth}")
         if self.block_pattern is not None:
             need(len(self.block_pattern) >= 1, "block_pattern must not be empty")
             bad = [k for k in self.block_pattern if k not in BLOCK_KINDS]
