@@ -95,8 +95,9 @@ def test_adamw_step_updates_every_parameter_and_heads_stay_independent():
         assert w.data_ptr() not in {v.data_ptr() for v in layer.memory if v is not w}
 
 
-def test_bf16_autocast_stays_close_and_state_fp32():
-    layer = make().float()
+@pytest.mark.parametrize("option", ["default", "forget_to_init"])
+def test_bf16_autocast_stays_close_and_state_fp32(option):
+    layer = make(**OPTIONS[option]).float()
     x = torch.randn(2, 64, 24)
     y32, _ = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
