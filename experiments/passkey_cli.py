@@ -39,6 +39,7 @@ AT_1K = ["--seq-len", "1024", "--steps", "1000"]
 LI3K = ["--seq-len", "1024", "--steps", "600", "--task-arg", "lead_in=3072"]
 LI7K = ["--seq-len", "1024", "--steps", "600", "--task-arg", "lead_in=7168"]
 LI15K = ["--seq-len", "1024", "--steps", "600", "--task-arg", "lead_in=15360"]
+FTI = ["--set", "forget_to_init=true"]   # the memory forgets toward W_0 (the later stages keep it through --init)
 ARMS = {   # name: (variant, flags, the arm whose run this one continues with --init, or None)
     "lmm": ("lmm", FIXED, None),
     "lmm-ck8": ("lmm", FIXED + CK8, None),
@@ -77,6 +78,9 @@ ARMS = {   # name: (variant, flags, the arm whose run this one continues with --
     "mag-j-1k-li15k": ("mag", LI15K, "mag-j-1k"),
     "lmm-j-1k-li3k2": ("lmm", LI3K, "lmm-j-1k-li3k"),    # the 3K lead-in stage twice (600 more steps)
     "mag-j-1k-li3k2": ("mag", LI3K, "mag-j-1k-li3k"),
+    "lmm-j-fti": ("lmm", FTI, None),
+    "lmm-j-fti-1k": ("lmm", AT_1K, "lmm-j-fti"),
+    "lmm-j-fti-1k-li15k": ("lmm", LI15K, "lmm-j-fti-1k"),
 }
 
 
