@@ -1,5 +1,6 @@
 """`titans eval by-position`: loss by position on held-out long documents, the state carried against
-reset at every piece (titans/eval/by_position.py), for a model and optionally a baseline."""
+reset at every piece and against read from the piece before (titans/eval/by_position.py), for a model
+and optionally a baseline."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def cmd_by_position(a: argparse.Namespace) -> None:
 
 
 def register(sub, ev) -> None:
-    p = ev.add_parser("by-position", help="loss by position on long held-out documents, state carried vs reset")
+    p = ev.add_parser("by-position", help="loss by position on long held-out documents: the state carried, reset "
+                      "at every piece, and from the piece before")
     p.add_argument("--model", required=True, help="run, checkpoint or saved model directory")
     p.add_argument("--baseline", help="a second model scored the same way (e.g. trained without --carry-state)")
     p.add_argument("--piece", type=positive_int, help="tokens per piece (default: the run's training length)")
