@@ -73,7 +73,7 @@ def cmd_by_position(a: argparse.Namespace) -> None:
     total = sum(n if a.reset_only else 3 * n - 1 for n in pieces) * piece * len(models)
     print(f"{len(docs)} documents ({', '.join(n for n, _ in docs[:4])}{', ...' if len(docs) > 4 else ''}), "
           f"pieces of {piece} tokens; " + ("every piece from an empty state" if a.reset_only
-                                              else "the state carried vs reset at every piece"), flush=True)
+                                              else "the state carried, reset at every piece, and from the piece before"), flush=True)
     results = {}
     with progress(total, "token", a.quiet, desc="scoring") as bar:
         for role, path, m in models:
