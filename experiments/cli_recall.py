@@ -44,6 +44,9 @@ def runs(seeds: list[int]) -> list[dict]:
     for variant in ("lmm", "mac"):
         out += [dict(name=f"{variant}-p8-carry8", variant=variant, pairs=8, seed=s, flags=["--carry-state", "8"])
                 for s in seeds]
+    # the memory forgets toward W_0 (docs/models.md), at the hardest pairs
+    out += [dict(name="lmm-p16-fti", variant="lmm", pairs=16, seed=s, flags=["--set", "forget_to_init=true"])
+            for s in seeds]
     return out
 
 
