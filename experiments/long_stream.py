@@ -43,14 +43,18 @@ def parse_mode(mode: str) -> tuple[str, int]:
     return arm, k
 
 
+def run_dir(a: argparse.Namespace, variant: str, mode: str, seed: int) -> Path:
+    """Where the run of a variant, arm and seed lives."""
+    return Path(a.out) / "runs" / f"{variant}-{mode}-s{seed}"
+
+
 def one(key: dict, a: argparse.Namespace) -> dict:
-    name = f"{key['variant']}-{key['mode']}-s{key['seed']}"
-    out = Path(a.out) / "runs" / name
+    out = run_dir(a, key["variant"], key["mode"], key["seed"])
     shutil.rmtree(out, ignore_errors=True)
     arm, k = parse_mode(key["mode"])
     carry = ["--carry-state", str(k)] if k else []
     if arm in ("post", "postctl"):   # continue the plain run (it runs beside: wait for its end)
-        base = Path(a.out) / "runs" / f"{key['variant']}-plain-s{key['seed']}"
+        base = run_dir(a, key["variant"], "plain", key["seed"])
         while not (base / "done").exists():
             time.sleep(5)
         model = ["--init", str(base), "--steps", str(a.post), "--lr", str(a.post_lr)]
@@ -85,8 +89,8 @@ def by_position(row: dict, out: Path) -> dict:
     titans_cli("eval", "by-position", "--model", str(out), "--json", str(out / "by_position.json"), "--quiet",
                *reset_only)
     rows = json.loads((out / "by_position.json").read_text())["model"]["rows"]
-    row.update({k: [r[k] for r in rows] for k in ("bucket", "carried", "reset", "previous", "tokens")})
-    row["buckets"] = row.pop("bucket")
+    row.update(buckets=[r["bucket"] for r in rows],
+               **{k: [r[k] for r in rows] for k in ("carried", "reset", "previous", "tokens")})
     return row
 
 
@@ -97,9 +101,9 @@ def rescore(store: Store, a: argparse.Namespace) -> None:
     chosen = a.variants.split(","), a.modes.split(","), [int(s) for s in a.seeds.split(",")]
     todo = [r for r in latest(store) if "previous" not in r and r["variant"] != "transformer"
             and all(r[k] in c for k, c in zip(("variant", "mode", "seed"), chosen))
-            and (Path(a.out) / "runs" / f"{r['variant']}-{r['mode']}-s{r['seed']}").is_dir()]
+            and run_dir(a, r["variant"], r["mode"], r["seed"]).is_dir()]
     run_parallel(store, todo, lambda r: by_position({k: v for k, v in r.items() if k != "settings"},
-                                                    Path(a.out) / "runs" / f"{r['variant']}-{r['mode']}-s{r['seed']}"),
+                                                    run_dir(a, r["variant"], r["mode"], r["seed"])),
                  lambda r: f"rescored {r['variant']} {r['mode']} seed {r['seed']}", jobs=a.jobs)
 
 
