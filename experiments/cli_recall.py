@@ -11,6 +11,7 @@ recommends (depth 2, residual, theta_init 0.1).
 
     python experiments/cli_recall.py                    # the whole study, resumable
     python experiments/cli_recall.py --only lmm-p16     # the runs whose name starts so
+    python experiments/cli_recall.py --seeds 5 --pairs 6,12 --only lmm-p,mac-p   # pair counts off the grid
     python experiments/cli_recall.py --report-only      # rewrite the report from the results
 
 Runs go two at a time (--jobs), each with one thread, and are stored in runs/cli_recall/results.jsonl
@@ -30,10 +31,10 @@ from common import ROOT, Store, cpu_name, run_parallel, spread, titans_cli, writ
 LENGTHS = (1, 4, 8, 16)   # multiples of the trained length (16x: runs made since the State Passing rows)
 
 
-def runs(seeds: list[int]) -> list[dict]:
+def runs(seeds: list[int], grid_pairs: tuple[int, ...] = (16, 8, 4)) -> list[dict]:
     """Every run of the study: name, variant, pairs, seed and the extra flags (stress, deep)."""
     out = []
-    for pairs in (16, 8, 4):   # the hardest first: a default that fails shows early
+    for pairs in grid_pairs:   # the hardest first: a default that fails shows early
         for variant in ("lmm", "mac"):
             out += [dict(name=f"{variant}-p{pairs}", variant=variant, pairs=pairs, seed=s, flags=[]) for s in seeds]
     out += [dict(name="lmm-p8-warmup0", variant="lmm", pairs=8, seed=s, flags=["--warmup", "0"]) for s in seeds]
@@ -75,7 +76,7 @@ def one(run: dict, a: argparse.Namespace) -> dict:
 
 
 def report(store: Store, a: argparse.Namespace) -> None:
-    names = list(dict.fromkeys(r["name"] for r in runs(a.seeds)))
+    names = list(dict.fromkeys(r["name"] for r in runs(a.seeds, a.pairs)))
     lines = ["## Recall through the CLI's defaults", "",
              f"`python experiments/cli_recall.py` runs, for every row and seed, exactly "
              f"`titans train --task mqar --task-arg n_pairs=P --task-arg power_a=1 --preset tiny --variant V "
@@ -91,7 +92,7 @@ def report(store: Store, a: argparse.Namespace) -> None:
         rows = sorted((r for r in store.rows if r["name"] == name), key=lambda r: r["seed"])
         if not rows:
             continue
-        flags = " ".join(next(r for r in runs(a.seeds) if r["name"] == name)["flags"]) or "-"
+        flags = " ".join(next(r for r in runs(a.seeds, a.pairs) if r["name"] == name)["flags"]) or "-"
         ok = [r for r in rows if not r["error"]]
         secs = [r["seconds"] for r in rows]
         cells = [(spread([r["acc"][str(m)] for r in ok]) if all(str(m) in r["acc"] for r in ok) else "-")
@@ -109,6 +110,7 @@ def report(store: Store, a: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--pairs", default="16,8,4", help="the grid's pair counts (the stress and deep runs keep 8)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
@@ -118,10 +120,11 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args()
     a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.pairs = tuple(int(s) for s in a.pairs.split(","))
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len))
     if not a.report_only:
         prefixes = [s for s in a.only.split(",") if s]
-        todo = [r for r in runs(a.seeds) if not store.done(name=r["name"], seed=r["seed"])]
+        todo = [r for r in runs(a.seeds, a.pairs) if not store.done(name=r["name"], seed=r["seed"])]
         if prefixes:   # in the order given: the runs a decision hangs on first
             todo = [r for p in prefixes for r in todo if r["name"].startswith(p)
                     and not any(r["name"].startswith(q) for q in prefixes[:prefixes.index(p)])]
