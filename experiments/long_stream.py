@@ -59,7 +59,7 @@ def one(key: dict, a: argparse.Namespace) -> dict:
             time.sleep(5)
         model = ["--init", str(base), "--steps", str(a.post), "--lr", str(a.post_lr)]
     else:
-        model = ["--preset", "tiny", "--variant", key["variant"], "--steps", str(a.steps),
+        model = ["--preset", a.preset, "--variant", key["variant"], "--steps", str(a.steps),
                  *(x for kv in a.set for x in ("--set", kv))]   # the post runs keep it through --init
     t0 = time.perf_counter()
     done = titans_cli("train", *model, "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
@@ -129,8 +129,8 @@ def report(store: Store, a: argparse.Namespace) -> None:
         return
     buckets = rows[0]["buckets"]
     lines = [f"## {a.title}", "",
-             f"`python experiments/long_stream.py --modes {a.modes} --post {a.post}{set_flags(a.set)}`: tiny preset, byte "
-             f"corpus, `titans train --preset tiny --variant V --steps {a.steps} --batch-size {a.batch_size} "
+             f"`python experiments/long_stream.py --modes {a.modes} --post {a.post}{set_flags(a.set)}`: {a.preset} preset, byte "
+             f"corpus, `titans train --preset {a.preset} --variant V --steps {a.steps} --batch-size {a.batch_size} "
              f"--seq-len {a.seq_len} --seed S{set_flags(a.set)}` "
              f"(plain: random windows) and the same with `--carry-state K` (carryK: TBPTT on contiguous streams, "
              f"the state carried for K windows of {a.seq_len}, so 1/K of the steps start empty); every other "
@@ -221,6 +221,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="lmm,mac,mag,mal,transformer,swa")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--preset", default="tiny", help="the model size (titans train --preset)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
@@ -239,6 +240,7 @@ def main() -> None:
     corpus()  # the byte corpus must be prepared (with its document starts)
     store = Store(Path(a.out) / "results.jsonl", dict(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                                                       post=a.post, init="fan-in", **({"set": a.set} if a.set else {}),
+                                                      **({"preset": a.preset} if a.preset != "tiny" else {}),
                                                       **({"post_lr": a.post_lr} if a.post_lr != POST_LR else {})))
     if a.rescore:
         rescore(store, a)
