@@ -31,9 +31,9 @@ def test_step_one_gradient_is_not_an_outlier(variant, depth, tmp_path):
     assert norms[0] <= 100 * median, f"step 1's gradient norm {norms[0]:.3g} against a median of {median:.3g}"
 
 
-def _first_gradient_norm(variant: str, **overrides) -> float:
+def _first_gradient_norm(variant: str, seed: int = 0, **overrides) -> float:
     """The outer gradient norm of one MQAR batch at init (before any clip)."""
-    seed_everything(0)
+    seed_everything(seed)
     config = TitansConfig.from_preset("tiny", variant=variant, **overrides)
     model = TitansLM(config)
     x, y = next(iter(recall_batches("mqar", 8, config.vocab_size, seed=0, seq_len=128, n_pairs=8, power_a=1.0)))
@@ -41,12 +41,13 @@ def _first_gradient_norm(variant: str, **overrides) -> float:
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("depth", [2, 4])
 @pytest.mark.parametrize("variant", ["lmm", "mac"])
-def test_deep_memory_at_its_step_has_the_linear_memorys_gradient(variant, depth):
+def test_deep_memory_at_its_step_has_the_linear_memorys_gradient(variant, depth, seed):
     # docs/models.md, "A deep memory's outer gradient": at the one-shot step (the default theta_init 0.8)
-    # a deep memory's reads blow up over the writes and its outer gradient is 14-2,500x the linear
-    # memory's (this batch); at theta_init 0.1, the setting for deep memories, 0.96-1.44x
-    linear = _first_gradient_norm(variant)
-    deep = _first_gradient_norm(variant, memory_depth=depth, theta_init=0.1)
+    # the chunked rule makes a deep memory ill-conditioned, and its outer gradient is 14-2,500x the
+    # linear memory's (seed 0); at theta_init 0.1, the setting for deep memories, 0.86-1.89x
+    linear = _first_gradient_norm(variant, seed)
+    deep = _first_gradient_norm(variant, seed, memory_depth=depth, theta_init=0.1)
     assert deep <= 5 * linear, f"depth {depth}: {deep:.3g} against {linear:.3g} for the linear memory"
