@@ -66,8 +66,7 @@ def blended_losses(probs: torch.Tensor, ids: list[int], piece: int, orders: int,
             for k in range(1, orders + 1):
                 if t - k + 1 < 0:
                     break
-                counts[k][bytes(ids[t - k + 1:t + 1]) if max(ids[t - k + 1:t + 1]) < 256
-                          else tuple(ids[t - k + 1:t + 1])][nxt] += 1
+                counts[k][tuple(ids[t - k + 1:t + 1])][nxt] += 1
 
     for i in range(n):
         if i - lag >= 0:
@@ -83,8 +82,7 @@ def blended_losses(probs: torch.Tensor, ids: list[int], piece: int, orders: int,
             for k in range(1, orders + 1):
                 if t - k + 1 < 0:
                     break
-                ctx = ids[t - k + 1:t + 1]
-                table = counts[k].get(bytes(ctx) if max(ctx) < 256 else tuple(ctx))
+                table = counts[k].get(tuple(ids[t - k + 1:t + 1]))
                 if table is None:
                     break
                 seen.append((table.get(target, 0), sum(table.values()), len(table)))
@@ -125,7 +123,6 @@ def main() -> None:
     p.add_argument("--split", default="val")
     a = p.parse_args()
     a.text = None
-    torch.manual_seed(0)
     print(f"the model's {a.base} loss / the cache's gain over it (lag {a.lag}, orders 1-{a.orders}), nats per token "
           f"on the held-out documents; alpha of each document fitted on the others")
     print("| model | documents | alpha | " + " | ".join(f"{lo}-{hi}x" for lo, hi in BUCKETS) + " |")
