@@ -1,22 +1,23 @@
-"""How much a long document gives from further back than the trained length: a bound for the
-memory's gain on language, without training a memory.
+"""What a long document gives from further back than the trained length, measured without
+training a memory: the gain of an exact count cache of the document's earlier text over a model.
 
 A model's short-context prediction (each piece of P tokens from an empty state: the "reset" score
 of `titans eval by-position`) is blended with a count cache of the same document's earlier
 pieces: variable-order context counts (orders 1..K, Witten-Bell interpolation, the model's
 distribution as the order-0 base; the cache of Kuhn & De Mori 1990 and of Grave et al. 2017,
-over contexts of bytes instead of hidden states). The cache holds only the pieces before the one
+over contexts of tokens instead of hidden states). The cache holds only the pieces before the one
 being scored (with --lag 2, only those before the previous piece, which a carried state already
-reads at a piece's start). The gain, reset loss minus blended loss by position bucket, is what
-exact recall of the document's own earlier text is worth to that model: a memory that beats the
-model's reset loss by more than this would have to do better than exact recall of every earlier
-context, so a gain far below a target line says the text, not the memory, is what is missing.
+reads at a piece's start; use it with --base previous). Its gain, model loss minus blended loss
+by position bucket, is what one simple use of exact recall of the document is worth to that
+model: evidence that the text holds something from that far back, and a yardstick for what a
+memory takes of it. It is not a ceiling: a better blend, or a model that uses the text otherwise,
+can gain more.
 
 The blend's one free parameter (alpha, the weight of the lower order per distinct continuation)
-is chosen on the other documents and reported on each (cross-fitted), so the bound is not tuned
+is chosen on the other documents and reported on each (cross-fitted), so the gain is not tuned
 on what it scores.
 
-    python experiments/context_bound.py --model runs/RUN [--lag 1] [--orders 12]
+    python experiments/cache_gain.py --model runs/RUN [RUN ...] [--base previous --lag 2] [--orders 12]
 
 Shape legend
     n pieces of one document, P piece length, V vocabulary
@@ -34,7 +35,7 @@ from titans.cli.common import load_run
 from titans.cli.positions import _documents
 from titans.eval.by_position import BUCKETS
 
-ALPHAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+ALPHAS = tuple(2.0 ** i for i in range(13))   # 1 ... 4096
 
 
 def model_probs(model, ids: torch.Tensor, piece: int, n: int, base: str, batch: int = 16) -> torch.Tensor:
@@ -115,8 +116,8 @@ def main() -> None:
                    "previous one (what a carried state brings from further back than a piece)")
     p.add_argument("--base", choices=("reset", "previous"), default="reset",
                    help="the model's prediction the cache is blended with: each piece from an empty state, or "
-                   "read after the piece before it (then --lag 2 bounds what a carried state brings from "
-                   "further back than a piece: carried minus previous of `titans eval by-position`)")
+                   "read after the piece before it (with --lag 2: the yardstick for what a carried state brings "
+                   "from further back than a piece, carried minus previous of `titans eval by-position`)")
     p.add_argument("--piece", type=int, default=None, help="piece length (default: the trained length)")
     p.add_argument("--min-pieces", type=int, default=64)
     p.add_argument("--data", default=None)
