@@ -32,7 +32,7 @@ from collections import defaultdict
 import torch
 
 from titans.cli.common import load_run
-from titans.cli.positions import _documents
+from titans.cli.positions import _documents, _trained_length
 from titans.eval.by_position import BUCKETS
 
 ALPHAS = tuple(2.0 ** i for i in range(13))   # 1 ... 4096
@@ -42,14 +42,14 @@ def model_probs(model, ids: torch.Tensor, piece: int, n: int, base: str, batch: 
     """[n, P, V]: the model's next-token distribution, every piece read from an empty state ("reset")
     or after the piece before it ("previous"; the first piece from an empty state)."""
     x = ids[:n * piece].view(n, piece)
-    if base == "previous":   # [n, 2P]: each piece after the one before it (a zero piece before the first)
-        x = torch.cat([torch.cat([x[:1] * 0, x[:-1]]), x], 1)
+
+    def last_piece(rows: torch.Tensor) -> torch.Tensor:   # [b, L] -> [b, P, V], in batches
+        return torch.cat([model(rows[i:i + batch]).logits[:, -piece:].float().softmax(-1)
+                          for i in range(0, rows.shape[0], batch)])
     with torch.no_grad():
-        out = torch.cat([model(x[i:i + batch]).logits[:, -piece:].float().softmax(-1) for i in range(0, n, batch)])
-    if base == "previous":
-        with torch.no_grad():
-            out[0] = model(x[:1, piece:]).logits[0].float().softmax(-1)
-    return out
+        if base == "reset" or n == 1:
+            return last_piece(x)
+        return torch.cat([last_piece(x[:1]), last_piece(torch.cat([x[:-1], x[1:]], 1))])   # [n-1, 2P] pairs
 
 
 def blended_losses(probs: torch.Tensor, ids: list[int], piece: int, orders: int, alphas, lag: int):
@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--split", default="val")
     a = p.parse_args()
-    a.text = None
+    last = max(hi for _, hi in BUCKETS)
     print(f"the model's {a.base} loss / the cache's gain over it (lag {a.lag}, orders 1-{a.orders}), nats per token "
           f"on the held-out documents; alpha of each document fitted on the others")
     print("| model | documents | alpha | " + " | ".join(f"{lo}-{hi}x" for lo, hi in BUCKETS) + " |")
@@ -131,9 +131,9 @@ def main() -> None:
     for path in a.model:
         model, tokenizer, ckpt = load_run(path)
         model.eval()
-        piece = a.piece or int(ckpt.state["train_config"]["seq_len"])
-        docs = _documents(a, tokenizer, ckpt, piece)
-        last = max(hi for _, hi in BUCKETS)
+        piece = _trained_length(ckpt, a.piece, f"--model {path}")
+        docs = _documents(argparse.Namespace(text=None, data=a.data, split=a.split, min_pieces=a.min_pieces,
+                                             model=path), tokenizer, ckpt, piece)
         rows = []
         for name, ids in docs:
             n = min((ids.numel() - 1) // piece, last)
